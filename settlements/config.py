@@ -1,0 +1,258 @@
+"""The pipeline config: one strict, typed schema loaded from YAML.
+
+Unknown keys and wrong types are errors naming the key. Relative paths resolve against the
+YAML file's folder. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+_LENGTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(km|m|px)\s*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Length(Strict):
+    """A ground length in metres or a length in pixels ("240m", "16px")."""
+
+    value: float = Field(gt=0)
+    unit: Literal["m", "px"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            match = _LENGTH_RE.match(data)
+            if not match:
+                raise ValueError(f"expected a length such as '240m' or '16px', got {data!r}")
+            value, unit = float(match.group(1)), match.group(2)
+            return {"value": value * 1000, "unit": "m"} if unit == "km" else {"value": value, "unit": unit}
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+
+class Scaling(Strict):
+    """How raw pixel values become [0, 1] before ImageNet normalisation.
+
+    ``percentile`` stretches each band between its low/high percentiles, computed on a
+    decimated read of the whole raster (a sample, never the full-resolution raster).
+    ``range`` maps fixed ``min``/``max`` to 0/1. ``dtype`` divides by the dtype's maximum.
+    """
+
+    method: Literal["percentile", "range", "dtype"] = "percentile"
+    low: float = Field(2.0, ge=0, lt=100)
+    high: float = Field(98.0, gt=0, le=100)
+    min: float | list[float] | None = None
+    max: float | list[float] | None = None
+    sample_pixels: int = Field(1_000_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> Scaling:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.method == "range" and (self.min is None or self.max is None):
+            raise ValueError("method 'range' needs both 'min' and 'max'")
+        return self
+
+
+class RasterInput(Strict):
+    """One input raster, or a glob of several that share band layout and scaling."""
+
+    path: Path
+    bands: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 3])
+    scaling: Scaling = Field(default_factory=Scaling)
+    nodata: float | None = None
+
+    @field_validator("bands")
+    @classmethod
+    def _three_bands(cls, v: list[int]) -> list[int]:
+        if len(v) not in (1, 3):
+            raise ValueError(f"give 3 band indexes (or 1 for greyscale), got {len(v)}")
+        return v
+
+
+class Regions(Strict):
+    """Region polygons for the per-region histograms."""
+
+    path: Path | None = None
+    wkt: str | None = None
+    layer: str | None = None
+    where: str | None = Field(None, description="OGR SQL filter, e.g. \"name_long = 'Uganda'\"")
+    id_field: str | None = None
+    name_field: str | None = None
+    crs: str | None = Field(None, description="CRS for a file (or WKT) that carries none")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Regions:
+        if (self.path is None) == (self.wkt is None):
+            raise ValueError("give exactly one of 'path' or 'wkt'")
+        return self
+
+
+class Tiling(Strict):
+    tile_size: Length = Field(default_factory=lambda: Length(value=32, unit="px"))
+    stride: Length | None = None
+    max_invalid_fraction: float = Field(0.5, ge=0, le=1)
+    clip_to_regions: bool = False
+
+    @model_validator(mode="after")
+    def _stride(self) -> Tiling:
+        if self.stride is not None and self.stride.unit != self.tile_size.unit:
+            raise ValueError("stride and tile_size must use the same unit")
+        if self.stride is not None and self.stride.value > self.tile_size.value:
+            raise ValueError("stride must not exceed tile_size (tiles would leave gaps)")
+        return self
+
+    @property
+    def stride_length(self) -> Length:
+        return self.stride or self.tile_size
+
+
+class Embedding(Strict):
+    backbone: str = "mobilenet_v2"
+    layer: str | None = None
+    weights: Path | None = None
+    input_size: int = Field(96, ge=16, le=1024)
+    batch_size: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(1, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class Clustering(Strict):
+    k: int = Field(8, ge=2, le=255)
+    seed: int = 0
+    sample_size: int = Field(100_000, ge=2)
+    niter: int = Field(25, ge=1)
+    nredo: int = Field(1, ge=1)
+    pca_dim: int | None = Field(None, ge=2)
+    l2_normalize: bool = False
+
+
+class Output(Strict):
+    dir: Path | None = None
+    work_dir: Path | None = None
+    crs: str = "EPSG:4326"
+    atlas_tiles: int = Field(16, ge=1, le=64)
+    max_plot_regions: int = Field(24, ge=1)
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    rasters: list[RasterInput] = Field(min_length=1)
+    regions: list[Regions] = Field(min_length=1)
+    tiling: Tiling = Field(default_factory=Tiling)
+    embedding: Embedding = Field(default_factory=Embedding)
+    clustering: Clustering = Field(default_factory=Clustering)
+    labels: Path | None = None
+    output: Output = Field(default_factory=Output)
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _regions_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("regions"), dict):
+            data = {**data, "regions": [data["regions"]]}
+        return data
+
+    @property
+    def output_dir(self) -> Path:
+        assert self.output.dir is not None  # filled by resolve_paths
+        return self.output.dir
+
+    @property
+    def work_dir(self) -> Path:
+        assert self.output.work_dir is not None
+        return self.output.work_dir
+
+    @property
+    def labels_path(self) -> Path:
+        assert self.labels is not None
+        return self.labels
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"source"})
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg = f"{msg} (got {err['input']!r})"
+        parts.append(f"{key}: {msg}")
+    return f"{path}: invalid config: " + "; ".join(parts)
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def resolve_paths(cfg: PipelineConfig, yaml_path: Path) -> PipelineConfig:
+    """Fill derived defaults and make every path absolute against the YAML's folder."""
+    base = yaml_path.resolve().parent
+    rasters = [r.model_copy(update={"path": _resolve(base, r.path)}) for r in cfg.rasters]
+    regions = [r.model_copy(update={"path": _resolve(base, r.path)}) for r in cfg.regions]
+    emb = cfg.embedding.model_copy(update={"weights": _resolve(base, cfg.embedding.weights)})
+    repo_root = base.parent if base.name == "pipelines" else base
+    out = cfg.output.model_copy(
+        update={
+            "dir": _resolve(base, cfg.output.dir) or repo_root / "outputs" / cfg.name,
+            "work_dir": _resolve(base, cfg.output.work_dir) or repo_root / "work" / cfg.name,
+        }
+    )
+    labels = _resolve(base, cfg.labels) or base / f"{yaml_path.stem}.labels.yaml"
+    return cfg.model_copy(
+        update={
+            "rasters": rasters,
+            "regions": regions,
+            "embedding": emb,
+            "output": out,
+            "labels": labels,
+            "source": yaml_path.resolve(),
+        }
+    )
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read, validate and resolve a pipeline YAML. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    data.setdefault("name", path.name.split(".")[0])
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(path, exc)) from None
+    return resolve_paths(cfg, path)

@@ -1,0 +1,1 @@
+"""Tile embeddings from ImageNet-pretrained CNNs with their classifier removed."""

@@ -1,0 +1,47 @@
+"""The project's exceptions: one root, each message says what to fix.
+
+The CLI turns any :class:`SettlementsError` into one line on stderr and exit code 2.
+Subclasses also inherit a builtin so callers can catch either.
+"""
+
+from __future__ import annotations
+
+
+class SettlementsError(Exception):
+    """Root of every error a user can act on."""
+
+
+class ConfigError(SettlementsError, ValueError):
+    """Raised when a pipeline YAML or labels YAML is malformed or invalid."""
+
+
+class RasterError(SettlementsError, OSError):
+    """Raised when an input raster is missing, unreadable or unusable."""
+
+
+class RegionError(SettlementsError, ValueError):
+    """Raised when a region file is missing, empty or does not overlap the imagery."""
+
+
+class TilingError(SettlementsError, ValueError):
+    """Raised when the tile grid cannot be built (tile size vs pixel size, no valid tiles)."""
+
+
+class BackboneError(SettlementsError, ValueError):
+    """Raised when a backbone name or layer is unknown."""
+
+
+class WeightsError(SettlementsError, OSError):
+    """Raised when no usable pretrained weights are found, or a weights file is corrupt."""
+
+
+class ClusteringError(SettlementsError, ValueError):
+    """Raised when k-means cannot run (k out of range, too few tiles)."""
+
+
+class OutputError(SettlementsError, OSError):
+    """Raised when outputs cannot be written (folder not writable, disk full)."""
+
+
+class StageError(SettlementsError, RuntimeError):
+    """Raised when a stage needs an artifact that an earlier stage has not written."""

@@ -1,0 +1,1 @@
+"""Writers for the outputs analysts open: GeoPackage, styles, plots."""

@@ -1,0 +1,83 @@
+"""GeoPackage writing in layers: frames -> GeoPackage 1.2 tables, then default QGIS styles.
+
+The file is built under a temporary name and renamed into place, so readers (and QGIS) never
+see half a GeoPackage.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+
+from ..store import atomic_path
+
+GEOMETRY_COLUMN = "geom"
+
+
+@dataclass(frozen=True)
+class LayerStyle:
+    layer: str
+    name: str
+    qml: str
+    description: str = ""
+    default: bool = True
+
+
+def write_frames(path: Path, layers: dict[str, pd.DataFrame]) -> None:
+    """Write each frame as a layer (spatial when it is a GeoDataFrame) into a new GeoPackage."""
+    first = True
+    for name, frame in layers.items():
+        kwargs: dict = {"driver": "GPKG", "layer": name, "append": not first}
+        if first:
+            kwargs["dataset_options"] = {"VERSION": "1.2"}
+        if isinstance(frame, gpd.GeoDataFrame):
+            kwargs["layer_options"] = {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES"}
+        pyogrio.write_dataframe(frame, path, **kwargs)
+        first = False
+
+
+_STYLES_DDL = """
+CREATE TABLE IF NOT EXISTS layer_styles (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),
+  f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,
+  useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+  update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now'))
+)"""
+
+
+def write_styles(path: Path, styles: list[LayerStyle]) -> None:
+    """Replace the ``layer_styles`` rows of these layers; QGIS loads the default one on open."""
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            con.execute(_STYLES_DDL)
+            con.execute(
+                "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier, description, last_change) "
+                "VALUES ('layer_styles', 'attributes', 'layer_styles', '', strftime('%Y-%m-%dT%H:%M:%fZ','now'))"
+            )
+            for st in styles:
+                if st.default:
+                    con.execute("UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ?", (st.layer,))
+                con.execute("DELETE FROM layer_styles WHERE f_table_name = ? AND styleName = ?", (st.layer, st.name))
+                con.execute(
+                    "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                    "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
+                    "VALUES ('', '', ?, ?, ?, ?, '', ?, ?, '', '')",
+                    (st.layer, GEOMETRY_COLUMN, st.name, st.qml, int(st.default), st.description),
+                )
+    finally:
+        con.close()
+
+
+def write_geopackage(path: Path, layers: dict[str, pd.DataFrame], styles: list[LayerStyle]) -> None:
+    """Write a complete GeoPackage atomically."""
+    with atomic_path(path, suffix=".gpkg") as tmp:
+        tmp.unlink()  # GDAL creates the file itself
+        write_frames(tmp, layers)
+        write_styles(tmp, styles)

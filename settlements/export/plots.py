@@ -1,0 +1,108 @@
+"""Pictures for people: the cluster atlas, per-region label histograms, and the label map."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import geopandas as gpd  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from ..palette import Palette, slug  # noqa: E402
+from ..store import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
+def mosaic(chips: list[np.ndarray], per_row: int, size: int, gap: int = 2) -> np.ndarray:
+    """Chips (h, w, 3) in [0, 1] resized by nearest neighbour into one grid image."""
+    rows = max(1, math.ceil(len(chips) / per_row))
+    out = np.ones((rows * (size + gap) - gap, per_row * (size + gap) - gap, 3), dtype=np.float32)
+    for i, chip in enumerate(chips):
+        h, w = chip.shape[:2]
+        yi = (np.arange(size) * h / size).astype(int)
+        xi = (np.arange(size) * w / size).astype(int)
+        r, c = divmod(i, per_row)
+        out[r * (size + gap): r * (size + gap) + size, c * (size + gap): c * (size + gap) + size] = chip[yi][:, xi]
+    return out
+
+
+def atlas(path: Path, panels: list[tuple[int, str, int, list[np.ndarray]]], palette: Palette,
+          title: str) -> None:
+    """One panel per cluster: its most typical tiles as image chips, titled id, label, size."""
+    n = len(panels)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.7 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (cid, label, size, chips) in zip(axes.ravel(), panels, strict=False):
+        per_row = max(1, math.ceil(math.sqrt(len(chips)))) if chips else 1
+        if chips:
+            ax.imshow(mosaic(chips, per_row, 48))
+        ax.set_title(f"{cid}: {label}\n{size} tiles", fontsize=10)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor(palette.colour(label))
+            spine.set_linewidth(5)
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions: int, title: str) -> None:
+    """Small multiples: label fractions of the regions with the largest mapped area."""
+    top = regions[regions["mapped_km2"] > 0].nlargest(max_regions, "mapped_km2")
+    n = max(1, len(top))
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    labels = list(palette.labels)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.3 * cols, 9.0), 2.5 * rows + 1.6), squeeze=False,
+                             sharey=True)
+    for ax in axes.ravel():
+        ax.axis("off")
+    x = np.arange(len(labels))
+    for ax, (_, reg) in zip(axes.ravel(), top.iterrows(), strict=False):
+        ax.axis("on")
+        fr = [reg.get(f"frac_{slug(lb)}", 0.0) for lb in labels]
+        ax.bar(x, fr, color=[palette.colour(lb) for lb in labels], edgecolor="#404040", linewidth=0.4)
+        ax.set_xticks([])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{reg['region_name']} ({reg['region_id']})\n{reg['mapped_km2']:.2f} km2 mapped", fontsize=8)
+    handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in palette.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle(f"{title}\nshare of mapped area per label (largest {len(top)} regions)", fontsize=11)
+    legend_rows = math.ceil(len(handles) / 5)
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / fig.get_figheight(), 1, 1 - 0.6 / fig.get_figheight()))
+    _save(fig, path)
+
+
+def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, palette: Palette,
+              title: str) -> None:
+    """Tiles coloured by label, region outlines on top."""
+    fig, ax = plt.subplots(figsize=(9, 9))
+    colours = tiles["label"].map(palette.colour)
+    tiles.plot(ax=ax, color=colours, linewidth=0)
+    regions.boundary.plot(ax=ax, color="#202020", linewidth=0.3)
+    x0, y0, x1, y1 = tiles.total_bounds
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_title(title)
+    used = [lb for lb in palette.labels if (tiles["label"] == lb).any()]
+    handles = [Patch(facecolor=palette.colour(lb), edgecolor="#404040", label=lb) for lb in used]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.set_xlabel(str(tiles.crs.name if tiles.crs else ""), fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

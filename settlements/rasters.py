@@ -1,0 +1,254 @@
+"""Opening input rasters: checks, band selection, scaling, validity masks, fingerprints.
+
+Every function here reads by window; none loads a whole full-resolution raster.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from pyproj import CRS, Geod
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from .config import RasterInput
+from .errors import RasterError
+from .tiling import clip_window
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the pipeline needs to know about one input raster, checked once."""
+
+    path: Path
+    crs_wkt: str
+    transform: tuple[float, ...]
+    width: int
+    height: int
+    dtype: str
+    bands: tuple[int, ...]
+    nodata: float | None
+    pixel_w_m: float
+    pixel_h_m: float
+    fingerprint: str
+    scale_low: tuple[float, ...] = field(default=())
+    scale_high: tuple[float, ...] = field(default=())
+
+    @property
+    def crs(self) -> CRS:
+        return CRS.from_wkt(self.crs_wkt)
+
+    @property
+    def affine(self) -> rasterio.Affine:
+        return rasterio.Affine(*self.transform[:6])
+
+
+def expand_inputs(specs: list[RasterInput]) -> list[tuple[Path, RasterInput]]:
+    """Expand glob patterns so one config entry can name several files (sorted, stable)."""
+    out: list[tuple[Path, RasterInput]] = []
+    for spec in specs:
+        pattern = str(spec.path)
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise RasterError(f"{pattern}: no raster matches this pattern")
+            out.extend((Path(m), spec) for m in matches)
+        else:
+            out.append((Path(pattern), spec))
+    return out
+
+
+def fingerprint(path: Path) -> str:
+    """Content key of a raster file: size, and SHA-256 of its first and last MiB.
+
+    Cheap on huge files yet changes whenever GDAL would read different header or pixels at
+    either end; a rewritten file of equal size with different middle pixels is not caught
+    (documented in the README).
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+@contextmanager
+def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
+    """Open a raster, turning GDAL's errors into one clear :class:`RasterError`."""
+    if not path.exists():
+        raise RasterError(f"{path}: raster file not found")
+    try:
+        src = rasterio.open(path)
+    except RasterioIOError as exc:
+        msg = str(exc).split("\n")[0]
+        if "not recognized as" in msg or "not recognised as" in msg:
+            msg = "not a raster format GDAL can read"
+        raise RasterError(f"{path}: cannot open raster: {msg}") from None
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def ground_pixel_size(src: rasterio.io.DatasetReader) -> tuple[float, float]:
+    """Pixel width and height in metres, at the raster's centre for geographic CRSs."""
+    crs = CRS.from_user_input(src.crs)
+    res_x, res_y = abs(src.transform.a), abs(src.transform.e)
+    if crs.is_geographic:
+        t = src.transform
+        cx, cy = t.c + t.a * src.width / 2, t.f + t.e * src.height / 2
+        geod = Geod(ellps="WGS84")
+        _, _, w = geod.inv(cx, cy, cx + res_x, cy)
+        _, _, h = geod.inv(cx, cy, cx, cy + res_y if cy < 89 else cy - res_y)
+        return float(w), float(h)
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return res_x * factor, res_y * factor
+
+
+def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
+    """Check a raster is usable as configured; return its facts (without scaling yet)."""
+    with open_raster(path) as src:
+        if src.crs is None:
+            raise RasterError(f"{path}: raster has no CRS (assign one with gdal_edit.py -a_srs)")
+        if src.transform.is_identity or (src.transform.b == 0 and src.transform.a == 1 and src.gcps[0]):
+            if src.gcps[0]:
+                raise RasterError(
+                    f"{path}: raster has ground control points but no geotransform "
+                    "(warp it first: gdalwarp -tps in.tif out.tif)"
+                )
+            raise RasterError(f"{path}: raster has no geotransform")
+        if src.transform.b != 0 or src.transform.d != 0:
+            raise RasterError(f"{path}: rotated geotransforms are not supported (warp it first)")
+        bad = [b for b in spec.bands if b > src.count]
+        if bad:
+            raise RasterError(
+                f"{path}: band {bad[0]} out of range (the raster has {src.count} band"
+                f"{'s' if src.count != 1 else ''})"
+            )
+        dtype = src.dtypes[spec.bands[0] - 1]
+        if dtype not in SUPPORTED_DTYPES:
+            raise RasterError(f"{path}: data type {dtype} is not supported (use one of {sorted(SUPPORTED_DTYPES)})")
+        pw, ph = ground_pixel_size(src)
+        nodata = spec.nodata if spec.nodata is not None else src.nodata
+        return RasterInfo(
+            path=path,
+            crs_wkt=src.crs.to_wkt(),
+            transform=tuple(src.transform)[:6],
+            width=src.width,
+            height=src.height,
+            dtype=dtype,
+            bands=tuple(spec.bands),
+            nodata=None if nodata is None else float(nodata),
+            pixel_w_m=pw,
+            pixel_h_m=ph,
+            fingerprint=fingerprint(path),
+        )
+
+
+def valid_mask(src: rasterio.io.DatasetReader, bands: tuple[int, ...], data: np.ndarray,
+               window: Window, nodata: float | None) -> np.ndarray:
+    """True where every selected band holds real imagery (not nodata, alpha 0, mask 0 or NaN)."""
+    masks = src.read_masks(list(bands), window=window)
+    valid = np.all(masks > 0, axis=0)
+    if nodata is not None:
+        valid &= ~np.any(data == nodata, axis=0)
+    if data.dtype.kind == "f":
+        valid &= ~np.any(np.isnan(data), axis=0)
+    return valid
+
+
+def _sample_windows(width: int, height: int, target_pixels: int, size: int = 256) -> list[Window]:
+    """A regular lattice of windows spread over the raster, about ``target_pixels`` in total."""
+    n = max(1, target_pixels // (size * size))
+    side = max(1, int(math.sqrt(n)))
+    out = []
+    for i in range(side):
+        for j in range(side):
+            c = int((j + 0.5) * width / side - size / 2)
+            r = int((i + 0.5) * height / side - size / 2)
+            w = clip_window(Window(c, r, size, size), width, height)
+            if w is not None:
+                out.append(w)
+    return out
+
+
+def sample_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], nodata: float | None,
+                        target_pixels: int) -> np.ndarray:
+    """Valid pixel values (n x bands) from a sample of the raster, for scaling statistics."""
+    if src.width * src.height <= target_pixels:
+        windows = [Window(0, 0, src.width, src.height)]
+    else:
+        windows = _sample_windows(src.width, src.height, target_pixels)
+    chunks = []
+    for w in windows:
+        data = src.read(list(bands), window=w)
+        ok = valid_mask(src, bands, data, w, nodata)
+        chunks.append(data[:, ok].T)
+    return np.concatenate(chunks, axis=0) if chunks else np.empty((0, len(bands)))
+
+
+def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
+    """Fill the per-band low/high values that map raw pixels onto [0, 1]."""
+    n = len(info.bands)
+    s = spec.scaling
+    if s.method == "range":
+        lo = np.broadcast_to(np.asarray(s.min, dtype=float), (n,))
+        hi = np.broadcast_to(np.asarray(s.max, dtype=float), (n,))
+    elif s.method == "dtype":
+        top = float(np.iinfo(info.dtype).max) if np.dtype(info.dtype).kind in "ui" else 1.0
+        lo, hi = np.zeros(n), np.full(n, top)
+    else:
+        with open_raster(info.path) as src:
+            px = sample_valid_pixels(src, info.bands, info.nodata, s.sample_pixels)
+        if len(px) == 0:
+            raise RasterError(f"{info.path}: raster holds no valid pixels (all nodata or masked)")
+        lo = np.percentile(px, s.low, axis=0)
+        hi = np.percentile(px, s.high, axis=0)
+    hi = np.where(hi > lo, hi, lo + 1e-6)
+    return _replace(info, scale_low=tuple(float(v) for v in lo), scale_high=tuple(float(v) for v in hi))
+
+
+def _replace(info: RasterInfo, **kw: object) -> RasterInfo:
+    from dataclasses import replace
+
+    return replace(info, **kw)  # type: ignore[arg-type]
+
+
+def read_tile(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Read a tile window as scaled float32 (3, h, w) in [0, 1] plus its validity mask (h, w).
+
+    Parts of the window beyond the raster edge are invalid. Greyscale is repeated to 3 channels.
+    """
+    h, w = int(window.height), int(window.width)
+    out = np.zeros((len(info.bands), h, w), dtype=np.float32)
+    valid = np.zeros((h, w), dtype=bool)
+    inner = clip_window(window, info.width, info.height)
+    if inner is not None:
+        data = src.read(list(info.bands), window=inner)
+        ok = valid_mask(src, info.bands, data, inner, info.nodata)
+        r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+        sl = (slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width)))
+        lo = np.asarray(info.scale_low, dtype=np.float32)[:, None, None]
+        hi = np.asarray(info.scale_high, dtype=np.float32)[:, None, None]
+        out[(slice(None), *sl)] = np.clip((data.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+        valid[sl] = ok
+    out[:, ~valid] = 0.5
+    if out.shape[0] == 1:
+        out = np.repeat(out, 3, axis=0)
+    return out, valid

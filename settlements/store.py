@@ -1,0 +1,126 @@
+"""Artifacts on disk: atomic writes, tables, embedding arrays, the embedding cache.
+
+Nothing here computes; it only stores and finds. Every write goes to a temporary file in the
+same folder and is renamed into place, so a killed run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import OutputError, StageError
+
+# The 8 integers that identify a tile's pixels in a raster: tile window and stride cell window.
+WINDOW_COLUMNS = ["tile_col", "tile_row", "tile_w", "tile_h", "cell_col", "cell_row", "cell_w", "cell_h"]
+
+
+@contextmanager
+def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp",
+                               dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(target: Path, writer: Callable[[Path], Any]) -> None:
+    with atomic_path(target) as tmp:
+        writer(tmp)
+
+
+def write_json(target: Path, obj: Any) -> None:
+    write_atomic(target, lambda p: p.write_text(json.dumps(obj, indent=2, default=str)))
+
+
+def read_json(path: Path, stage: str) -> Any:
+    if not path.exists():
+        raise StageError(f"{path}: missing; run `settlements {stage}` first")
+    return json.loads(path.read_text())
+
+
+def write_table(target: Path, df: pd.DataFrame) -> None:
+    write_atomic(target, lambda p: df.to_parquet(p, index=False))
+
+
+def read_table(path: Path, stage: str) -> pd.DataFrame:
+    if not path.exists():
+        raise StageError(f"{path}: missing; run `settlements {stage}` first")
+    return pd.read_parquet(path)
+
+
+def settings_key(parts: dict[str, Any]) -> str:
+    """A short stable hash of JSON-able settings, used to name cache shards."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """Embeddings keyed by (raster content, preprocessing, backbone+weights) then by window.
+
+    A shard is a folder of chunk files, each written atomically as soon as its tiles are
+    embedded, so a killed run resumes from the last finished chunk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def shard(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str, dim: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """All cached rows of a shard: window columns + validity, and their embeddings (or NaN)."""
+        frames, arrays = [], []
+        folder = self.shard(key)
+        for chunk in sorted(folder.glob("chunk-*.npz")) if folder.exists() else []:
+            try:
+                with np.load(chunk) as z:
+                    frames.append(pd.DataFrame({
+                        **{c: z["windows"][:, i] for i, c in enumerate(WINDOW_COLUMNS)},
+                        "valid_tile": z["valid_tile"], "valid_cell": z["valid_cell"],
+                    }))
+                    arrays.append(z["embeddings"])
+            except (OSError, ValueError, KeyError):
+                chunk.unlink(missing_ok=True)  # a chunk from an older format or a broken disk
+        if not frames:
+            cols = {c: np.empty(0, np.int64) for c in WINDOW_COLUMNS}
+            return (pd.DataFrame({**cols, "valid_tile": np.empty(0, np.float32),
+                                  "valid_cell": np.empty(0, np.float32)}), np.empty((0, dim), np.float32))
+        table = pd.concat(frames, ignore_index=True)
+        emb = np.concatenate(arrays, axis=0)
+        # a window embedded twice (threshold lowered, then re-run) keeps its latest row
+        last = ~table.duplicated(WINDOW_COLUMNS, keep="last").to_numpy()
+        return table[last].reset_index(drop=True), emb[last]
+
+    def append(self, key: str, windows: np.ndarray, valid_tile: np.ndarray, valid_cell: np.ndarray,
+               embeddings: np.ndarray) -> None:
+        """Store one chunk; ``embeddings`` rows are NaN for tiles that were not embedded."""
+        folder = self.shard(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(list(folder.glob("chunk-*.npz")))
+        target = folder / f"chunk-{n:06d}-{os.getpid()}.npz"
+
+        def _write(p: Path) -> None:
+            with p.open("wb") as f:
+                np.savez(f, windows=windows.astype(np.int64), valid_tile=valid_tile.astype(np.float32),
+                         valid_cell=valid_cell.astype(np.float32), embeddings=embeddings.astype(np.float32))
+
+        write_atomic(target, _write)

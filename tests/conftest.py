@@ -1,0 +1,94 @@
+"""Shared fixtures: real scenes from ../shared/data, and each real pipeline run once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from settlements.config import PipelineConfig, load_config
+from settlements.pipeline import RunReport, run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+PIPELINES = ROOT / "pipelines"
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def scene(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} missing: run `make data`")
+    return path
+
+
+def write_pipeline(tmp: Path, name: str, base: str | None = None, **overrides: object) -> Path:
+    """A pipeline YAML in ``tmp``: ``pipelines/<base>.yaml`` with absolute paths and outputs in ``tmp``.
+
+    ``overrides`` replace top-level sections (dicts are merged one level deep).
+    """
+    data: dict = {}
+    if base is not None:
+        cfg = load_config(PIPELINES / f"{base}.yaml")
+        data = cfg.to_yaml_dict()
+        data.pop("labels", None)
+    data["name"] = name
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    data["output"] = {**data.get("output", {}), "dir": str(tmp / "outputs" / name),
+                      "work_dir": str(tmp / "work" / name)}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Ran:
+    """A finished real pipeline run: its config, report and output paths."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.cfg: PipelineConfig = load_config(config_path)
+        self.report: RunReport = run(self.cfg)
+
+    @property
+    def gpkg(self) -> Path:
+        return self.report.outputs["gpkg"]
+
+    @property
+    def work(self) -> Path:
+        return self.cfg.work_dir
+
+
+@pytest.fixture(scope="session")
+def olinda(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    scene("olinda_brazil", "L7_ETMs.tif")
+    return Ran(write_pipeline(tmp_path_factory.mktemp("olinda"), "olinda", "olinda"))
+
+
+@pytest.fixture(scope="session")
+def swellendam(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
+    return Ran(write_pipeline(tmp_path_factory.mktemp("swellendam"), "swellendam", "swellendam"))
+
+
+@pytest.fixture(scope="session")
+def kampala(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    scene("kampala_oam")
+    return Ran(write_pipeline(tmp_path_factory.mktemp("kampala"), "kampala", "kampala"))
+
+
+@pytest.fixture(scope="session")
+def bangalore(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    scene("bangalore_s2", "section_2_sentinel.tif")
+    return Ran(write_pipeline(tmp_path_factory.mktemp("bangalore"), "bangalore", "bangalore"))
+
+
+@pytest.fixture(params=["olinda", "swellendam", "kampala", "bangalore"])
+def any_scene(request: pytest.FixtureRequest) -> Ran:
+    return request.getfixturevalue(request.param)

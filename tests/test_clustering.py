@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from settlements.clustering import KMeansClusterer
+from settlements.errors import ClusteringError
+
+
+def blobs(n_per: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0]], dtype=np.float32)
+    sizes = [n_per * 3, n_per * 2, n_per]
+    x = np.concatenate([c + rng.normal(size=(s, 4)).astype(np.float32) for c, s in zip(centres, sizes, strict=True)])
+    y = np.repeat([0, 1, 2], sizes)
+    return x, y
+
+
+def test_recovers_clusters_ordered_by_size() -> None:
+    x, y = blobs()
+    km = KMeansClusterer(k=3, seed=1, sample_size=len(x)).fit(x)
+    labels, dist = km.predict(x)
+    assert (labels == y).mean() > 0.99  # id 0 is the largest blob
+    assert (dist >= 0).all()
+
+
+def test_training_sample_is_explicit_and_seeded() -> None:
+    x, _ = blobs(2000)
+    a = KMeansClusterer(k=3, seed=7, sample_size=500).fit(x)
+    b = KMeansClusterer(k=3, seed=7, sample_size=500).fit(x)
+    assert a.n_train_ == 500  # not FAISS's silent 256 points per centroid
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    big = KMeansClusterer(k=3, seed=7, sample_size=5000).fit(x)
+    assert big.n_train_ == 5000 > 256 * 3
+
+
+def test_pca_and_l2_and_save_load(tmp_path) -> None:
+    x, _ = blobs()
+    km = KMeansClusterer(k=3, seed=0, sample_size=len(x), pca_dim=2, l2_normalize=True).fit(x)
+    km.save(tmp_path / "c.npz")
+    again = KMeansClusterer.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(km.predict(x)[0], again.predict(x)[0])
+    assert again.cluster_centers_.shape == (3, 2)
+
+
+def test_k_larger_than_the_tiles() -> None:
+    with pytest.raises(ClusteringError, match=r"clustering\.k: k=10 exceeds the number of valid tiles \(4\)"):
+        KMeansClusterer(k=10).fit(np.zeros((4, 3), np.float32))

@@ -1,0 +1,75 @@
+"""Reading tiles: band selection, scaling, and validity from alpha, nodata and the raster edge."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from settlements.config import RasterInput, Scaling
+from settlements.rasters import compute_scaling, inspect_raster, read_tile
+
+from .conftest import scene
+
+
+def test_alpha_zero_is_invalid_not_content(tmp_path: Path) -> None:
+    """The real Swellendam photo, with its alpha band cleared in one corner (the defect we need)."""
+    src_path = scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
+    out = tmp_path / "alpha.tif"
+    with rasterio.open(src_path) as src:
+        data = src.read(window=Window(0, 0, 64, 64))
+        profile = src.profile | {"width": 64, "height": 64, "transform": src.window_transform(Window(0, 0, 64, 64))}
+    data[3, :32, :32] = 0
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    spec = RasterInput(path=out, bands=[1, 2, 3])
+    info = compute_scaling(inspect_raster(out, spec), spec)
+    with rasterio.open(out) as src:
+        px, valid = read_tile(src, info, Window(0, 0, 64, 64))
+    assert valid[:32, :32].sum() == 0 and valid[32:, :].all() and valid[:, 32:].all()
+    assert px.shape == (3, 64, 64) and px.dtype == np.float32
+    assert 0 <= px.min() and px.max() <= 1
+
+
+def test_uint16_nodata_and_percentile_stretch() -> None:
+    path = scene("bangalore_s2", "section_2_sentinel.tif")
+    spec = RasterInput(path=path, bands=[3, 2, 1], scaling=Scaling(method="percentile", low=2, high=98))
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    assert info.nodata == 9999 and info.dtype == "uint16"
+    assert all(lo < hi < 9999 for lo, hi in zip(info.scale_low, info.scale_high, strict=True))
+    with rasterio.open(path) as src:
+        raw = src.read(3)
+        px, valid = read_tile(src, info, Window(0, 0, src.width, src.height))
+    assert (valid == (raw != 9999)).all()
+    inside = px[0][valid]
+    assert 0.01 < (inside == 0).mean() + (inside == 1).mean() < 0.1  # about 2 % clipped at each end
+
+
+def test_window_past_the_edge_is_invalid_there() -> None:
+    path = scene("olinda_brazil", "L7_ETMs.tif")
+    spec = RasterInput(path=path, bands=[3, 2, 1], scaling=Scaling(method="dtype"))
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    with rasterio.open(path) as src:
+        px, valid = read_tile(src, info, Window(340, -4, 16, 16))
+        raw = src.read([3, 2, 1], window=Window(340, 0, 9, 12))
+    assert valid[4:, :9].all() and not valid[:4].any() and not valid[:, 9:].any()
+    np.testing.assert_allclose(px[:, 4:, :9], raw / 255.0, rtol=1e-6)
+
+
+def test_greyscale_is_repeated_to_three_channels() -> None:
+    path = scene("olinda_brazil", "L7_ETMs.tif")
+    spec = RasterInput(path=path, bands=[4])
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    with rasterio.open(path) as src:
+        px, _ = read_tile(src, info, Window(0, 0, 8, 8))
+    assert px.shape == (3, 8, 8) and (px[0] == px[2]).all()
+
+
+@pytest.mark.parametrize("method", ["range", "dtype"])
+def test_fixed_scalings(method: str) -> None:
+    path = scene("olinda_brazil", "L7_ETMs.tif")
+    scaling = Scaling(method=method, min=0, max=255) if method == "range" else Scaling(method=method)
+    spec = RasterInput(path=path, bands=[3, 2, 1], scaling=scaling)
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    assert info.scale_low == (0.0, 0.0, 0.0) and info.scale_high == (255.0, 255.0, 255.0)
