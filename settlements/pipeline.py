@@ -221,9 +221,12 @@ def stage_embed(cfg: PipelineConfig) -> dict[str, int]:
     todo = []
     for r, info in enumerate(infos):
         rt = tiles[tiles["raster"] == r]
-        cached, _ = cache.load(keys[r], backbone.dim)
+        cached, cached_emb = cache.load(keys[r], backbone.dim)
+        cached = cached.assign(_embedded=~np.isnan(cached_emb[:, 0]) if len(cached) else np.empty(0, bool))
         merged = rt[["tile_id", *WINDOW_COLUMNS]].merge(cached, on=WINDOW_COLUMNS, how="left")
-        need = merged["valid_tile"].isna().to_numpy()
+        # new windows, and windows cached as skipped that a lower threshold now keeps
+        need = (merged["valid_tile"].isna() | ((merged["valid_tile"] >= min_valid - 1e-9)
+                                               & (merged["_embedded"] != True))).to_numpy()  # noqa: E712
         todo.append((r, info, rt[need]))
         n_reused += int((~need).sum())
     total_new = sum(len(t) for _, _, t in todo)

@@ -1,0 +1,26 @@
+"""The embedding cache re-embeds exactly what a setting change affects."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from settlements.config import load_config
+from settlements.pipeline import run
+
+from .conftest import scene, write_pipeline
+
+
+def test_lowering_the_invalid_threshold_embeds_only_the_newly_kept_tiles(tmp_path) -> None:
+    scene("bangalore_s2", "section_2_sentinel.tif")
+    strict = write_pipeline(tmp_path, "b", "bangalore", tiling={"tile_size": "80m", "max_invalid_fraction": 0.2})
+    first = run(load_config(strict)).embedding
+    assert first["tiles_embedded"] == first["tiles_kept"] + first["tiles_skipped"]
+    meta = pd.read_parquet(tmp_path / "work" / "b" / "embedded.parquet")
+    newly = int(((meta["valid_tile"] < 0.8) & (meta["valid_tile"] >= 0.1)).sum())
+    assert newly > 0
+    lenient = write_pipeline(tmp_path, "b", "bangalore", tiling={"tile_size": "80m", "max_invalid_fraction": 0.9})
+    second = run(load_config(lenient)).embedding
+    assert second["tiles_embedded"] == newly
+    assert second["tiles_kept"] == first["tiles_kept"] + newly
+    third = run(load_config(lenient)).embedding
+    assert third["tiles_embedded"] == 0 and third["tiles_reused"] == third["tiles_kept"] + third["tiles_skipped"]
