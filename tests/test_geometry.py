@@ -57,7 +57,8 @@ def write_regions(tmp: Path, name: str, geoms: list, crs: object) -> Path:
     return path
 
 
-def tile_stage(tmp: Path, rasters: list[Path], regions: list[dict], tile: str = "16px") -> tuple[pd.Series, gpd.GeoDataFrame, pd.DataFrame]:
+def tile_stage(tmp: Path, rasters: list[Path], regions: list[dict],
+               tile: str = "16px") -> tuple[pd.Series, gpd.GeoDataFrame, pd.DataFrame]:
     """Run the tile stage; return km2 of cells in each region (by region_id), the regions, the tiles."""
     cfg = load_config(write_pipeline(tmp, "geo", None, rasters=[{"path": str(p), "bands": [1, 2, 3]} for p in rasters],
                                      regions=regions, tiling={"tile_size": tile}, clustering={"k": 2}))
