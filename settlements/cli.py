@@ -126,7 +126,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SettlementsError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo("error: " + " ".join(str(exc).splitlines()), err=True)  # one line, whatever the message
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

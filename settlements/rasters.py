@@ -9,6 +9,7 @@ import glob
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from pyproj import CRS, Geod
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from .config import RasterInput
@@ -96,7 +97,9 @@ def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
     if not path.is_file():
         raise RasterError(f"{path}: not a file")
     try:
-        src = rasterio.open(path)
+        with warnings.catch_warnings():  # a missing geotransform is checked (and explained) by inspect_raster
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
     except (RasterioError, OSError, ValueError) as exc:
         msg = str(exc).split("\n")[0]
         if "not recognized as" in msg or "not recognised as" in msg:

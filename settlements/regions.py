@@ -102,7 +102,7 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
 
 def load_all_regions(specs: list[Regions]) -> gpd.GeoDataFrame:
     """Regions from several sources in one frame (CRS of the first); ids prefixed by source when several."""
-    frames = []
+    frames: list[gpd.GeoDataFrame] = []
     for i, spec in enumerate(specs):
         gdf = load_regions(spec, where=f"regions[{i}]" if len(specs) > 1 else "regions")
         source = Path(spec.path).stem if spec.path is not None else f"wkt{i}"

@@ -399,3 +399,43 @@ def test_weights_of_another_backbone_family(tmp_path, monkeypatch, capsys) -> No
     expect_error(tmp_path, monkeypatch, capsys, cfg,
                  r"mobilenet_v2-b0353104\.pth: weights do not fit resnet18 \(\d+ missing, \d+ unexpected keys, "
                  r"e\.g\. conv1\.weight")
+
+
+def test_installed_command_prints_one_line_for_a_truncated_raster(tmp_path, olinda_tif) -> None:
+    """As a user sees it: no GDAL 'ERROR 1:' chatter or Python warnings around the one error line."""
+    import subprocess
+
+    tif = tiled_copy(olinda_tif, tmp_path / "cut.tif")
+    tif.write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
+    cfg = raster_cfg(tmp_path, tif, [1, 2, 3])
+    before = snapshot(tmp_path)
+    exe = Path(sys.executable).with_name("settlements")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CPL_LOG"}
+    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"error: {re.escape(str(tif))}: cannot (open raster|read pixels)", lines[0]), \
+        proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_validate_reads_the_scaling_sample(tmp_path, monkeypatch, capsys, olinda_tif) -> None:
+    """validate runs no CNN but reads what the tile stage reads, so a damaged block shows there too."""
+    tif = tiled_copy(olinda_tif, tmp_path / "flipped.tif")
+    corrupt_block(tif, 0, 5)
+    expect_error(tmp_path, monkeypatch, capsys, raster_cfg(tmp_path, tif, [1, 2, 3]),
+                 r"flipped\.tif: cannot read pixels \(truncated or corrupt file\?\)", command="validate")
+    assert not (tmp_path / "work").exists()
+
+
+def test_fuzz_script_runs_clean(capsys) -> None:
+    """A short run of benchmarks/fuzz.py: every input ends as success or a SettlementsError."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("settlements_fuzz", path)
+    fuzz = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(fuzz)  # type: ignore[union-attr]
+    assert fuzz.main(["--examples", "25", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "config: 25 inputs" in out and "rasters: 25 inputs" in out and "total: 50 inputs tried" in out
