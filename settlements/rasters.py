@@ -246,7 +246,7 @@ def sample_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], 
     return np.concatenate(chunks, axis=0) if chunks else np.empty((0, len(bands)))
 
 
-def _block_windows(src: rasterio.io.DatasetReader, rows: int = 512) -> Iterator[Window]:
+def _strips(src: rasterio.io.DatasetReader, rows: int = 512) -> Iterator[Window]:
     """Full-width strips of ``rows`` rows: a whole-raster scan that never holds the raster in memory."""
     for r in range(0, src.height, rows):
         yield Window(0, r, src.width, min(rows, src.height - r))
@@ -257,7 +257,7 @@ def check_has_valid_pixels(info: RasterInfo) -> None:
     with open_raster(info.path) as src:
         if len(sample_valid_pixels(src, info.bands, info.nodata, 1 << 16)):
             return
-        for w in _block_windows(src):
+        for w in _strips(src):
             data = read_checked(src, info.bands, w)
             if valid_mask(src, info.bands, data, w, info.nodata).any():
                 return
@@ -266,7 +266,7 @@ def check_has_valid_pixels(info: RasterInfo) -> None:
 
 def _all_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> np.ndarray:
     chunks = []
-    for w in _block_windows(src):
+    for w in _strips(src):
         data = read_checked(src, bands, w)
         chunks.append(data[:, valid_mask(src, bands, data, w, nodata)].T)
     return np.concatenate(chunks, axis=0)
