@@ -55,3 +55,8 @@ lint: venv
 
 clean:
 	rm -rf outputs work
+
+# Fuzz the config loader and the raster opener (hypothesis); EXAMPLES inputs per target.
+.PHONY: fuzz
+fuzz: venv data
+	$(PY) benchmarks/fuzz.py --examples $(or $(EXAMPLES),2000)

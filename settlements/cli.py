@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def export(config: Path = CONFIG) -> None:
         typer.echo(f"{name}: {path}")
 
 
+@app.command()
+def validate(config: Path = CONFIG) -> None:
+    """Check inputs (readable, CRS, bands, overlap with regions, tile counts) without running the CNN."""
+    from .validate import validate as check
+
+    for line in check(_config(config)).lines():
+        typer.echo(line)
+
+
 @app.command("labels-template")
 def labels_template(
     config: Path = CONFIG, force: bool = typer.Option(False, help="Overwrite an existing file.")
@@ -111,10 +121,12 @@ def labels_template_alias(config: Path = CONFIG, force: bool = typer.Option(Fals
 
 
 def main() -> None:
+    # GDAL prints its own "ERROR 1: ..." lines to stderr; the failures that matter become one RasterError line
+    os.environ.setdefault("CPL_LOG", os.devnull)
     try:
         app(standalone_mode=False)
     except SettlementsError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo("error: " + " ".join(str(exc).splitlines()), err=True)  # one line, whatever the message
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)

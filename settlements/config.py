@@ -186,10 +186,16 @@ class PipelineConfig(Strict):
         return self.model_dump(mode="json", exclude={"source"})
 
 
+def _key_text(part: object) -> str:
+    """A config key as the user typed it, or its repr when it holds line breaks or odd characters."""
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(part)
+
+
 def _format_validation_error(path: Path, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(_key_text(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

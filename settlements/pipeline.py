@@ -33,7 +33,15 @@ from .clustering import KMeansClusterer
 from .config import PipelineConfig
 from .embedding.backbones import build_backbone, list_backbones
 from .embedding.infer import InferenceSettings, TileWindows, iter_embeddings
-from .errors import BackboneError, ClusteringError, OutputError, RegionError, SettlementsError, TilingError
+from .errors import (
+    BackboneError,
+    ClusteringError,
+    ConfigError,
+    OutputError,
+    RegionError,
+    SettlementsError,
+    TilingError,
+)
 from .export import plots
 from .export.geopackage import LayerStyle, write_geopackage
 from .export.styles import categorized_qml
@@ -41,10 +49,20 @@ from .histograms import region_histograms
 from .labels import ClusterLabels, read_labels, write_labels
 from .palette import slug
 from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile
-from .regions import cell_region_shares, equal_area_crs, load_all_regions, to_area_crs
+from .regions import (
+    area_m2,
+    cell_region_shares,
+    equal_area_crs,
+    load_all_regions,
+    raster_extent_in,
+    regions_in_crs,
+    to_area_crs,
+)
 from .store import (
     WINDOW_COLUMNS,
     EmbeddingCache,
+    check_writable_dir,
+    ensure_dir,
     read_json,
     read_table,
     settings_key,
@@ -125,9 +143,20 @@ def check_inputs(cfg: PipelineConfig) -> tuple[list[RasterInfo], gpd.GeoDataFram
     if cfg.embedding.backbone not in list_backbones():
         raise BackboneError(f"embedding.backbone: unknown backbone {cfg.embedding.backbone!r} "
                             f"(choose from: {', '.join(list_backbones())})")
+    check_output_settings(cfg)
     infos = [inspect_raster(path, spec) for path, spec in expand_inputs(cfg.rasters)]
     regions = load_all_regions(cfg.regions)
     return infos, regions
+
+
+def check_output_settings(cfg: PipelineConfig) -> None:
+    """Output CRS understood, output and work folders creatable: fail before any CNN work."""
+    try:
+        CRS.from_user_input(cfg.output.crs)
+    except Exception:
+        raise ConfigError(f"output.crs: cannot understand CRS {cfg.output.crs!r}") from None
+    check_writable_dir(cfg.output_dir, "output.dir")
+    check_writable_dir(cfg.work_dir, "output.work_dir")
 
 
 def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
@@ -136,7 +165,7 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     specs = [spec for _, spec in expand_inputs(cfg.rasters)]
     infos, regions = check_inputs(cfg)
     ea = equal_area_crs(regions)
-    regions["area_m2"] = shapely.area(regions.to_crs(ea).geometry.values)
+    regions["area_m2"] = area_m2(regions, ea)
     grids = [raster_grid(info, cfg) for info in infos]  # tile-size errors before any pixel is read
     tables, shares_all = [], []
     next_id = 0
@@ -144,8 +173,13 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
                                           disable=None)):
         table = grid_table(grid, info)
         cells = shapely.box(table["minx"], table["miny"], table["maxx"], table["maxy"])
-        reg_r = regions.to_crs(info.crs)
-        shares = cell_region_shares(cells, reg_r.geometry.values, Transformer.from_crs(info.crs, ea, always_xy=True))
+        bounds = (float(table["minx"].min()), float(table["miny"].min()),
+                  float(table["maxx"].max()), float(table["maxy"].max()))
+        reg_r = regions_in_crs(regions, info.crs, bounds)
+        # overlapping rasters: the first listed wins; later ones lose the ground earlier extents cover
+        covered = shapely.union_all([raster_extent_in(_extent(e), e.crs, info.crs) for e in infos[:r]]) if r else None
+        shares = cell_region_shares(cells, reg_r.geometry.values, Transformer.from_crs(info.crs, ea, always_xy=True),
+                                    covered)
         if cfg.tiling.clip_to_regions:
             table = table.iloc[np.unique(shares["cell"].to_numpy())]
             remap = pd.Series(np.arange(len(table)), index=table.index)
@@ -173,6 +207,12 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     write_table(ws.shares, shares)
     log.info("tiling: %d tiles over %d raster(s), %d region(s)", len(tiles), len(infos), len(regions))
     return {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions)}
+
+
+def _extent(info: RasterInfo) -> tuple[float, float, float, float]:
+    a = info.affine
+    xs, ys = (a.c, a.c + a.a * info.width), (a.f, a.f + a.e * info.height)
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _info_json(info: RasterInfo) -> dict[str, Any]:
@@ -484,7 +524,8 @@ class RunReport:
 def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0) -> RunReport:
     """All stages under the pipeline's lock."""
     started = time.time()
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    check_output_settings(cfg)
+    ensure_dir(cfg.work_dir, "output.work_dir")
     lock = FileLock(str(workspace(cfg).lock))
     try:
         lock.acquire(timeout=lock_timeout)

@@ -9,6 +9,7 @@ import glob
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from pyproj import CRS, Geod
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from .config import RasterInput
@@ -93,9 +94,13 @@ def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
     """Open a raster, turning GDAL's errors into one clear :class:`RasterError`."""
     if not path.exists():
         raise RasterError(f"{path}: raster file not found")
+    if not path.is_file():
+        raise RasterError(f"{path}: not a file")
     try:
-        src = rasterio.open(path)
-    except RasterioIOError as exc:
+        with warnings.catch_warnings():  # a missing geotransform is checked (and explained) by inspect_raster
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except (RasterioError, OSError, ValueError) as exc:
         msg = str(exc).split("\n")[0]
         if "not recognized as" in msg or "not recognised as" in msg:
             msg = "not a raster format GDAL can read"
@@ -104,6 +109,39 @@ def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
         yield src
     finally:
         src.close()
+
+
+def _gdal_reason(exc: BaseException) -> str:
+    """GDAL's own one-line reason behind a rasterio read error (rasterio's says 'see previous')."""
+    cause = exc.__cause__ or exc.__context__
+    text = str(cause if cause is not None else exc) or type(exc).__name__
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window,
+                 masks: bool = False) -> np.ndarray:
+    """``src.read`` (or ``read_masks``) that turns a failed read into one clear :class:`RasterError`.
+
+    GDAL opens a truncated or corrupt GeoTIFF happily and fails only when a damaged block is read,
+    so every pixel read goes through here.
+    """
+    try:
+        if masks:
+            return src.read_masks(list(bands), window=window)
+        return src.read(list(bands), window=window)
+    except (RasterioError, OSError, ValueError) as exc:
+        raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
+            from None
+
+
+def check_readable(src: rasterio.io.DatasetReader, bands: tuple[int, ...]) -> None:
+    """Read the first, middle and last blocks of the selected bands: catches most truncated files."""
+    blocks = list(src.block_windows(bands[0]))
+    picks = {0, len(blocks) // 2, len(blocks) - 1} if blocks else set()
+    for i in sorted(picks):
+        window = blocks[i][1]
+        read_checked(src, bands, window)
+        read_checked(src, bands, window, masks=True)
 
 
 def ground_pixel_size(src: rasterio.io.DatasetReader) -> tuple[float, float]:
@@ -124,15 +162,15 @@ def ground_pixel_size(src: rasterio.io.DatasetReader) -> tuple[float, float]:
 def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
     """Check a raster is usable as configured; return its facts (without scaling yet)."""
     with open_raster(path) as src:
+        if src.transform.is_identity and src.gcps[0]:
+            raise RasterError(
+                f"{path}: raster has ground control points but no geotransform "
+                "(warp it first: gdalwarp -tps in.tif out.tif)"
+            )
         if src.crs is None:
             raise RasterError(f"{path}: raster has no CRS (assign one with gdal_edit.py -a_srs)")
-        if src.transform.is_identity or (src.transform.b == 0 and src.transform.a == 1 and src.gcps[0]):
-            if src.gcps[0]:
-                raise RasterError(
-                    f"{path}: raster has ground control points but no geotransform "
-                    "(warp it first: gdalwarp -tps in.tif out.tif)"
-                )
-            raise RasterError(f"{path}: raster has no geotransform")
+        if src.transform.is_identity:
+            raise RasterError(f"{path}: raster has no geotransform (georeference it first)")
         if src.transform.b != 0 or src.transform.d != 0:
             raise RasterError(f"{path}: rotated geotransforms are not supported (warp it first)")
         bad = [b for b in spec.bands if b > src.count]
@@ -141,9 +179,14 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
                 f"{path}: band {bad[0]} out of range (the raster has {src.count} band"
                 f"{'s' if src.count != 1 else ''})"
             )
+        for b in spec.bands:
+            if src.dtypes[b - 1] not in SUPPORTED_DTYPES:
+                raise RasterError(f"{path}: band {b}: data type {src.dtypes[b - 1]} is not supported "
+                                  f"(use one of {', '.join(sorted(SUPPORTED_DTYPES))})")
         dtype = src.dtypes[spec.bands[0] - 1]
-        if dtype not in SUPPORTED_DTYPES:
-            raise RasterError(f"{path}: data type {dtype} is not supported (use one of {sorted(SUPPORTED_DTYPES)})")
+        if not all(math.isfinite(v) for v in tuple(src.transform)[:6]) or src.width < 1 or src.height < 1:
+            raise RasterError(f"{path}: raster has an unusable geotransform or size")
+        check_readable(src, tuple(spec.bands))
         pw, ph = ground_pixel_size(src)
         nodata = spec.nodata if spec.nodata is not None else src.nodata
         return RasterInfo(
@@ -164,7 +207,7 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
 def valid_mask(src: rasterio.io.DatasetReader, bands: tuple[int, ...], data: np.ndarray,
                window: Window, nodata: float | None) -> np.ndarray:
     """True where every selected band holds real imagery (not nodata, alpha 0, mask 0 or NaN)."""
-    masks = src.read_masks(list(bands), window=window)
+    masks = read_checked(src, bands, window, masks=True)
     valid = np.all(masks > 0, axis=0)
     if nodata is not None:
         valid &= ~np.any(data == nodata, axis=0)
@@ -197,16 +240,44 @@ def sample_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], 
         windows = _sample_windows(src.width, src.height, target_pixels)
     chunks = []
     for w in windows:
-        data = src.read(list(bands), window=w)
+        data = read_checked(src, bands, w)
         ok = valid_mask(src, bands, data, w, nodata)
         chunks.append(data[:, ok].T)
     return np.concatenate(chunks, axis=0) if chunks else np.empty((0, len(bands)))
+
+
+def _strips(src: rasterio.io.DatasetReader, rows: int = 512) -> Iterator[Window]:
+    """Full-width strips of ``rows`` rows: a whole-raster scan that never holds the raster in memory."""
+    for r in range(0, src.height, rows):
+        yield Window(0, r, src.width, min(rows, src.height - r))
+
+
+def check_has_valid_pixels(info: RasterInfo) -> None:
+    """Raise unless some pixel of the selected bands is valid: a small sample first, then a full scan."""
+    with open_raster(info.path) as src:
+        if len(sample_valid_pixels(src, info.bands, info.nodata, 1 << 16)):
+            return
+        for w in _strips(src):
+            data = read_checked(src, info.bands, w)
+            if valid_mask(src, info.bands, data, w, info.nodata).any():
+                return
+    raise RasterError(f"{info.path}: raster holds no valid pixels (all nodata or masked)")
+
+
+def _all_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> np.ndarray:
+    chunks = []
+    for w in _strips(src):
+        data = read_checked(src, bands, w)
+        chunks.append(data[:, valid_mask(src, bands, data, w, nodata)].T)
+    return np.concatenate(chunks, axis=0)
 
 
 def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
     """Fill the per-band low/high values that map raw pixels onto [0, 1]."""
     n = len(info.bands)
     s = spec.scaling
+    if s.method != "percentile":
+        check_has_valid_pixels(info)
     if s.method == "range":
         lo = np.broadcast_to(np.asarray(s.min, dtype=float), (n,))
         hi = np.broadcast_to(np.asarray(s.max, dtype=float), (n,))
@@ -217,7 +288,9 @@ def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
         with open_raster(info.path) as src:
             px = sample_valid_pixels(src, info.bands, info.nodata, s.sample_pixels)
         if len(px) == 0:
-            raise RasterError(f"{info.path}: raster holds no valid pixels (all nodata or masked)")
+            check_has_valid_pixels(info)  # the sample missed them: scan, or fail with the clear error
+            with open_raster(info.path) as src:
+                px = _all_valid_pixels(src, info.bands, info.nodata)
         lo = np.percentile(px, s.low, axis=0)
         hi = np.percentile(px, s.high, axis=0)
     hi = np.where(hi > lo, hi, lo + 1e-6)
@@ -240,7 +313,7 @@ def read_tile(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window) 
     valid = np.zeros((h, w), dtype=bool)
     inner = clip_window(window, info.width, info.height)
     if inner is not None:
-        data = src.read(list(info.bands), window=inner)
+        data = read_checked(src, info.bands, inner)
         ok = valid_mask(src, info.bands, data, inner, info.nodata)
         r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
         sl = (slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width)))

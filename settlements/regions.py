@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyogrio
 import shapely
+import shapely.affinity
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
@@ -101,7 +102,7 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
 
 def load_all_regions(specs: list[Regions]) -> gpd.GeoDataFrame:
     """Regions from several sources in one frame (CRS of the first); ids prefixed by source when several."""
-    frames = []
+    frames: list[gpd.GeoDataFrame] = []
     for i, spec in enumerate(specs):
         gdf = load_regions(spec, where=f"regions[{i}]" if len(specs) > 1 else "regions")
         source = Path(spec.path).stem if spec.path is not None else f"wkt{i}"
@@ -113,28 +114,128 @@ def load_all_regions(specs: list[Regions]) -> gpd.GeoDataFrame:
 
 
 def equal_area_crs(regions: gpd.GeoDataFrame) -> CRS:
-    """A Lambert azimuthal equal-area CRS centred on the regions' bounding box."""
-    lon0, lat0, lon1, lat1 = regions.to_crs(4326).total_bounds
-    lon_c = (lon0 + lon1) / 2 if lon1 - lon0 <= 180 else ((lon0 + lon1) / 2 + 180) % 360 - 180
-    return CRS.from_proj4(f"+proj=laea +lat_0={(lat0 + lat1) / 2:.6f} +lon_0={lon_c:.6f} +datum=WGS84 +units=m")
+    """A Lambert azimuthal equal-area CRS centred on the regions.
+
+    The centre is the mean of the vertices as unit vectors on the sphere, so regions that cross
+    the antimeridian are centred near 180 degrees (not at 0), and polar regions near their pole.
+    """
+    pts = shapely.get_coordinates(regions.to_crs(4326).geometry.values)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) > 20000:
+        pts = pts[:: len(pts) // 20000 + 1]
+    lon, lat = np.radians(pts[:, 0]), np.radians(pts[:, 1])
+    v = np.array([np.mean(np.cos(lat) * np.cos(lon)), np.mean(np.cos(lat) * np.sin(lon)), np.mean(np.sin(lat))])
+    if not len(pts) or np.linalg.norm(v) < 1e-9:  # regions all round the globe: any centre is equal-area
+        lon_c = lat_c = 0.0
+    else:
+        lon_c = float(np.degrees(np.arctan2(v[1], v[0])))
+        lat_c = float(np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1]))))
+    return CRS.from_proj4(f"+proj=laea +lat_0={lat_c:.6f} +lon_0={lon_c:.6f} +datum=WGS84 +units=m +no_defs")
+
+
+def _max_segment(crs: CRS) -> float:
+    """Longest edge kept straight before reprojecting: 0.01 degree or 1 km in ``crs`` units.
+
+    A cell or region edge is straight in its own CRS but curved in the equal-area CRS (parallels
+    near a pole, EPSG:3857 far from the equator); densifying keeps the area exact to < 0.01 %.
+    """
+    if crs.is_geographic:
+        return 0.01
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return 1000.0 / (factor or 1.0)
 
 
 def to_area_crs(geoms: np.ndarray, transformer: Transformer) -> np.ndarray:
-    """Reproject shapely geometries with a pyproj transformer (vectorised over coordinates)."""
+    """Reproject shapely geometries with a pyproj transformer, densified first (see ``_max_segment``)."""
+    src = transformer.source_crs
+    if src is not None:
+        geoms = shapely.segmentize(geoms, _max_segment(src))
     return shapely.transform(geoms, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
 
 
-def cell_region_shares(cells: np.ndarray, regions: np.ndarray, to_area: Transformer) -> pd.DataFrame:
+def area_m2(gdf: gpd.GeoDataFrame, crs: CRS) -> np.ndarray:
+    """Equal-area m2 of each geometry of ``gdf`` (densified, so long straight edges stay exact)."""
+    return shapely.area(to_area_crs(gdf.geometry.values, Transformer.from_crs(gdf.crs, crs, always_xy=True)))
+
+
+def _jumps_antimeridian(geom: shapely.Geometry) -> bool:
+    """True when an edge jumps more than 180 degrees of longitude away from the poles.
+
+    A polar cap (Antarctica) closes along the pole with such an edge; that one is legitimate.
+    """
+    if geom.is_empty or geom.bounds[2] - geom.bounds[0] <= 180:
+        return False
+    for ring in shapely.get_rings(shapely.get_parts(geom)):
+        xy = shapely.get_coordinates(ring)
+        jump = np.abs(np.diff(xy[:, 0])) > 180
+        polar = (np.abs(xy[:-1, 1]) > 89.999) & (np.abs(xy[1:, 1]) > 89.999)
+        if (jump & ~polar).any():
+            return True
+    return False
+
+
+def _split_antimeridian(geom: shapely.Geometry) -> shapely.Geometry:
+    """A lon/lat polygon whose vertices jump across 180 degrees, cut into parts on either side.
+
+    Reprojecting a region that crosses the antimeridian into lon/lat gives vertices near -180 and
+    +180 joined by edges that run round the globe; unwrapping to [0, 360) and cutting at 180 fixes it.
+    """
+    if not _jumps_antimeridian(geom):
+        return geom
+    unwrapped = shapely.transform(geom, lambda xy: np.column_stack([np.where(xy[:, 0] < 0, xy[:, 0] + 360, xy[:, 0]),
+                                                                    xy[:, 1]]))
+    east = shapely.clip_by_rect(unwrapped, 0, -90, 180, 90)
+    west = shapely.affinity.translate(shapely.clip_by_rect(unwrapped, 180, -90, 360, 90), xoff=-360)
+    return _polygonal(shapely.make_valid(shapely.union(east, west)))
+
+
+def regions_in_crs(regions: gpd.GeoDataFrame, crs: CRS,
+                   bounds: tuple[float, float, float, float] | None = None) -> gpd.GeoDataFrame:
+    """Regions reprojected to a raster's CRS, right across the antimeridian.
+
+    In a geographic CRS, polygons that wrap are split at 180 degrees; when the raster itself
+    extends past +-180 (longitudes 179..181), the regions are repeated 360 degrees east or west.
+    """
+    out = regions.to_crs(crs)
+    if not crs.is_geographic:
+        return out
+    same = CRS.from_user_input(regions.crs) == crs  # not reprojected: the user's coordinates stand
+    geoms = [g if same else _split_antimeridian(g) for g in out.geometry.values]
+    if bounds is not None and (bounds[0] < -180 or bounds[2] > 180):
+        shifts = [s for s, edge in ((360.0, bounds[2] > 180), (-360.0, bounds[0] < -180)) if edge]
+        geoms = [shapely.union_all([g] + [shapely.affinity.translate(g, xoff=s) for s in shifts]) for g in geoms]
+    return out.set_geometry(geoms, crs=out.crs)
+
+
+def raster_extent_in(bounds: tuple[float, float, float, float], src_crs: CRS, dst_crs: CRS) -> shapely.Geometry:
+    """A raster's extent (box in its CRS) as a polygon in ``dst_crs``, densified so edges stay true."""
+    box = shapely.box(*bounds)
+    if src_crs == dst_crs:
+        return box
+    dense = shapely.segmentize(box, (bounds[2] - bounds[0]) / 64 or 1.0)
+    tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+    out = shapely.transform(dense, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+    return shapely.make_valid(out)
+
+
+def cell_region_shares(cells: np.ndarray, regions: np.ndarray, to_area: Transformer,
+                       covered: shapely.Geometry | None = None) -> pd.DataFrame:
     """Area (m2, equal-area) of each cell clipped to each region it meets.
 
-    ``cells`` and ``regions`` are shapely polygons in the same (raster) CRS. Returns columns
-    ``cell`` (index into cells), ``region`` (index into regions), ``area_m2``.
+    ``cells`` and ``regions`` are shapely polygons in the same (raster) CRS. ``covered`` is the
+    area an earlier raster already counts (same CRS): it is cut out of every cell, so where
+    rasters overlap a piece of ground is counted once, for the first raster listed.
+    Returns columns ``cell`` (index into cells), ``region`` (index into regions), ``area_m2``.
     """
     tree = shapely.STRtree(cells)
     region_idx, cell_idx = tree.query(regions, predicate="intersects")
     if len(cell_idx) == 0:
         return pd.DataFrame({"cell": np.empty(0, int), "region": np.empty(0, int), "area_m2": np.empty(0)})
     pieces = shapely.intersection(cells[cell_idx], regions[region_idx])
+    if covered is not None and not covered.is_empty:
+        shapely.prepare(covered)
+        touched = shapely.intersects(covered, pieces)
+        pieces[touched] = shapely.difference(pieces[touched], covered)
     area = shapely.area(to_area_crs(pieces, to_area))
     keep = area > 0
     return pd.DataFrame({"cell": cell_idx[keep], "region": region_idx[keep], "area_m2": area[keep]})

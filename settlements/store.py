@@ -6,6 +6,7 @@ same folder and is renamed into place, so a killed run never leaves a half-writt
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,23 +25,101 @@ from .errors import OutputError, StageError
 WINDOW_COLUMNS = ["tile_col", "tile_row", "tile_w", "tile_h", "cell_col", "cell_row", "cell_w", "cell_h"]
 
 
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _space_hint(folder: Path) -> str | None:
+    """Why a write may have failed for lack of room: the disk is (nearly) full, or a file size limit."""
+    import resource
+    import shutil
+
+    try:
+        if shutil.disk_usage(folder).free < 16 << 20:
+            return "disk full"
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        return f"file size limit of {soft} bytes reached"
+    return None
+
+
+def _write_failure(target: Path, exc: BaseException) -> OutputError:
+    """One-line :class:`OutputError` for a failed write; says so when the disk (or a size limit) is full.
+
+    GDAL and sqlite often report a full disk as some later failure, so free space is checked too.
+    """
+    err = getattr(exc, "errno", None)
+    text = (str(getattr(exc, "strerror", None) or exc).splitlines() or [type(exc).__name__])[0]
+    hint = _space_hint(target.parent)
+    if hint is None and (err in _FULL or any(w in text.lower() for w in ("no space", "too large", "disk is full"))):
+        hint = "disk full"
+    return OutputError(f"{target}: cannot write{f' ({hint})' if hint else ''}: {text}")
+
+
+def _is_write_error(exc: BaseException) -> bool:
+    """Errors a writer raises when the disk refuses: OSError, GDAL's via pyogrio/rasterio, sqlite's."""
+    import sqlite3
+
+    names = {"DataSourceError", "DataLayerError", "FieldError", "GeometryError", "RasterioIOError", "CPLE_BaseError"}
+    return isinstance(exc, (OSError, sqlite3.Error)) or any(c.__name__ in names for c in type(exc).__mro__)
+
+
+def ensure_dir(path: Path, key: str) -> None:
+    """Create a folder (and parents) or raise one clear :class:`OutputError` naming the config key."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{key}: cannot create folder {path}: {exc.strerror or exc}") from None
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Fail early (before any CNN work) when ``path`` could not be created or written; create nothing.
+
+    Walks up to the first existing ancestor: it must be a folder we may write to.
+    """
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink() or probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{key}: cannot create folder {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{key}: folder {probe} is not writable")
+
+
 @contextmanager
 def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp",
-                               dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds.
+
+    Whatever fails (disk full, folder not writable), the temporary file is removed and ``target``
+    keeps its earlier content.
+    """
+    tmp_path: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp",
+                                   dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, target)
-    except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp_path is not None:
+            _remove_quietly(tmp_path)
+        if not isinstance(exc, OutputError) and _is_write_error(exc):
+            raise _write_failure(target, exc) from None
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temporary file and the sidecars GDAL/sqlite may leave beside it (-journal, -wal, -shm)."""
+    for p in (path, *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm"))):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_atomic(target: Path, writer: Callable[[Path], Any]) -> None:

@@ -152,7 +152,11 @@ def build_backbone(name: str, layer: str | None = None, weights: Path | None = N
     resolved = resolve_weights(name, weights, allow_download)
     model = torchvision.models.get_model(name, weights=None)
     state = _load_state_dict(resolved.path)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a key of the same name with another shape: another architecture
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "shape mismatch")
+        raise WeightsError(f"{resolved.path}: weights do not fit {name} ({detail})") from None
     if result.missing_keys or result.unexpected_keys:
         sample = (result.missing_keys or result.unexpected_keys)[:3]
         raise WeightsError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import SettlementsError
 from ..rasters import RasterInfo, read_tile
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,24 @@ class TileWindows(Dataset):
         cc, cr, cw, ch = (int(v) for v in self.cells[i])
         cell_valid = valid[cr - r: cr - r + ch, cc - c: cc - c + cw]
         return i, to_model_input(pixels, self.input_size), float(valid.mean()), float(cell_valid.mean())
+
+
+@contextmanager
+def _one_line_worker_errors() -> Iterator[None]:
+    """Re-raise a project error from a DataLoader worker with its own one-line message.
+
+    torch re-raises a worker's exception with the worker's whole traceback as its message; the
+    user needs only the last line (e.g. which raster block could not be read).
+    """
+    try:
+        yield
+    except SettlementsError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        raise type(exc)(last.removeprefix(prefix)) from None
 
 
 @dataclass
@@ -101,7 +121,7 @@ def iter_embeddings(model: torch.nn.Module, dataset: TileWindows, settings: Infe
         persistent_workers=False,
         prefetch_factor=4 if settings.num_workers > 0 else None,
     )
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_line_worker_errors():
         for idx, x, vt, vc in loader:
             vt_np = vt.numpy().astype(np.float32)
             kept = vt_np >= min_valid - 1e-9

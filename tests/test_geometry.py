@@ -1,0 +1,218 @@
+"""Geometry edge cases: the tile stage's areas against independent geodesic areas (pyproj.Geod).
+
+Rasters are real Olinda pixels re-georeferenced under tmp_path (antimeridian, two UTM zones, near
+the poles, EPSG:3857 at 60 degrees north); regions come from ../shared/data or are built here.
+The truth is computed without the pipeline's equal-area CRS: polygons are densified in their own
+CRS, moved to lon/lat, and measured on the WGS84 ellipsoid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import shapely
+from pyproj import CRS, Geod, Transformer
+
+from settlements.config import load_config
+from settlements.pipeline import stage_tile, workspace
+from settlements.regions import equal_area_crs, regions_in_crs
+from settlements.store import read_table
+
+from .conftest import scene, write_pipeline
+
+GEOD = Geod(ellps="WGS84")
+
+
+def lonlat(geom: shapely.Geometry, crs: object) -> shapely.Geometry:
+    """``geom`` (straight edges in ``crs``) densified finely and moved to lon/lat."""
+    crs = CRS.from_user_input(crs)
+    geom = shapely.segmentize(geom, 0.002 if crs.is_geographic else 200.0)
+    tr = Transformer.from_crs(crs, 4326, always_xy=True)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def geodesic_km2(geom_lonlat: shapely.Geometry) -> float:
+    return abs(GEOD.geometry_area_perimeter(geom_lonlat)[0]) / 1e6
+
+
+def relabel(tmp: Path, name: str, crs: str, left: float, top: float, px_w: float, px_h: float) -> Path:
+    """Olinda's real pixels (bands 3, 2, 1) under a new CRS and geotransform."""
+    with rasterio.open(scene("olinda_brazil", "L7_ETMs.tif")) as src:
+        data, prof = src.read([3, 2, 1]), src.profile
+    prof.update(count=3, crs=crs, transform=rasterio.Affine(px_w, 0, left, 0, -px_h, top))
+    path = tmp / f"{name}.tif"
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+    return path
+
+
+def write_regions(tmp: Path, name: str, geoms: list, crs: object) -> Path:
+    path = tmp / f"{name}.gpkg"
+    gpd.GeoDataFrame({"rid": [str(i) for i in range(len(geoms))]}, geometry=geoms, crs=crs).to_file(path)
+    return path
+
+
+def tile_stage(tmp: Path, rasters: list[Path], regions: list[dict],
+               tile: str = "16px") -> tuple[pd.Series, gpd.GeoDataFrame, pd.DataFrame]:
+    """Run the tile stage; return km2 of cells in each region (by region_id), the regions, the tiles."""
+    cfg = load_config(write_pipeline(tmp, "geo", None, rasters=[{"path": str(p), "bands": [1, 2, 3]} for p in rasters],
+                                     regions=regions, tiling={"tile_size": tile}, clustering={"k": 2}))
+    stage_tile(cfg)
+    ws = workspace(cfg)
+    regions_df = gpd.read_parquet(ws.regions)
+    shares = read_table(ws.shares, "tile").merge(regions_df[["region", "region_id"]], on="region")
+    km2 = shares.groupby("region_id")["area_m2"].sum() / 1e6
+    return km2.reindex(regions_df["region_id"], fill_value=0.0), regions_df, read_table(ws.tiles, "tile")
+
+
+def footprint(path: Path) -> shapely.Geometry:
+    with rasterio.open(path) as src:
+        return lonlat(shapely.box(*src.bounds), src.crs)
+
+
+# ------------------------------------------------------------------------------ antimeridian
+
+def test_fiji_against_a_raster_reaching_past_180(tmp_path) -> None:
+    """A lon/lat raster over 179..181 E: Fiji's parts at -180..-179.8 count as 180..180.2."""
+    tif = relabel(tmp_path, "vanua", "EPSG:4326", 179.0, -16.0, 2.0 / 349, 1.0 / 352)
+    world = scene("boundaries", "spData_world.gpkg")
+    km2, regions, _ = tile_stage(tmp_path, [tif], [{"path": str(world), "where": "name_long = 'Fiji'",
+                                                    "id_field": "iso_a2"}])
+    fiji = regions.geometry.values[0]
+    truth = (geodesic_km2(shapely.intersection(fiji, shapely.box(179.0, -17.0, 180.0, -16.0)))
+             + geodesic_km2(shapely.intersection(fiji, shapely.box(-180.0, -17.0, -179.0, -16.0))))
+    assert truth > 1000  # both sides of the antimeridian hold land
+    assert km2["FJ"] == pytest.approx(truth, rel=1e-3)
+    assert regions["area_m2"].iloc[0] / 1e6 == pytest.approx(geodesic_km2(fiji), rel=1e-3)
+    lon0 = equal_area_crs(regions).to_dict()["lon_0"]
+    assert abs(abs(lon0) - 180) < 3  # centred on Fiji, not on Greenwich
+
+
+def test_projected_region_across_180_against_rasters_on_both_sides(tmp_path) -> None:
+    """A square in UTM 60S straddling 180 degrees becomes two lon/lat parts, not a band round the globe."""
+    to_utm = Transformer.from_crs(4326, 32760, always_xy=True)
+    cx, cy = to_utm.transform(180.0, -16.5)
+    square = shapely.box(cx - 30_000, cy - 30_000, cx + 30_000, cy + 30_000)
+    regions = write_regions(tmp_path, "square", [square], "EPSG:32760")
+    east = relabel(tmp_path, "east", "EPSG:4326", 179.0, -16.0, 1.0 / 349, 1.0 / 352)
+    west = relabel(tmp_path, "west", "EPSG:4326", -180.0, -16.0, 1.0 / 349, 1.0 / 352)
+    km2, _, _ = tile_stage(tmp_path, [east, west], [{"path": str(regions), "id_field": "rid"}])
+    truth = geodesic_km2(lonlat(square, "EPSG:32760"))  # Geod follows the short way across 180
+    assert truth == pytest.approx(3600, rel=0.01)  # UTM scale near the zone edge is about 1.0004
+    assert km2["0"] == pytest.approx(truth, rel=1e-3)
+    in_lonlat = regions_in_crs(gpd.read_file(regions), CRS.from_epsg(4326)).geometry.values[0]
+    assert in_lonlat.bounds[2] - in_lonlat.bounds[0] > 359 and geodesic_km2(in_lonlat) == pytest.approx(truth, 1e-3)
+
+
+# ------------------------------------------------------------------------------ UTM zones, poles, Mercator
+
+def test_region_across_two_utm_zones(tmp_path) -> None:
+    """Raster in UTM 32N reaching east of 12 E; regions in UTM 33N crossing the zone boundary."""
+    to32 = Transformer.from_crs(4326, 32632, always_xy=True)
+    x0, y0 = to32.transform(12.0, 48.0)
+    tif = relabel(tmp_path, "bavaria", "EPSG:32632", x0 - 17_450, y0 + 17_600, 100.0, 100.0)
+    to33 = Transformer.from_crs(4326, 32633, always_xy=True)
+    cx, cy = to33.transform(12.0, 48.0)
+    inside = shapely.Polygon([(cx - 12_000, cy - 9_000), (cx + 11_000, cy - 12_000), (cx + 9_000, cy + 10_000),
+                              (cx - 10_000, cy + 12_000)])
+    partly = shapely.box(cx + 5_000, cy - 5_000, cx + 40_000, cy + 5_000)  # leaves the raster to the east
+    regions = write_regions(tmp_path, "zones", [inside, partly], "EPSG:32633")
+    km2, _, _ = tile_stage(tmp_path, [tif], [{"path": str(regions), "id_field": "rid"}])
+    assert km2["0"] == pytest.approx(geodesic_km2(lonlat(inside, "EPSG:32633")), rel=1e-3)
+    truth = geodesic_km2(shapely.intersection(lonlat(partly, "EPSG:32633"), footprint(tif)))
+    assert 100 < truth < geodesic_km2(lonlat(partly, "EPSG:32633")) - 100
+    assert km2["1"] == pytest.approx(truth, rel=2e-3)
+
+
+def test_lonlat_raster_near_the_north_pole(tmp_path) -> None:
+    tif = relabel(tmp_path, "arctic", "EPSG:4326", -30.0, 89.0, 60.0 / 349, 5.0 / 352)
+    box = shapely.box(-20.0, 85.0, 20.0, 88.0)
+    to_ps = Transformer.from_crs(4326, 3413, always_xy=True)
+    px, py = to_ps.transform(0.0, 86.5)
+    disc = shapely.Point(px, py).buffer(60_000, quad_segs=64)  # polar stereographic, ~11 000 km2
+    regions = [{"path": str(write_regions(tmp_path, "box", [box], "EPSG:4326")), "id_field": "rid"},
+               {"path": str(write_regions(tmp_path, "disc", [disc], "EPSG:3413")), "id_field": "rid"}]
+    km2, regions_df, _ = tile_stage(tmp_path, [tif], regions)
+    assert km2["box:0"] == pytest.approx(geodesic_km2(lonlat(box, 4326)), rel=1e-3)
+    # the region's own area: its 40-degree edges along parallels are arcs round the pole, not chords
+    area = regions_df.set_index("region_id")["area_m2"] / 1e6
+    assert area["box:0"] == pytest.approx(geodesic_km2(lonlat(box, 4326)), rel=1e-3)
+    assert km2["disc:0"] == pytest.approx(geodesic_km2(lonlat(disc, "EPSG:3413")), rel=1e-3)
+    # all cells: the raster's whole footprint, parallels curved round the pole
+    assert km2.sum() < geodesic_km2(footprint(tif))
+
+
+def test_lonlat_raster_over_antarctica(tmp_path) -> None:
+    tif = relabel(tmp_path, "antarctic", "EPSG:4326", -30.0, -81.0, 60.0 / 349, 5.0 / 352)
+    world = scene("boundaries", "spData_world.gpkg")
+    km2, regions, _ = tile_stage(tmp_path, [tif], [{"path": str(world), "where": "name_long = 'Antarctica'",
+                                                    "id_field": "iso_a2"}])
+    ant = regions.geometry.values[0]
+    truth = geodesic_km2(shapely.segmentize(shapely.intersection(ant, shapely.box(-30, -86, 30, -81)), 0.002))
+    assert km2["AQ"] == pytest.approx(truth, rel=1e-3)
+    assert equal_area_crs(regions).to_dict()["lat_0"] < -75  # centred near the south pole
+
+
+def test_web_mercator_raster_at_60_north(tmp_path) -> None:
+    """EPSG:3857 units are half a metre on the ground at 60 N: areas must not come out 4x too large."""
+    x0, y0 = Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, 60.3)
+    tif = relabel(tmp_path, "oslo", "EPSG:3857", x0, y0, 200.0, 200.0)
+    box = shapely.box(10.05, 60.02, 10.5, 60.25)
+    regions = write_regions(tmp_path, "box", [box], "EPSG:4326")
+    km2, regions_df, tiles = tile_stage(tmp_path, [tif], [{"path": str(regions), "id_field": "rid"}])
+    truth = geodesic_km2(lonlat(box, 4326))
+    assert km2["0"] == pytest.approx(truth, rel=1e-3)
+    assert regions_df["area_m2"].iloc[0] / 1e6 == pytest.approx(truth, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ EASE-Grid regions
+
+def test_ease_grid_provinces_for_the_swellendam_photo(tmp_path) -> None:
+    """RSA provinces in legacy EPSG:3410 (cylindrical equal-area on a sphere) over a lon/lat photo."""
+    photo = scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
+    rsa = scene("swellendam_za", "RSA.shp")
+    km2, regions, _ = tile_stage(tmp_path, [photo], [{"path": str(rsa), "id_field": "NAME_1"}], tile="64px")
+    provinces = gpd.read_file(rsa).set_index("NAME_1")
+    wc = lonlat(provinces.geometry["Western Cape"], provinces.crs)
+    assert km2.index[km2 > 0].tolist() == ["Western Cape"]  # the photo lies in one province
+    assert km2["Western Cape"] == pytest.approx(geodesic_km2(shapely.intersection(wc, footprint(photo))), rel=1e-3)
+    area = regions.set_index("region_id")["area_m2"] / 1e6
+    for name, geom in provinces.geometry.items():
+        assert area[name] == pytest.approx(geodesic_km2(lonlat(geom, provinces.crs)), rel=2e-3), name
+    assert area["Western Cape"] == pytest.approx(129_462, rel=0.01)  # Stats SA: 129 462 km2
+
+
+# ------------------------------------------------------------------------------ overlapping rasters
+
+def test_overlapping_rasters_count_ground_once_first_listed_wins(tmp_path) -> None:
+    """Two crops of the Olinda scene overlapping by 40 x 60 px: the overlap counts for the first only."""
+    src_path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(src_path) as src:
+        prof = src.profile | {"count": 3}
+        crops = []
+        for name, (c, r) in {"a": (0, 0), "b": (160, 140)}.items():
+            win = rasterio.windows.Window(c, r, 200, 200)
+            path = tmp_path / f"{name}.tif"
+            with rasterio.open(path, "w", **(prof | {"width": 200, "height": 200,
+                                                      "transform": src.window_transform(win)})) as dst:
+                dst.write(src.read([3, 2, 1], window=win))
+            crops.append(path)
+    tracts = scene("olinda_brazil", "olinda1.shp")
+    km2, regions, tiles = tile_stage(tmp_path, crops, [{"path": str(tracts), "id_field": "CD_GEOCODI"}])
+    union = shapely.union(footprint(crops[0]), footprint(crops[1]))
+    geoms = regions.set_index("region_id").geometry
+    truth = pd.Series({rid: geodesic_km2(shapely.intersection(lonlat(g, regions.crs), union))
+                       for rid, g in geoms.items()})
+    assert km2.sum() == pytest.approx(truth.sum(), rel=1e-3)
+    big = truth > 0.05
+    np.testing.assert_allclose(km2[big].to_numpy(), truth[big].reindex(km2[big].index).to_numpy(), rtol=5e-3)
+    # cells of the second raster wholly inside the first carry no area at all
+    ws_shares = read_table(tmp_path / "work" / "geo" / "shares.parquet", "tile")
+    second = tiles[tiles["raster"] == 1]
+    inner = second[(second["cell_col"] + second["cell_w"] <= 40) & (second["cell_row"] + second["cell_h"] <= 60)]
+    assert len(inner) > 0 and not ws_shares["tile_id"].isin(inner["tile_id"]).any()
