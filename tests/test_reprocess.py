@@ -58,17 +58,18 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     assert code == 3 and "nothing to do" in out
     assert snapshot(gpkg.parent) == before
 
-    # the analyst names the clusters; the rerun re-exports from the cache, embedding nothing
-    names = {0: "dense roofs", 1: "trees", 2: "bare ground", 3: "sparse roofs"}
-    name_clusters(cfg.labels_path, names)
-    code, out = cli(monkeypatch, capsys, "run", str(config))
+    # forced, the unchanged rerun re-exports from the cache: no tile is embedded again
+    code, out = cli(monkeypatch, capsys, "run", str(config), "--force")
     assert code == 0, out
     runs = layer(gpkg, "runs")
     assert runs["tiles_embedded"].iloc[-1] == 0 and runs["tiles_reused"].iloc[-1] == n3
+    assert json.loads((cfg.work_dir / "embedding.json").read_text())["tiles_embedded"] == 0
     old = tile_clusters(gpkg)
-    assert set(old["label"]) <= set(names.values())
 
-    # a fourth chip arrives: only its tiles are embedded; old tiles keep clusters, names unchanged
+    # the analyst names the clusters and a fourth chip arrives: only its tiles are embedded,
+    # old tiles keep their clusters, and the clusters carry the analyst's names
+    names = {0: "dense roofs", 1: "trees", 2: "bare ground", 3: "sparse roofs"}
+    name_clusters(cfg.labels_path, names)
     config4 = kampala_chips(tmp_path, 4)
     second = run(load_config(config4), skip_unchanged=True)
     tiles = pd.read_parquet(cfg.work_dir / "tiles.parquet")
@@ -79,10 +80,10 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     both = old.merge(now, on=["raster", "row", "col"], suffixes=("_old", "_new"))
     assert len(both) == len(old)
     assert (both["cluster_old"] == both["cluster_new"]).all()
-    assert (both["label_old"] == both["label_new"]).all()
+    assert (both["label_new"] == both["cluster_new"].map(names)).all()
     clusters = layer(gpkg, "clusters")
     assert dict(zip(clusters["cluster"], clusters["label"], strict=True)) == names
-    assert len(layer(gpkg, "tile_changes")) == 0
+    assert len(layer(gpkg, "tile_changes")) == 0  # renaming is not a change; no old tile moved
     changes = layer(gpkg, "changes")
     assert changes["previous_run"].iloc[0] == runs["run_id"].iloc[-1]
     assert np.isclose(changes["mapped_km2"] - changes["mapped_km2_before"],
@@ -115,9 +116,16 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     runs = layer(gpkg, "runs")
     assert len(runs) == 4 and runs["refit"].tolist() == [0, 0, 0, 1]
     assert json.loads(runs["clusters_kept"].iloc[-1]) == meta["kept"]
-    moved = after[after["cluster"] != after["cluster_old"]]
     changed = layer(gpkg, "tile_changes")
-    assert len(changed) == runs["tiles_changed"].iloc[-1] <= len(moved)
+    assert len(changed) == runs["tiles_changed"].iloc[-1]
+    key = ["raster", "row", "col"]
+    changed_keys = set(map(tuple, changed[key].to_numpy().tolist()))
+    gone = [g["id"] for g in meta["gone"]]
+    moved_or_gone = after[(after["cluster"] != after["cluster_old"]) | after["cluster_old"].isin(gone)]
+    assert changed_keys <= set(map(tuple, moved_or_gone[key].to_numpy().tolist()))
+    kept_moves = after[after["cluster_old"].isin(meta["kept"]) & after["cluster"].isin(meta["kept"])
+                       & (after["cluster_old"].map(names) != after["cluster"].map(names))]
+    assert set(map(tuple, kept_moves[key].to_numpy().tolist())) <= changed_keys
     con = sqlite3.connect(gpkg)
     try:
         types = con.execute("SELECT DISTINCT typeof(tiles_embedded), typeof(tiles_reused) FROM runs").fetchall()
