@@ -58,6 +58,7 @@ from .store import (
     EmbeddingCache,
     read_json,
     read_table,
+    remove_stale_staging,
     remove_stale_temps,
     settings_key,
     staged_outputs,
@@ -487,7 +488,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
                    "regions coloured by their dominant label"),
     ]
     styles += change_styles(labels)
-    with staged_outputs(out_dir) as stage:
+    with staged_outputs(out_dir, cfg.name) as stage:
         write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
                                              "histogram": long, "runs": runs, "changes": changes,
                                              "tile_changes": changed_tiles}, styles)
@@ -527,7 +528,7 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
             return RunReport(nothing_to_do=True, seconds=time.time() - started,
                              outputs=output_paths(cfg))
         ws = workspace(cfg)
-        n = remove_stale_temps(cfg.output_dir, ws.root, ws.cache)
+        n = remove_stale_temps(ws.root, ws.cache) + remove_stale_staging(cfg.output_dir, cfg.name)
         if n:
             log.info("removed %d temporary file(s) left by an interrupted run", n)
         parts = state_parts(cfg)

@@ -203,24 +203,31 @@ def remove_stale_temps(*folders: Path) -> int:
     for folder in folders:
         if not folder.is_dir():
             continue
-        subs = [folder, *(p for p in folder.iterdir() if p.is_dir())]
-        for sub in subs:
+        for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
             for tmp in stale_temps(sub):
                 tmp.unlink(missing_ok=True)
                 n += 1
-            if sub is not folder and sub.name.startswith(".staging-"):
-                shutil.rmtree(sub, ignore_errors=True)
     return n
 
 
+def remove_stale_staging(out_dir: Path, tag: str) -> int:
+    """Delete staging folders a killed run of pipeline ``tag`` left in ``out_dir`` (hold its lock)."""
+    stale = list(out_dir.glob(f".staging-{tag}-*")) if out_dir.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(stale)
+
+
 @contextmanager
-def staged_outputs(out_dir: Path) -> Iterator[Path]:
+def staged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
     """Yield a hidden staging folder in ``out_dir``; on success move its files into ``out_dir``.
+
+    ``tag`` (the pipeline name) keeps pipelines that share an output folder out of each other's way.
 
     Outputs are built there completely before any previous output is replaced; GeoPackages are
     moved last, so a GeoPackage never names a run whose pictures are not yet in place.
     """
-    stage = out_dir / f".staging-{os.getpid()}"
+    stage = out_dir / f".staging-{tag}-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
