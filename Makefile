@@ -36,14 +36,21 @@ data:
 	@[ -e data/olinda_brazil/L7_ETMs.tif ] || ./data/fetch_olinda.sh
 
 demo: venv data
-	$(BIN)/settlements run pipelines/olinda.yaml
+	@$(BIN)/settlements run pipelines/olinda.yaml; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
 
+# Idempotent: exit code 3 (nothing changed since the last run) counts as success.
 region: venv data
-	$(BIN)/settlements run pipelines/$(REGION).yaml
+	@$(BIN)/settlements run --wait 3600 pipelines/$(REGION).yaml; rc=$$?; \
+	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
 
-# Every pipeline, in turn; exit codes: 0 success, 2 bad input, other failure.
+# Every pipeline, in turn, each waiting for a run already in progress; unchanged ones are skipped.
+# Exit status: 0 when every pipeline succeeded or had nothing to do, else the last failure's code
+# (2 bad input or locked, 1 other failure); a failing pipeline does not stop the others.
 reprocess: venv data
-	@set -e; for p in $(PIPELINES); do $(BIN)/settlements run --wait 3600 pipelines/$$p.yaml; done
+	@status=0; for p in $(PIPELINES); do \
+	  $(BIN)/settlements run --wait 3600 pipelines/$$p.yaml; rc=$$?; \
+	  if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then echo "reprocess: $$p failed (exit $$rc)" >&2; status=$$rc; fi; \
+	done; exit $$status
 
 test: venv data
 	$(BIN)/ruff check settlements tests $(wildcard benchmarks)

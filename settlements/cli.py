@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import typer
@@ -30,21 +31,44 @@ def _config(path: Path) -> PipelineConfig:
     return load_config(path)
 
 
+def _locked(cfg: PipelineConfig) -> AbstractContextManager[None]:
+    """The pipeline's run lock, so a single stage never interleaves with a run."""
+    from .reprocess import pipeline_lock
+
+    return pipeline_lock(cfg, 0)
+
+
 @app.command()
 def run(
     config: Path = CONFIG,
-    refit: bool = typer.Option(False, help="Re-run k-means instead of reusing saved centroids."),
+    refit: bool = typer.Option(False, help="Re-run k-means, keeping the ids and names of matching clusters."),
     wait: float = typer.Option(0.0, help="Seconds to wait for another run of this pipeline to finish."),
+    force: bool = typer.Option(False, help="Run even when nothing changed since the last successful run."),
 ) -> None:
-    """Run every stage: tile, embed, cluster, export."""
-    from .pipeline import run as run_pipeline
+    """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 2 bad input, 1 failure."""
+    from .reprocess import EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
 
     cfg = _config(config)
-    report = run_pipeline(cfg, refit=refit, lock_timeout=wait)
+    if not force and not refit:  # the cheap check first, without importing torch
+        with pipeline_lock(cfg, wait):
+            unchanged = up_to_date(cfg)
+        if unchanged:
+            typer.echo(f"{cfg.name}: nothing to do (inputs, settings and labels unchanged since the last run)")
+            sys.exit(EXIT_NOTHING_TO_DO)
+    from .pipeline import run as run_pipeline
+
+    report = run_pipeline(cfg, refit=refit, lock_timeout=wait, skip_unchanged=not force)
+    if report.nothing_to_do:
+        typer.echo(f"{cfg.name}: nothing to do (inputs, settings and labels unchanged since the last run)")
+        sys.exit(EXIT_NOTHING_TO_DO)
     e = report.embedding
     typer.echo(f"{cfg.name}: {report.tiles['tiles']} tiles, {e['tiles_kept']} kept ({e['tiles_skipped']} skipped), "
                f"{e['tiles_embedded']} embedded, {e['tiles_reused']} reused from cache; k={report.clustering['k']}; "
                f"{report.seconds:.1f} s")
+    m = report.clustering.get("matching")
+    if m:
+        gone = ", ".join(f"{g['id']} ({g['name']})" for g in m["gone"]) or "none"
+        typer.echo(f"  refit: ids kept {m['kept'] or 'none'}; new clusters {m['new'] or 'none'}; gone {gone}")
     for name, path in report.outputs.items():
         typer.echo(f"  {name}: {path}")
 
@@ -54,7 +78,9 @@ def tile(config: Path = CONFIG) -> None:
     """Check inputs and build the tile grid and region shares."""
     from .pipeline import stage_tile
 
-    typer.echo(stage_tile(_config(config)))
+    cfg = _config(config)
+    with _locked(cfg):
+        typer.echo(stage_tile(cfg))
 
 
 @app.command()
@@ -62,7 +88,9 @@ def embed(config: Path = CONFIG) -> None:
     """Embed tiles with the CNN (reusing the cache)."""
     from .pipeline import stage_embed
 
-    typer.echo(stage_embed(_config(config)))
+    cfg = _config(config)
+    with _locked(cfg):
+        typer.echo(stage_embed(cfg))
 
 
 @app.command()
@@ -70,7 +98,9 @@ def cluster(config: Path = CONFIG, refit: bool = typer.Option(False, help="Re-ru
     """Cluster the embeddings (or assign them to the saved centroids)."""
     from .pipeline import stage_cluster
 
-    typer.echo(stage_cluster(_config(config), refit=refit))
+    cfg = _config(config)
+    with _locked(cfg):
+        typer.echo(stage_cluster(cfg, refit=refit))
 
 
 @app.command()
@@ -78,7 +108,10 @@ def export(config: Path = CONFIG) -> None:
     """Write the GeoPackage, styles and pictures from the latest artifacts and labels."""
     from .pipeline import stage_export
 
-    for name, path in stage_export(_config(config)).items():
+    cfg = _config(config)
+    with _locked(cfg):
+        outputs = stage_export(cfg)
+    for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
 
 
@@ -118,6 +151,30 @@ def labels_template(
 def labels_template_alias(config: Path = CONFIG, force: bool = typer.Option(False)) -> None:
     """Same as `settlements labels-template`."""
     labels_template(config, force)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache under the work folder.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    config: Path = CONFIG,
+    dry_run: bool = typer.Option(False, help="Only report what would be removed."),
+    wait: float = typer.Option(0.0, help="Seconds to wait for a running run of this pipeline."),
+) -> None:
+    """Remove cache shards the current config does not use (old rasters, settings, backbones)."""
+    from .pipeline import workspace
+    from .reprocess import current_cache_keys, pipeline_lock
+    from .store import EmbeddingCache
+
+    cfg = _config(config)
+    with pipeline_lock(cfg, wait):
+        keep = current_cache_keys(cfg)
+        report = EmbeddingCache(workspace(cfg).cache).prune(keep, dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    typer.echo(f"{cfg.name}: {len(report.removed)} shard(s) removed, {len(report.kept)} kept; "
+               f"{verb} {report.freed_bytes} bytes ({report.freed_bytes / 2**20:.1f} MiB)")
 
 
 def main() -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from .errors import ClusteringError
 
@@ -93,6 +95,23 @@ class KMeansClusterer:
             dist[s: s + batch_size] = np.sqrt(np.maximum(d[:, 0], 0))
         return labels, dist
 
+    def input_space_centers(self) -> np.ndarray:
+        """Centroids in the space of the embeddings (after L2-normalisation, before PCA).
+
+        Two fits with PCA project onto different bases, so centroids are compared here.
+        """
+        c = np.asarray(self.cluster_centers_, dtype=np.float32)
+        if getattr(self, "components_", None) is not None:
+            c = self.mean_ + c @ self.components_
+        return c
+
+    def reorder(self, ids: np.ndarray) -> KMeansClusterer:
+        """Renumber clusters: centroid ``i`` becomes cluster ``ids[i]`` (a permutation of 0..k-1)."""
+        order = np.empty(len(ids), dtype=np.int64)
+        order[np.asarray(ids)] = np.arange(len(ids))
+        self.cluster_centers_ = np.ascontiguousarray(self.cluster_centers_[order])
+        return self
+
     def save(self, path: Path) -> None:
         from .store import write_atomic
 
@@ -117,3 +136,47 @@ class KMeansClusterer:
                 obj.mean_ = z["mean"]
                 obj.pca_dim = obj.components_.shape[0]
         return obj
+
+
+@dataclass(frozen=True)
+class CentroidMatch:
+    """How refitted clusters relate to the previous ones.
+
+    ``ids[i]`` is the id given to new centroid ``i``. ``kept`` maps ids that still mean the same
+    cluster (old id == new id); ``new`` lists ids of clusters with no previous counterpart;
+    ``gone`` lists old ids whose cluster has no counterpart now.
+    """
+
+    ids: np.ndarray
+    kept: list[int]
+    new: list[int]
+    gone: list[int]
+    distance: dict[int, float]
+
+
+def match_centroids(old: np.ndarray, new: np.ndarray) -> CentroidMatch:
+    """Pair new centroids with old ones by the Hungarian assignment on Euclidean centroid distance.
+
+    A pair keeps the old id (and so the analyst's name) only when the two centroids are each
+    other's nearest neighbour: the assignment alone always pairs everything, even a cluster that
+    appeared with one that vanished. Unpaired new clusters take the free ids in size order.
+    """
+    k_new, k_old = len(new), len(old)
+    d = np.sqrt(np.maximum(((new[:, None, :].astype(np.float64) - old[None, :, :]) ** 2).sum(-1), 0))
+    rows, cols = linear_sum_assignment(d)
+    nearest_old, nearest_new = d.argmin(axis=1), d.argmin(axis=0)
+    ids = np.full(k_new, -1, dtype=np.int64)
+    distance: dict[int, float] = {}
+    for r, c in zip(rows, cols, strict=True):
+        if nearest_old[r] == c and nearest_new[c] == r and c < k_new:
+            ids[r] = c
+            distance[int(c)] = float(d[r, c])
+    kept = sorted(int(i) for i in ids[ids >= 0])
+    free = iter(sorted(set(range(k_new)) - set(kept)))
+    new_ids = []
+    for r in range(k_new):
+        if ids[r] < 0:
+            ids[r] = next(free)
+            new_ids.append(int(ids[r]))
+    gone = sorted(set(range(k_old)) - set(kept))
+    return CentroidMatch(ids=ids, kept=kept, new=sorted(new_ids), gone=gone, distance=distance)

@@ -45,3 +45,7 @@ class OutputError(SettlementsError, OSError):
 
 class StageError(SettlementsError, RuntimeError):
     """Raised when a stage needs an artifact that an earlier stage has not written."""
+
+
+class RunLockedError(SettlementsError, RuntimeError):
+    """Raised when another run of the same pipeline holds its lock (and ``--wait`` ran out)."""

@@ -23,7 +23,6 @@ import pandas as pd
 import pyogrio
 import rasterio
 import shapely
-from filelock import FileLock, Timeout
 from pyproj import CRS, Transformer
 from rasterio.windows import Window
 from tqdm.auto import tqdm
@@ -39,13 +38,23 @@ from .errors import (
     ConfigError,
     OutputError,
     RegionError,
-    SettlementsError,
     TilingError,
 )
 from .export import plots
 from .export.geopackage import LayerStyle, write_geopackage
 from .export.styles import categorized_qml
 from .histograms import region_histograms
+from .history import (
+    change_styles,
+    concat_runs,
+    keep_cluster_ids,
+    previous_labels,
+    read_previous,
+    region_changes,
+    relabel_after_refit,
+    run_columns,
+    tile_changes,
+)
 from .labels import ClusterLabels, read_labels, write_labels
 from .palette import slug
 from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile
@@ -58,6 +67,7 @@ from .regions import (
     regions_in_crs,
     to_area_crs,
 )
+from .reprocess import last_run_id, output_paths, pipeline_lock, record_success, state_key, state_parts, up_to_date
 from .store import (
     WINDOW_COLUMNS,
     EmbeddingCache,
@@ -65,7 +75,10 @@ from .store import (
     ensure_dir,
     read_json,
     read_table,
+    remove_stale_staging,
+    remove_stale_temps,
     settings_key,
+    staged_outputs,
     write_atomic,
     write_json,
     write_table,
@@ -339,11 +352,16 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False) -> dict[str, Any]:
     if len(emb) < c.k:
         raise ClusteringError(f"clustering.k: k={c.k} exceeds the number of valid tiles ({len(emb)}); "
                               "lower k or use smaller tiles")
+    space_key = settings_key({"backbone": info["backbone"], "layer": info["layer"], "weights": info["weights_sha256"]})
+    matching = None
     if reuse:
         model = KMeansClusterer.load(ws.clusters)
     else:
         model = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
                                 pca_dim=c.pca_dim, l2_normalize=c.l2_normalize).fit(emb)
+        if previous is not None and ws.clusters.exists():
+            matching = keep_cluster_ids(cfg, model, KMeansClusterer.load(ws.clusters),
+                                        previous.get("space_key") == space_key)
     labels, dist = model.predict(emb)
     kept = meta[meta["kept"]].sort_values("emb_row")
     assignments = pd.DataFrame({"tile_id": kept["tile_id"].to_numpy(), "cluster": labels, "distance": dist})
@@ -351,9 +369,12 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False) -> dict[str, Any]:
         model.save(ws.clusters)
     write_table(ws.assignments, assignments)
     sizes = np.bincount(labels, minlength=c.k)
-    write_json(ws.cluster_meta, {"fit_key": fit_key, "k": c.k, "sizes": sizes.tolist(),
-                                 "reused_centroids": reuse, "trained_on": getattr(model, "n_train_", None)})
-    return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse}
+    if matching is not None:
+        relabel_after_refit(cfg, matching, sizes)
+    write_json(ws.cluster_meta, {"fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(),
+                                 "reused_centroids": reuse, "trained_on": getattr(model, "n_train_", None),
+                                 "matching": matching})
+    return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching}
 
 
 # --------------------------------------------------------------------------------------- export
@@ -374,7 +395,7 @@ def _tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], la
     parts = []
     for r, info in enumerate(infos):
         k = kept[kept["raster"] == r]
-        geom = shapely.box(k["minx"], k["miny"], k["maxx"], k["maxy"])
+        geom = shapely.box(*(k[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))  # arrays: no index alignment
         g = gpd.GeoDataFrame({
             "tile_id": k["tile_id"].to_numpy(), "cluster": k["cluster"].to_numpy().astype(np.int32),
             "label": k["label"].to_numpy(), "distance": k["distance"].to_numpy().astype(np.float64),
@@ -422,8 +443,12 @@ def _atlas_panels(t: pd.DataFrame, infos: list[RasterInfo], labels: ClusterLabel
 
 
 def stage_export(cfg: PipelineConfig, run_started: float | None = None,
-                 counters: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Labels, histograms and every output file, each written atomically."""
+                 counters: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Labels, histograms and every output file, each written atomically.
+
+    All outputs are first written into a hidden staging folder, then renamed into place one after
+    the other, so a run killed while writing leaves the previous outputs as they were.
+    """
     ws = workspace(cfg)
     infos = load_infos(ws)
     k = cfg.clustering.k
@@ -456,6 +481,11 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
     gpkg = out_dir / f"{cfg.name}.gpkg"
+    previous = read_previous(gpkg)
+    cluster_info = read_json(ws.cluster_meta, "cluster")
+    before = previous_labels(labels, cluster_info.get("matching"))
+    changes = region_changes(previous, long, regions_layer, labels, before)
+    changed_tiles = tile_changes(previous, tiles_layer, labels, before)
     embed_info = read_json(ws.embed_meta, "embed")
     now = datetime.now(timezone.utc)
     run_row = pd.DataFrame([{
@@ -473,13 +503,13 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "tiles_kept": int(t["kept"].sum()),
         "tiles_embedded": int((counters or embed_info).get("tiles_embedded", 0)),
         "tiles_reused": int((counters or embed_info).get("tiles_reused", 0)),
+        **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
     }])
     runs = run_row
     if gpkg.exists():
         try:
             old = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
-            runs = pd.concat([old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row],
-                             ignore_index=True)
+            runs = concat_runs(old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row)
         except Exception:  # an older file without a runs table: start the history here
             log.warning("%s: could not read earlier runs; history restarts", gpkg)
     tip = "<b>[% region_name %]</b><br>dominant: [% dominant_label %]<br>" + "<br>".join(
@@ -499,13 +529,16 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
                                    outline_width=0.2, map_tip=tip, display_field="region_name"),
                    "regions coloured by their dominant label"),
     ]
-    write_geopackage(gpkg, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
-                            "histogram": long, "runs": runs}, styles)
-    panels = _atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
-    plots.atlas(out_dir / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
-    plots.histograms(out_dir / "histograms.png", wide, palette, cfg.output.max_plot_regions,
-                     f"{cfg.name}: label histograms")
-    plots.label_map(out_dir / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
+    styles += change_styles(labels)
+    with staged_outputs(out_dir, cfg.name) as stage:
+        write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
+                                             "histogram": long, "runs": runs, "changes": changes,
+                                             "tile_changes": changed_tiles}, styles)
+        panels = _atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
+        plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
+        plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
+                         f"{cfg.name}: label histograms")
+        plots.label_map(stage / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
     return {"gpkg": gpkg, "atlas": out_dir / "atlas.png", "histograms": out_dir / "histograms.png",
             "map": out_dir / "map.png"}
 
@@ -519,29 +552,53 @@ class RunReport:
     clustering: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    nothing_to_do: bool = False
+    run_id: str | None = None
 
 
-def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0) -> RunReport:
-    """All stages under the pipeline's lock."""
+def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_unchanged: bool = False) -> RunReport:
+    """All stages under the pipeline's lock.
+
+    With ``skip_unchanged`` (what ``settlements run`` does unless ``--force``), a pipeline whose
+    inputs, settings and labels are unchanged since its last successful run, with outputs in
+    place, is left alone and the report says ``nothing_to_do``.
+    """
     started = time.time()
     check_output_settings(cfg)
     ensure_dir(cfg.work_dir, "output.work_dir")
-    lock = FileLock(str(workspace(cfg).lock))
-    try:
-        lock.acquire(timeout=lock_timeout)
-    except Timeout:
-        raise SettlementsError(f"{cfg.source}: another run of pipeline '{cfg.name}' is in progress "
-                               f"(lock {workspace(cfg).lock}); try again when it finishes") from None
-    try:
+    with pipeline_lock(cfg, lock_timeout):
+        if skip_unchanged and not refit and up_to_date(cfg):
+            log.info("%s: inputs, settings and labels unchanged since the last run; nothing to do", cfg.name)
+            return RunReport(nothing_to_do=True, seconds=time.time() - started,
+                             outputs=output_paths(cfg))
+        ws = workspace(cfg)
+        n = remove_stale_temps(ws.root, ws.cache) + remove_stale_staging(cfg.output_dir, cfg.name)
+        if n:
+            log.info("removed %d temporary file(s) left by an interrupted run", n)
+        parts = state_parts(cfg)
+        key = state_key(cfg, parts)
         report = RunReport()
+        seconds: dict[str, float] = {}
+        t0 = time.time()
         report.tiles = stage_tile(cfg)
+        seconds["tile"] = time.time() - t0
+        t0 = time.time()
         report.embedding = stage_embed(cfg)
+        seconds["embed"] = time.time() - t0
+        t0 = time.time()
         report.clustering = stage_cluster(cfg, refit=refit)
-        report.outputs = stage_export(cfg, started, report.embedding)
+        seconds["cluster"] = time.time() - t0
+        info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                "stage_seconds": seconds, "state_key": key}
+        t0 = time.time()
+        report.outputs = stage_export(cfg, started, report.embedding, info)
+        seconds["export"] = time.time() - t0
+        report.run_id = last_run_id(report.outputs["gpkg"])
+        if report.run_id is not None:
+            wrote_labels = parts["labels"] is None or bool(report.clustering.get("matching"))
+            record_success(cfg, report.run_id, parts, wrote_labels)
         report.seconds = time.time() - started
         return report
-    finally:
-        lock.release()
 
 
 __all__ = ["run", "stage_tile", "stage_embed", "stage_cluster", "stage_export", "Workspace", "CRS", "to_area_crs"]

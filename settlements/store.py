@@ -10,9 +10,12 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,15 @@ def check_writable_dir(path: Path, key: str) -> None:
         raise OutputError(f"{key}: folder {probe} is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` if the block succeeds.
@@ -104,6 +116,8 @@ def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes 0600 files; outputs get the usual umask permissions
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, target)
     except BaseException as exc:
         if tmp_path is not None:
@@ -203,3 +217,105 @@ class EmbeddingCache:
                          valid_cell=valid_cell.astype(np.float32), embeddings=embeddings.astype(np.float32))
 
         write_atomic(target, _write)
+
+    def shards(self) -> list[Path]:
+        """Every shard folder in the cache (hidden leftovers of an interrupted prune excluded)."""
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def prune(self, keep: set[str], dry_run: bool = False) -> PruneReport:
+        """Remove shards whose key is not in ``keep``, and temp files of killed runs; report bytes freed.
+
+        A shard is first renamed to a hidden name, then deleted, so a prune killed half-way never
+        leaves a half-deleted shard under a live key.
+        """
+        removed: list[str] = []
+        freed = 0
+        for shard in self.shards():
+            if shard.name in keep:
+                for tmp in stale_temps(shard):
+                    freed += tmp.stat().st_size
+                    if not dry_run:
+                        tmp.unlink(missing_ok=True)
+                continue
+            freed += folder_bytes(shard)
+            removed.append(shard.name)
+            if not dry_run:
+                trash = shard.with_name(f".trash-{shard.name}")
+                os.replace(shard, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        if self.root.exists():
+            for trash in self.root.glob(".trash-*"):
+                freed += folder_bytes(trash)
+                if not dry_run:
+                    shutil.rmtree(trash, ignore_errors=True)
+        kept = [s.name for s in self.shards() if s.name in keep]
+        return PruneReport(removed=removed, kept=kept, freed_bytes=freed)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    removed: list[str]
+    kept: list[str]
+    freed_bytes: int
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# The temporary names atomic_path makes: "." + target name + "." + 8 random characters + suffix.
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.[A-Za-z0-9]+$")
+
+
+def stale_temps(folder: Path) -> list[Path]:
+    """Temporary files that a killed run left in ``folder`` (call only while holding the run lock)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_RE.match(p.name))
+
+
+def remove_stale_temps(*folders: Path) -> int:
+    """Delete what :func:`stale_temps` finds in each folder (and one level of subfolders); count them."""
+    n = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
+            for tmp in stale_temps(sub):
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def remove_stale_staging(out_dir: Path, tag: str) -> int:
+    """Delete staging folders a killed run of pipeline ``tag`` left in ``out_dir`` (hold its lock)."""
+    stale = list(out_dir.glob(f".staging-{tag}-*")) if out_dir.is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(stale)
+
+
+@contextmanager
+def staged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
+    """Yield a hidden staging folder in ``out_dir``; on success move its files into ``out_dir``.
+
+    ``tag`` (the pipeline name) keeps pipelines that share an output folder out of each other's way.
+
+    Outputs are built there completely before any previous output is replaced; GeoPackages are
+    moved last, so a GeoPackage never names a run whose pictures are not yet in place.
+    """
+    stage = out_dir / f".staging-{tag}-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        files = sorted((p for p in stage.iterdir() if p.is_file() and not _TEMP_RE.match(p.name)),
+                       key=lambda p: (p.suffix == ".gpkg", p.name))
+        for f in files:
+            os.replace(f, out_dir / f.name)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write outputs: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -37,6 +37,8 @@ def write_frames(path: Path, layers: dict[str, pd.DataFrame]) -> None:
             kwargs["dataset_options"] = {"VERSION": "1.2"}
         if isinstance(frame, gpd.GeoDataFrame):
             kwargs["layer_options"] = {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES"}
+            if frame.empty:  # GDAL cannot infer the type of an empty layer; ours are all polygons
+                kwargs["geometry_type"] = "Polygon"
         pyogrio.write_dataframe(frame, path, **kwargs)
         first = False
 

@@ -63,7 +63,7 @@ def test_geopackage_is_version_1_2_with_styles_for_both_layers(any_scene: Ran) -
         con.close()
     assert {"tiles", "regions", "clusters", "runs", "layer_styles"} <= tables
     by_layer = {r[0]: r for r in rows}
-    assert set(by_layer) == {"tiles", "regions"}
+    assert set(by_layer) == {"tiles", "regions", "changes", "tile_changes"}
     for row in by_layer.values():
         assert row[1] == "" and row[2] == "geom" and row[3] == 1
         assert "categorizedSymbol" in row[4]
