@@ -24,6 +24,7 @@ KNOWN_COLOURS = {
     "formal settlement": "#fd8d3c",
     "industrial": "#756bb1",
     "road": "#636363",
+    "built-up": "#d94801",
     "bare soil": "#d9b38c",
     "farmland": "#fee391",
     "grassland": "#a1d99b",

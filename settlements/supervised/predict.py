@@ -28,7 +28,7 @@ from ..pipeline import load_infos, workspace
 from ..store import read_table
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel
-from .train import supervised_paths, training_settings
+from .train import pipeline_lock, supervised_paths, training_settings
 from .training_labels import kept_tiles
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
 
 
 def predict(cfg: PipelineConfig, model: Model = "auto") -> dict[str, Path]:
+    """Predict every kept tile with the chosen model and write the supervised outputs."""
+    with pipeline_lock(cfg):
+        return _predict(cfg, model)
+
+
+def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
     ws = workspace(cfg)
     paths = supervised_paths(cfg)
     chosen = choose_model(cfg, model)

@@ -8,6 +8,8 @@ checkpoint); the evaluation goes to ``outputs/<name>/``: ``evaluation.csv``, ``c
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,13 @@ import numpy as np
 import pandas as pd
 import rasterio
 import torch
+from filelock import FileLock, Timeout
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, Training
-from ..errors import ConfigError
+from ..errors import ConfigError, SettlementsError, StageError
 from ..pipeline import load_infos, workspace
 from ..rasters import RasterInfo, read_tile
 from ..store import read_table, write_atomic, write_json
@@ -73,6 +76,21 @@ def training_settings(cfg: PipelineConfig) -> Training:
         raise ConfigError(f"{cfg.source}: training: section missing (add training.labels, e.g. "
                           "{source: clusters} or {source: polygons, path: labels.gpkg, class_field: class})")
     return cfg.training
+
+
+@contextmanager
+def pipeline_lock(cfg: PipelineConfig) -> Iterator[None]:
+    """The pipeline's run lock, so artifacts do not change under a training or prediction run."""
+    lock = FileLock(str(workspace(cfg).lock))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SettlementsError(f"{cfg.source}: another run of pipeline '{cfg.name}' is in progress "
+                               f"(lock {workspace(cfg).lock}); try again when it finishes") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
@@ -202,6 +220,14 @@ def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.D
 
 def train(cfg: PipelineConfig) -> dict[str, Any]:
     """Top model on every labelled tile, then fine tuning when asked, then the blocked evaluation."""
+    training_settings(cfg)
+    if not workspace(cfg).embeddings.exists():
+        raise StageError(f"{workspace(cfg).embeddings}: missing; run `settlements run {cfg.source}` first")
+    with pipeline_lock(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: PipelineConfig) -> dict[str, Any]:
     t = training_settings(cfg)
     ws = workspace(cfg)
     paths = supervised_paths(cfg)
