@@ -150,6 +150,20 @@ def test_top_model_binary_probabilities_and_state_round_trip() -> None:
     assert np.allclose(again.predict_proba(x), p)
 
 
+def test_mlp_top_model_learns_a_nonlinear_boundary_and_balances_classes() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (400, 2)).astype(np.float32)
+    y = np.where(np.hypot(x[:, 0], x[:, 1]) < 0.4, "inner", "outer")  # about 1 in 8 inside
+    mlp = TopModel(hidden=32, lr=0.02, epochs=400, weight_decay=0.0).fit(x, y)
+    linear = TopModel(C=1.0).fit(x, y)
+    inner = y == "inner"
+    assert (mlp.predict(x)[inner] == "inner").mean() > 0.9  # the rare class is found
+    assert (mlp.predict(x) == y).mean() > 0.9
+    assert (linear.predict(x) == y).mean() < 0.8  # no straight line separates a disc
+    again = TopModel.from_state(mlp.state())
+    assert np.allclose(again.predict_proba(x), mlp.predict_proba(x))
+
+
 def test_augmentation_without_shift_is_a_symmetry_of_the_square() -> None:
     import torch
 
