@@ -124,6 +124,30 @@ def validate(config: Path = CONFIG) -> None:
         typer.echo(line)
 
 
+@app.command()
+def train(config: Path = CONFIG) -> None:
+    """Train the top model on the embeddings (then fine tune, when asked) and write the blocked evaluation."""
+    from .supervised.train import train as train_models
+
+    for name, value in train_models(_config(config)).items():
+        typer.echo(f"{name}: {value}")
+
+
+@app.command()
+def predict(
+    config: Path = CONFIG,
+    model: str = typer.Option("auto", help="auto (fine_tuned when trained, else top_model), top_model or fine_tuned."),
+) -> None:
+    """Predict every tile's class; write <name>_supervised.gpkg, map and histograms."""
+    from .errors import ConfigError
+    from .supervised.predict import predict as predict_tiles
+
+    if model not in ("auto", "top_model", "fine_tuned"):
+        raise ConfigError(f"--model: expected auto, top_model or fine_tuned, got {model!r}")
+    for name, path in predict_tiles(_config(config), model).items():  # type: ignore[arg-type]
+        typer.echo(f"{name}: {path}")
+
+
 @app.command("labels-template")
 def labels_template(
     config: Path = CONFIG, force: bool = typer.Option(False, help="Overwrite an existing file.")

@@ -141,6 +141,84 @@ class Clustering(Strict):
     l2_normalize: bool = False
 
 
+class LabelSource(Strict):
+    """Where tiles get a class: named clusters, a labelled polygon layer, or a spectral rule.
+
+    ``clusters``: each tile takes its cluster's name from the labels YAML (unnamed clusters and
+    ``exclude`` names skipped; ``max_distance_quantile`` keeps only the tiles nearest their centroid).
+    ``polygons``: the class in ``class_field`` of the polygon covering the tile's centre
+    (``rule: centre``) or most of its stride cell (``rule: area``).
+    ``spectral``: water / vegetation / built-up from NDWI and NDVI of the raw bands
+    (see ``settlements.supervised.reference``).
+    """
+
+    source: Literal["clusters", "polygons", "spectral"]
+    max_distance_quantile: float | None = Field(None, gt=0, le=1)
+    exclude: list[str] = Field(default_factory=lambda: ["unlabelled"])
+    path: Path | None = None
+    layer: str | None = None
+    class_field: str = "class"
+    rule: Literal["centre", "area"] = "centre"
+    green_band: int = Field(2, ge=1)
+    red_band: int = Field(3, ge=1)
+    nir_band: int = Field(4, ge=1)
+    water_ndwi: float = Field(0.3, ge=-1, le=1)
+    vegetation_ndvi: float = Field(0.15, ge=-1, le=1)
+
+    @model_validator(mode="after")
+    def _path(self) -> LabelSource:
+        if self.source == "polygons" and self.path is None:
+            raise ValueError("source 'polygons' needs 'path' (a GeoPackage or shapefile)")
+        return self
+
+
+class TopModelSettings(Strict):
+    """A classifier on the stored embeddings: hidden 0 = logistic regression (L2 strength 1/C, lbfgs),
+    else a one-hidden-layer MLP (Adam, ``lr``, ``epochs``, ``weight_decay``)."""
+
+    hidden: int = Field(0, ge=0)
+    C: float = Field(0.1, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    lr: float = Field(0.01, gt=0)
+    epochs: int = Field(300, ge=1)
+    seed: int = 0
+
+
+class FineTuneSettings(Strict):
+    """Fine tuning of the backbone's upper blocks, started from the top model."""
+
+    enabled: bool = False
+    unfreeze: int = Field(2, ge=1, description="number of upper blocks of the backbone to train")
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=2)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    max_tiles: int | None = Field(None, ge=10)
+    max_shift: float = Field(0.125, ge=0, lt=0.5, description="largest translation, as a share of the tile")
+    augment: bool = True
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluationSettings(Strict):
+    """Spatially blocked cross-validation: square blocks of ``block_tiles`` x ``block_tiles`` tiles."""
+
+    enabled: bool = True
+    folds: int = Field(5, ge=2)
+    block_tiles: int = Field(8, ge=1)
+    seed: int = 0
+    finetune: bool = True
+
+
+class Training(Strict):
+    labels: LabelSource
+    reference: LabelSource | None = None
+    top_model: TopModelSettings = Field(default_factory=TopModelSettings)
+    finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+
 class Output(Strict):
     dir: Path | None = None
     work_dir: Path | None = None
@@ -158,6 +236,7 @@ class PipelineConfig(Strict):
     clustering: Clustering = Field(default_factory=Clustering)
     labels: Path | None = None
     output: Output = Field(default_factory=Output)
+    training: Training | None = None
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="before")
@@ -228,8 +307,14 @@ def resolve_paths(cfg: PipelineConfig, yaml_path: Path) -> PipelineConfig:
         }
     )
     labels = _resolve(base, cfg.labels) or base / f"{yaml_path.stem}.labels.yaml"
+    training = cfg.training
+    if training is not None:
+        training = training.model_copy(update={
+            k: src.model_copy(update={"path": _resolve(base, src.path)})
+            for k, src in (("labels", training.labels), ("reference", training.reference)) if src is not None})
     return cfg.model_copy(
         update={
+            "training": training,
             "rasters": rasters,
             "regions": regions,
             "embedding": emb,

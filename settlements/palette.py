@@ -14,6 +14,8 @@ NO_DATA = "no data"
 UNLABELLED_COLOUR = "#bdbdbd"
 NO_DATA_COLOUR = "#000000"
 OUTLINE_COLOUR = "#404040"
+#: Low and high ends of sequential colour ramps (confusion matrices): white to dark blue.
+RAMP_COLOURS = ("#f7fbff", "#08306b")
 
 #: Colours for the names analysts use most, so the same class looks alike in every pipeline.
 KNOWN_COLOURS = {
@@ -22,6 +24,7 @@ KNOWN_COLOURS = {
     "formal settlement": "#fd8d3c",
     "industrial": "#756bb1",
     "road": "#636363",
+    "built-up": "#d94801",
     "bare soil": "#d9b38c",
     "farmland": "#fee391",
     "grassland": "#a1d99b",

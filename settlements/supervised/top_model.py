@@ -1,0 +1,134 @@
+"""A classifier on the stored embeddings, shaped like a scikit-learn estimator.
+
+Its learned state is a torch module (standardisation, then a linear layer or a one-hidden-layer
+MLP) so that fine tuning can start from it as the head of the network. Logistic regression is
+solved by scikit-learn (lbfgs) and copied into the linear layer; the MLP trains with full-batch
+Adam. Classes are balanced by weighting the loss with inverse class frequencies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from ..errors import SettlementsError
+
+
+class TrainingError(SettlementsError, ValueError):
+    """Raised when training labels cannot train a model (fewer than two classes, no tiles)."""
+
+
+class Head(nn.Module):
+    """Standardise features with fixed mean/scale, then classify."""
+
+    def __init__(self, dim: int, n_classes: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        if hidden:
+            self.net: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(0.2),
+                                                nn.Linear(hidden, n_classes))
+        else:
+            self.net = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.scale)
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """n / (n_classes * count) per class, as scikit-learn's ``class_weight='balanced'``."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def encode(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    return np.searchsorted(classes, y).astype(np.int64)
+
+
+class TopModel:
+    """Class-balanced logistic regression (``hidden=0``) or small MLP on embeddings, full-batch Adam."""
+
+    def __init__(self, hidden: int = 0, C: float = 0.1, weight_decay: float = 1e-3, lr: float = 0.01,  # noqa: N803
+                 epochs: int = 300, seed: int = 0) -> None:
+        self.hidden = hidden
+        self.C = C
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.seed = seed
+
+    # learned state: classes_, head_, n_train_
+    def fit(self, x: np.ndarray, y: np.ndarray) -> TopModel:
+        classes = np.unique(np.asarray(y, dtype=object).astype(str))
+        if len(classes) < 2:
+            raise TrainingError(f"training labels: need at least two classes, got {list(classes)}")
+        yi = encode(np.asarray(y).astype(str), classes)
+        xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            head = Head(xt.shape[1], len(classes), self.hidden)
+        head.mean.copy_(xt.mean(0))
+        head.scale.copy_(xt.std(0).clamp_min(1e-6))
+        if self.hidden:
+            self._fit_mlp(head, xt, yi, len(classes))
+        else:
+            self._fit_logistic(head, xt, yi, len(classes))
+        self.classes_ = classes
+        self.head_ = head.eval()
+        self.n_train_ = len(yi)
+        return self
+
+    def _fit_logistic(self, head: Head, xt: torch.Tensor, yi: np.ndarray, n_classes: int) -> None:
+        z = ((xt - head.mean) / head.scale).numpy().astype(np.float64)
+        lr = LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000, random_state=self.seed).fit(z, yi)
+        coef, bias = lr.coef_, lr.intercept_
+        if n_classes == 2:  # one logit z for class 1 -> logits (0, z) give the same probabilities
+            coef, bias = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], bias])
+        assert isinstance(head.net, nn.Linear)
+        with torch.no_grad():
+            head.net.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+            head.net.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+
+    def _fit_mlp(self, head: Head, xt: torch.Tensor, yi: np.ndarray, n_classes: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            loss_fn = nn.CrossEntropyLoss(weight=balanced_weights(yi, n_classes))
+            target = torch.as_tensor(yi)
+            head.train()
+            for _ in range(self.epochs):
+                opt.zero_grad()
+                loss_fn(head(xt), target).backward()
+                opt.step()
+
+    def predict_proba(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), batch_size):
+                xb = torch.as_tensor(np.asarray(x[s: s + batch_size], dtype=np.float32))
+                out.append(torch.softmax(self.head_(xb), dim=1).numpy())
+        return np.concatenate(out) if out else np.empty((0, len(self.classes_)), np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(axis=1)]
+
+    def state(self) -> dict[str, Any]:
+        return {"params": {"hidden": self.hidden, "C": self.C, "weight_decay": self.weight_decay, "lr": self.lr,
+                           "epochs": self.epochs, "seed": self.seed},
+                "classes": [str(c) for c in self.classes_], "dim": int(self.head_.mean.shape[0]),
+                "head": self.head_.state_dict(), "n_train": self.n_train_}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TopModel:
+        obj = cls(**state["params"])
+        obj.classes_ = np.asarray(state["classes"], dtype=object).astype(str)
+        obj.head_ = Head(state["dim"], len(obj.classes_), obj.hidden)
+        obj.head_.load_state_dict(state["head"])
+        obj.head_.eval()
+        obj.n_train_ = state["n_train"]
+        return obj

@@ -1,0 +1,242 @@
+"""``settlements train``: training labels -> top model -> (fine tuning) -> blocked cross-validation.
+
+Artifacts go to ``work/<name>/supervised/`` (models with the settings that made them, the fine-tuning
+checkpoint); the evaluation goes to ``outputs/<name>/``: ``evaluation.csv``, ``confusion.csv``,
+``confusion.png`` and ``cluster_quality.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from ..clustering import KMeansClusterer
+from ..config import FineTuneSettings, PipelineConfig, Training
+from ..errors import ConfigError, StageError
+from ..pipeline import load_infos, workspace
+from ..rasters import RasterInfo, read_tile
+from ..reprocess import pipeline_lock
+from ..store import read_table, write_atomic, write_json
+from .evaluation import (
+    block_folds,
+    class_scores,
+    cluster_quality,
+    colour_statistics,
+    confusion_long,
+    majority_mapping,
+    spatial_blocks,
+    standardise,
+)
+from .figures import confusion_figure
+from .finetune import FineTuner, TileImages, targets_of
+from .top_model import TopModel, TrainingError
+from .training_labels import kept_tiles, tile_labels
+
+log = logging.getLogger(__name__)
+
+METHODS = ("kmeans", "top_model", "fine_tuned")
+
+
+@dataclass(frozen=True)
+class SupervisedPaths:
+    """Where the supervised artifacts and outputs of one pipeline live."""
+
+    work: Path
+    out: Path
+    name: str
+
+    top_model = property(lambda self: self.work / "top_model.pt")
+    fine_tuned = property(lambda self: self.work / "fine_tuned.pt")
+    checkpoint = property(lambda self: self.work / "finetune_checkpoint.pt")
+    record = property(lambda self: self.work / "training.json")
+    evaluation = property(lambda self: self.out / "evaluation.csv")
+    confusion = property(lambda self: self.out / "confusion.csv")
+    confusion_png = property(lambda self: self.out / "confusion.png")
+    cluster_quality = property(lambda self: self.out / "cluster_quality.csv")
+    gpkg = property(lambda self: self.out / f"{self.name}_supervised.gpkg")
+
+
+def supervised_paths(cfg: PipelineConfig) -> SupervisedPaths:
+    return SupervisedPaths(cfg.work_dir / "supervised", cfg.output_dir, cfg.name)
+
+
+def training_settings(cfg: PipelineConfig) -> Training:
+    if cfg.training is None:
+        raise ConfigError(f"{cfg.source}: training: section missing (add training.labels, e.g. "
+                          "{source: clusters} or {source: polygons, path: labels.gpkg, class_field: class})")
+    return cfg.training
+
+
+def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
+    e = cfg.embedding
+    return FineTuner(backbone=e.backbone, layer=e.layer, weights=e.weights, input_size=e.input_size,
+                     unfreeze=ft.unfreeze, lr=ft.lr, epochs=ft.epochs, patience=ft.patience,
+                     batch_size=ft.batch_size, augment=ft.augment, max_shift=ft.max_shift, seed=ft.seed,
+                     device=ft.device)
+
+
+def fine_tune(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, y: np.ndarray, emb: np.ndarray,
+              checkpoint: Path | None = None) -> FineTuner:
+    """Fine tune on labelled ``tiles`` (class ``y``), holding out whole spatial blocks for early stopping.
+
+    The starting top model is fitted on the training split only, so the validation loss of epoch 0
+    (the top model itself) is as honest as that of later epochs.
+    """
+    t = training_settings(cfg)
+    ft = t.finetune
+    blocks = spatial_blocks(tiles, t.evaluation.block_tiles)
+    n_split = max(2, round(1 / ft.val_fraction))
+    if len(np.unique(blocks)) < n_split:
+        raise TrainingError(f"training.finetune: {len(np.unique(blocks))} spatial blocks are too few for a "
+                            f"{ft.val_fraction:.0%} validation split (lower evaluation.block_tiles)")
+    val = block_folds(blocks, np.ones(len(tiles)), n_split, ft.seed) == 0
+    top = TopModel(**t.top_model.model_dump()).fit(emb[tiles["emb_row"].to_numpy()[~val]], y[~val])
+    keep = np.isin(y, top.classes_)
+    rng = np.random.default_rng(ft.seed)
+    if ft.max_tiles is not None and keep.sum() > ft.max_tiles:
+        keep[rng.choice(np.flatnonzero(keep), int(keep.sum()) - ft.max_tiles, replace=False)] = False
+    targets = np.zeros(len(y), dtype=np.int64)
+    targets[keep] = targets_of(y[keep], top.classes_)
+
+    def images(mask: np.ndarray, aug: bool) -> TileImages:
+        return TileImages(infos, tiles[mask & keep], cfg.embedding.input_size, targets[mask & keep], aug,
+                          ft.max_shift, ft.seed)
+
+    extra = {"pipeline": cfg.name, "labels": t.labels.model_dump(mode="json"), "top_model": top.state()["params"]}
+    return make_finetuner(cfg, ft).fit(images(~val, ft.augment), images(val, False), top, checkpoint, extra)
+
+
+def _class_column(tiles: pd.DataFrame, labels: pd.DataFrame) -> np.ndarray:
+    return tiles[["tile_id"]].merge(labels, on="tile_id", how="left")["class"].to_numpy(dtype=object)
+
+
+def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
+             y_train: np.ndarray, y_ref: np.ndarray) -> dict[str, Path]:
+    """Blocked cross-validation of every method on the same held-out blocks; clustering quality."""
+    t = training_settings(cfg)
+    ev = t.evaluation
+    paths = supervised_paths(cfg)
+    has_train, has_ref = pd.notna(y_train), pd.notna(y_ref)
+    blocks = spatial_blocks(tiles, ev.block_tiles)
+    fold = block_folds(blocks, has_ref.astype(float), ev.folds, ev.seed)
+    assign = read_table(workspace(cfg).assignments, "cluster")
+    clusters = tiles[["tile_id"]].merge(assign, on="tile_id", how="left")["cluster"].to_numpy()
+    do_ft = t.finetune.enabled and ev.finetune
+    methods = [m for m in METHODS if m != "fine_tuned" or do_ft]
+    truth, preds = [], {m: [] for m in methods}
+    for f in tqdm(range(ev.folds), desc="cross-validation", unit="fold", disable=None):
+        tr, te = (fold != f) & has_train, (fold == f) & has_ref
+        if not te.any():
+            continue
+        if len(np.unique(y_train[tr].astype(str))) < 2:
+            raise TrainingError(f"training.evaluation: fold {f} has fewer than two training classes "
+                                "(use fewer folds or smaller blocks)")
+        truth.append(y_ref[te].astype(str))
+        mapping, fallback = majority_mapping(clusters[tr], y_train[tr].astype(str))
+        preds["kmeans"].append(np.asarray([mapping.get(int(c), fallback) for c in clusters[te]], dtype=str))
+        top = TopModel(**t.top_model.model_dump()).fit(emb[tr], y_train[tr])
+        preds["top_model"].append(top.predict(emb[te]))
+        if do_ft:
+            ftm = fine_tune(cfg, infos, tiles[tr].reset_index(drop=True), y_train[tr].astype(str), emb)
+            test = TileImages(infos, tiles[te], cfg.embedding.input_size)
+            preds["fine_tuned"].append(ftm.predict(test))
+    y_true = np.concatenate(truth)
+    classes = sorted(set(y_true) | {c for p in preds.values() for c in np.concatenate(p)})
+    scores = pd.concat([class_scores(y_true, np.concatenate(preds[m]), classes).assign(method=m)
+                        for m in methods], ignore_index=True)
+    scores = scores[["method", "class", "precision", "recall", "f1", "support"]]
+    confusion = pd.concat([confusion_long(y_true, np.concatenate(preds[m]), classes).assign(method=m)
+                           for m in methods], ignore_index=True)[["method", "true", "predicted", "count"]]
+    write_atomic(paths.evaluation, lambda p: scores.to_csv(p, index=False, float_format="%.4f"))
+    write_atomic(paths.confusion, lambda p: confusion.to_csv(p, index=False))
+    confusion_figure(paths.confusion_png, confusion, classes, scores,
+                     f"{cfg.name}: blocked {ev.folds}-fold cross-validation ({ev.block_tiles}x{ev.block_tiles}-tile "
+                     f"blocks), {len(y_true)} held-out tiles")
+    quality = clustering_quality(cfg, infos, tiles, emb, y_ref)
+    write_atomic(paths.cluster_quality, lambda p: quality.to_csv(p, index=False, float_format="%.4f"))
+    macro = scores[scores["class"] == "macro avg"].set_index("method")["f1"].round(4).to_dict()
+    log.info("blocked cross-validation macro F1: %s", macro)
+    return {"evaluation": paths.evaluation, "confusion": paths.confusion, "confusion_png": paths.confusion_png,
+            "cluster_quality": paths.cluster_quality}
+
+
+def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
+    """Per-band mean, std and 8-bin histogram of each tile's scaled pixels (what the CNN sees)."""
+    out = np.empty((len(tiles), 10 * 3), dtype=np.float32)
+    handles: dict[int, Any] = {}
+    try:
+        cols = ["raster", "tile_col", "tile_row", "tile_w", "tile_h"]
+        for i, (r, c, row, w, h) in enumerate(tiles[cols].itertuples(index=False)):
+            if r not in handles:
+                handles[r] = rasterio.open(infos[r].path)
+            px, valid = read_tile(handles[r], infos[r], Window(c, row, w, h))
+            out[i] = colour_statistics(px, valid)
+    finally:
+        for h in handles.values():
+            h.close()
+    return out
+
+
+def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
+                       y_ref: np.ndarray) -> pd.DataFrame:
+    """NMI, ARI, purity vs the reference: k-means (same settings) on CNN embeddings vs colour statistics."""
+    c = cfg.clustering
+    has = pd.notna(y_ref)
+    rows = []
+    for name, feats in (("cnn", np.asarray(emb, dtype=np.float32)),
+                        ("colour", standardise(colour_features(infos, tiles)))):
+        km = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
+                             pca_dim=c.pca_dim if name == "cnn" else None, l2_normalize=c.l2_normalize)
+        labels, _ = km.fit(feats).predict(feats)
+        rows.append({"features": name, **cluster_quality(y_ref[has].astype(str), labels[has])})
+    return pd.DataFrame(rows, columns=["features", "nmi", "ari", "purity"])
+
+
+def train(cfg: PipelineConfig) -> dict[str, Any]:
+    """Top model on every labelled tile, then fine tuning when asked, then the blocked evaluation."""
+    training_settings(cfg)
+    if not workspace(cfg).embeddings.exists():
+        raise StageError(f"{workspace(cfg).embeddings}: missing; run `settlements run {cfg.source}` first")
+    with pipeline_lock(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: PipelineConfig) -> dict[str, Any]:
+    t = training_settings(cfg)
+    ws = workspace(cfg)
+    paths = supervised_paths(cfg)
+    infos = load_infos(ws)
+    tiles = kept_tiles(ws)
+    emb = np.load(ws.embeddings, mmap_mode="r")
+    labels = tile_labels(cfg, t.labels)
+    reference = tile_labels(cfg, t.reference) if t.reference is not None else labels
+    y_train, y_ref = _class_column(tiles, labels), _class_column(tiles, reference)
+    has = pd.notna(y_train)
+    if has.sum() < 2:
+        raise TrainingError(f"training.labels: only {int(has.sum())} tiles are labelled")
+    top = TopModel(**t.top_model.model_dump()).fit(np.asarray(emb)[has], y_train[has].astype(str))
+    config = cfg.to_yaml_dict()
+    state = {**top.state(), "config": config, "embedding_rows": int(len(emb))}
+    write_atomic(paths.top_model, lambda p: torch.save(state, p))
+    result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
+                              "top_model": paths.top_model}
+    if t.finetune.enabled:
+        paths.work.mkdir(parents=True, exist_ok=True)
+        ft = fine_tune(cfg, infos, tiles[has].reset_index(drop=True), y_train[has].astype(str), np.asarray(emb),
+                       paths.checkpoint)
+        ft.save(paths.fine_tuned, {"config": config})
+        result.update(fine_tuned=paths.fine_tuned, best_epoch=ft.best_epoch_)
+    if t.evaluation.enabled:
+        result.update(evaluate(cfg, infos, tiles, np.asarray(emb), y_train, y_ref))
+    write_json(paths.record, {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
+               | {"config": config, "class_counts": pd.Series(y_train[has]).value_counts().to_dict()})
+    return result
