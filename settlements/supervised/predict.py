@@ -25,10 +25,11 @@ from ..export.styles import categorized_qml
 from ..histograms import region_histograms
 from ..palette import build_palette, slug
 from ..pipeline import load_infos, workspace
+from ..reprocess import pipeline_lock
 from ..store import read_table
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel
-from .train import pipeline_lock, supervised_paths, training_settings
+from .train import supervised_paths, training_settings
 from .training_labels import kept_tiles
 
 log = logging.getLogger(__name__)
