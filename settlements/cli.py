@@ -34,12 +34,16 @@ def run(
     config: Path = CONFIG,
     refit: bool = typer.Option(False, help="Re-run k-means instead of reusing saved centroids."),
     wait: float = typer.Option(0.0, help="Seconds to wait for another run of this pipeline to finish."),
+    executor: str = typer.Option("local", help="local, or dask: embed and assign on a Dask cluster."),
+    scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://HOST:PORT); default a LocalCluster."),
+    workers: int = typer.Option(None, help="Workers of the LocalCluster (default: one per core)."),
 ) -> None:
     """Run every stage: tile, embed, cluster, export."""
     from .pipeline import run as run_pipeline
 
     cfg = _config(config)
-    report = run_pipeline(cfg, refit=refit, lock_timeout=wait)
+    report = run_pipeline(cfg, refit=refit, lock_timeout=wait, executor=executor, scheduler=scheduler,
+                          n_workers=workers)
     e = report.embedding
     typer.echo(f"{cfg.name}: {report.tiles['tiles']} tiles, {e['tiles_kept']} kept ({e['tiles_skipped']} skipped), "
                f"{e['tiles_embedded']} embedded, {e['tiles_reused']} reused from cache; k={report.clustering['k']}; "
