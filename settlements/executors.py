@@ -76,7 +76,8 @@ def embed_job(job: EmbedJob, model: Any, settings: InferenceSettings, cache: Emb
 
     for chunk in iter_embeddings(model, ds, settings, job.min_valid, progress):
         emb = np.full((len(chunk.index), dim), np.nan, dtype=np.float32)
-        emb[chunk.kept] = chunk.embeddings
+        if chunk.kept.any():  # a batch of skipped tiles (all nodata) has no embeddings at all
+            emb[chunk.kept] = chunk.embeddings
         buf.append((job.windows[chunk.index], chunk.valid_tile, chunk.valid_cell, emb))
         buffered += len(chunk.index)
         if buffered >= CHUNK_TILES:

@@ -20,7 +20,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyogrio
 import rasterio
 import shapely
 from filelock import FileLock, Timeout
@@ -322,6 +321,7 @@ def _tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], la
 
 def _versions() -> dict[str, str]:
     import faiss
+    import pyogrio
     import rasterio
     import torch
     import torchvision
@@ -409,6 +409,8 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     }])
     runs = run_row
     if gpkg.exists():
+        import pyogrio  # imported where used: a compute-only machine (tile, embed, cluster) needs no OGR
+
         try:
             old = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
             runs = pd.concat([old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row],

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
-import pyogrio
 
 from ..store import atomic_path
 
@@ -37,6 +36,8 @@ def write_frames(path: Path, layers: dict[str, pd.DataFrame]) -> None:
             kwargs["dataset_options"] = {"VERSION": "1.2"}
         if isinstance(frame, gpd.GeoDataFrame):
             kwargs["layer_options"] = {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES"}
+        import pyogrio  # imported where used, so compute-only machines need no OGR
+
         pyogrio.write_dataframe(frame, path, **kwargs)
         first = False
 
