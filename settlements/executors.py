@@ -213,12 +213,20 @@ class DaskExecutor:
             self._cluster.close()
 
 
+EXECUTORS = ("local", "dask")
+
+
+def check_executor(name: str, scheduler: str | None = None) -> None:
+    """Reject a bad executor choice before any work starts."""
+    if name not in EXECUTORS:
+        raise SettlementsError(f"--executor: unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
+    if scheduler and name != "dask":
+        raise SettlementsError("--scheduler: only used with --executor dask")
+
+
 def make_executor(name: str = "local", scheduler: str | None = None, n_workers: int | None = None,
                   block_tiles: int = 1024) -> LocalExecutor | DaskExecutor:
-    if name == "local":
-        if scheduler:
-            raise SettlementsError("--scheduler: only used with --executor dask")
-        return LocalExecutor()
+    check_executor(name, scheduler)
     if name == "dask":
         return DaskExecutor(scheduler, n_workers=n_workers, block_tiles=block_tiles)
-    raise SettlementsError(f"--executor: unknown executor {name!r} (choose from: local, dask)")
+    return LocalExecutor()

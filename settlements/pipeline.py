@@ -34,7 +34,7 @@ from .embedding.assemble import embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
 from .embedding.infer import InferenceSettings
 from .errors import BackboneError, ClusteringError, OutputError, RegionError, SettlementsError, TilingError
-from .executors import EmbedJob, Executor, LocalExecutor, make_executor
+from .executors import EmbedJob, Executor, LocalExecutor, check_executor, make_executor
 from .export import plots
 from .export.geopackage import LayerStyle, write_geopackage
 from .export.styles import categorized_qml
@@ -460,6 +460,7 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, execu
         scheduler: str | None = None, n_workers: int | None = None) -> RunReport:
     """All stages under the pipeline's lock; ``executor="dask"`` spreads embedding and assignment."""
     started = time.time()
+    check_executor(executor, scheduler)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(workspace(cfg).lock))
     try:

@@ -14,6 +14,7 @@ from settlements.executors import EmbedJob, split_job
 from settlements.pipeline import run
 
 from .conftest import scene, write_pipeline
+from .test_cli_errors import cli
 
 pytest.importorskip("distributed")
 
@@ -48,3 +49,17 @@ def test_dask_local_cluster_matches_single_process(tmp_path: Path) -> None:
         ta, tb = _layer(a.outputs["gpkg"], name), _layer(b.outputs["gpkg"], name)
         assert list(ta.columns) == list(tb.columns)
         pd.testing.assert_frame_equal(ta, tb, check_exact=False, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["--executor", "spark"], r"^error: --executor: unknown executor 'spark' \(choose from: local, dask\)$"),
+    (["--scheduler", "tcp://127.0.0.1:1"], r"^error: --scheduler: only used with --executor dask$"),
+])
+def test_bad_executor_options_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args, pattern) -> None:
+    scene("olinda_brazil", "L7_ETMs.tif")
+    cfg = write_pipeline(tmp_path, "ex", "olinda")
+    code, err = cli(monkeypatch, capsys, "run", str(cfg), *args)
+    assert code == 2
+    assert __import__("re").match(pattern, err.strip()), err
+    assert not (tmp_path / "work" / "ex").exists()
+
