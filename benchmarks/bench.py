@@ -130,7 +130,9 @@ def _naive(cfg, n_tiles: int, device: str = "cpu") -> float:  # noqa: ANN001
     e = cfg.embedding
     ws = workspace(cfg)
     info = load_infos(ws)[0]
-    tiles = pd.read_parquet(ws.tiles).sample(n_tiles, random_state=0)
+    tiles = pd.read_parquet(ws.tiles)
+    tiles = tiles.sample(min(n_tiles, len(tiles)), random_state=0)
+    n_tiles = len(tiles)
     model = build_backbone(e.backbone, e.layer, e.weights).model.eval().to(device)
     with torch.inference_mode(), rasterio.open(info.path) as src:
         model(torch.zeros(1, 3, e.input_size, e.input_size, device=device))

@@ -35,7 +35,7 @@ def test_split_job_keeps_whole_batches_and_every_tile() -> None:
 @pytest.mark.slow
 def test_dask_local_cluster_matches_single_process(tmp_path: Path) -> None:
     scene("olinda_brazil", "L7_ETMs.tif")
-    over = {"embedding": {"input_size": 64}}
+    over = {"embedding": {"input_size": 32}}
     single = load_config(write_pipeline(tmp_path, "single", "olinda", **over))
     dask = load_config(write_pipeline(tmp_path, "dask", "olinda", **over))
     a = run(single)
