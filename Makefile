@@ -10,12 +10,14 @@ SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 puca
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
-.PHONY: venv data demo region reprocess test lint bench bench-quick gpu-check clean help
+.PHONY: venv data demo region reprocess test lint bench bench-quick gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
 	@echo "make test            run the test suite"
 	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
 	@echo "make data            link or fetch the input scenes into data/"
+	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
+	@echo "make gpu-wheels      fetch what benchmarks/gpu_check.sh needs on an offline GPU machine into .whl/"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +57,19 @@ reprocess: venv data
 test: venv data
 	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
 	$(BIN)/python -m pytest -q
+
+# Figures, not tests: tiles/s, peak RSS and k-means times on large mosaics of real pixels (see benchmarks/).
+bench: venv data
+	$(PY) benchmarks/bench.py
+
+bench-quick: venv data
+	$(PY) benchmarks/bench.py --quick
+
+gpu-wheels: data
+	benchmarks/gpu_wheels.sh
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: venv
 	$(BIN)/ruff check settlements tests $(wildcard benchmarks)

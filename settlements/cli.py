@@ -44,6 +44,9 @@ def run(
     refit: bool = typer.Option(False, help="Re-run k-means, keeping the ids and names of matching clusters."),
     wait: float = typer.Option(0.0, help="Seconds to wait for another run of this pipeline to finish."),
     force: bool = typer.Option(False, help="Run even when nothing changed since the last successful run."),
+    executor: str = typer.Option("local", help="local, or dask: embed and assign on a Dask cluster."),
+    scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://HOST:PORT); default a LocalCluster."),
+    workers: int = typer.Option(None, help="Workers of the LocalCluster (default: one per core)."),
 ) -> None:
     """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 2 bad input, 1 failure."""
     from .reprocess import EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
@@ -57,7 +60,8 @@ def run(
             sys.exit(EXIT_NOTHING_TO_DO)
     from .pipeline import run as run_pipeline
 
-    report = run_pipeline(cfg, refit=refit, lock_timeout=wait, skip_unchanged=not force)
+    report = run_pipeline(cfg, refit=refit, lock_timeout=wait, skip_unchanged=not force,
+                          executor=executor, scheduler=scheduler, n_workers=workers)
     if report.nothing_to_do:
         typer.echo(f"{cfg.name}: nothing to do (inputs, settings and labels unchanged since the last run)")
         sys.exit(EXIT_NOTHING_TO_DO)

@@ -20,7 +20,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyogrio
 import rasterio
 import shapely
 from pyproj import CRS, Transformer
@@ -30,8 +29,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .clustering import KMeansClusterer
 from .config import PipelineConfig
+from .embedding.assemble import embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
-from .embedding.infer import InferenceSettings, TileWindows, iter_embeddings
+from .embedding.infer import InferenceSettings
 from .errors import (
     BackboneError,
     ClusteringError,
@@ -40,6 +40,7 @@ from .errors import (
     RegionError,
     TilingError,
 )
+from .executors import EmbedJob, Executor, LocalExecutor, check_executor, make_executor
 from .export import plots
 from .export.geopackage import LayerStyle, write_geopackage
 from .export.styles import categorized_qml
@@ -71,6 +72,7 @@ from .reprocess import last_run_id, output_paths, pipeline_lock, record_success,
 from .store import (
     WINDOW_COLUMNS,
     EmbeddingCache,
+    NpyRows,
     check_writable_dir,
     ensure_dir,
     read_json,
@@ -248,88 +250,61 @@ def load_infos(ws: Workspace) -> list[RasterInfo]:
 
 # ---------------------------------------------------------------------------------------- embed
 
-def embedding_key(info: RasterInfo, cfg: PipelineConfig, weights_sha: str, layer: str) -> str:
+def embedding_key(info: RasterInfo, cfg: PipelineConfig, weights_sha: str, layer: str,
+                  precision: str = "fp32") -> str:
     """Cache key of a raster's embeddings: what changes pixels in, or features out."""
     e = cfg.embedding
-    return settings_key({
+    parts = {
         "raster": info.fingerprint, "bands": info.bands, "low": info.scale_low, "high": info.scale_high,
         "nodata": info.nodata, "input_size": e.input_size, "backbone": e.backbone, "layer": layer,
         "weights": weights_sha,
-    })
+    }
+    if precision != "fp32":  # fp32 keys stay those of earlier versions
+        parts["precision"] = precision
+    return settings_key(parts)
 
 
-def stage_embed(cfg: PipelineConfig) -> dict[str, int]:
-    """Embed every tile not already in the cache; assemble the pipeline's embedding array."""
+def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[str, int]:
+    """Embed every tile not already in the cache; assemble the pipeline's embedding array, streaming."""
     ws = workspace(cfg)
     infos = load_infos(ws)
     tiles = read_table(ws.tiles, "tile")
     e = cfg.embedding
     backbone = build_backbone(e.backbone, e.layer, e.weights)
     settings = InferenceSettings(e.device, e.precision, e.batch_size, e.num_workers)
+    device = settings.torch_device()
+    # resolved once here, so workers of another kind (a Dask cluster) compute what the key says
+    settings.precision = settings.precision_name(device)
     min_valid = 1.0 - cfg.tiling.max_invalid_fraction
     cache = EmbeddingCache(ws.cache)
-    n_new = n_reused = 0
-    parts_meta, parts_emb = [], []
-    keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer) for info in infos]
-    todo = []
+    keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer, settings.precision) for info in infos]
+    jobs, n_reused = [], 0
     for r, info in enumerate(infos):
         rt = tiles[tiles["raster"] == r]
-        cached, cached_emb = cache.load(keys[r], backbone.dim)
-        cached = cached.assign(_embedded=~np.isnan(cached_emb[:, 0]) if len(cached) else np.empty(0, bool))
-        merged = rt[["tile_id", *WINDOW_COLUMNS]].merge(cached, on=WINDOW_COLUMNS, how="left")
+        done = cache.index(keys[r])[[*WINDOW_COLUMNS, "valid_tile", "embedded"]]
+        merged = rt[WINDOW_COLUMNS].merge(done, on=WINDOW_COLUMNS, how="left")
         # new windows, and windows cached as skipped that a lower threshold now keeps
         need = (merged["valid_tile"].isna() | ((merged["valid_tile"] >= min_valid - 1e-9)
-                                               & (merged["_embedded"] != True))).to_numpy()  # noqa: E712
-        todo.append((r, info, rt[need]))
+                                               & (merged["embedded"] != True))).to_numpy()  # noqa: E712
         n_reused += int((~need).sum())
-    total_new = sum(len(t) for _, _, t in todo)
-    with tqdm(total=total_new, desc="embedding", unit="tile", disable=None) as bar:
-        for r, info, rt in todo:
-            if rt.empty:
-                continue
-            windows = rt[WINDOW_COLUMNS].to_numpy()
-            ds = TileWindows(info, windows[:, :4], windows[:, 4:], e.input_size)
-            buf: list = []
-            buffered = 0
-            for chunk in iter_embeddings(backbone.model, ds, settings, min_valid, bar):
-                emb = np.full((len(chunk.index), backbone.dim), np.nan, dtype=np.float32)
-                emb[chunk.kept] = chunk.embeddings
-                buf.append((windows[chunk.index], chunk.valid_tile, chunk.valid_cell, emb))
-                buffered += len(chunk.index)
-                if buffered >= 2048:
-                    cache.append(keys[r], *(np.concatenate(x) for x in zip(*buf, strict=True)))
-                    buf, buffered = [], 0
-            if buf:
-                cache.append(keys[r], *(np.concatenate(x) for x in zip(*buf, strict=True)))
-            n_new += len(rt)
-    for r, _ in enumerate(infos):
-        rt = tiles[tiles["raster"] == r]
-        cached, emb = cache.load(keys[r], backbone.dim)
-        cached = cached.assign(_row=np.arange(len(cached)))
-        merged = rt[["tile_id", *WINDOW_COLUMNS]].merge(cached, on=WINDOW_COLUMNS, how="left")
-        rows = merged["_row"].to_numpy()
-        vec = emb[rows]
-        kept = (merged["valid_tile"].to_numpy() >= min_valid - 1e-9) & ~np.isnan(vec[:, 0])
-        parts_meta.append(pd.DataFrame({"tile_id": merged["tile_id"].to_numpy(),
-                                        "valid_tile": merged["valid_tile"].to_numpy(),
-                                        "valid_cell": merged["valid_cell"].to_numpy(), "kept": kept}))
-        parts_emb.append(vec[kept])
-    meta = pd.concat(parts_meta, ignore_index=True)
-    meta["emb_row"] = -1
-    meta.loc[meta["kept"], "emb_row"] = np.arange(int(meta["kept"].sum()))
-    embeddings = np.concatenate(parts_emb) if parts_emb else np.empty((0, backbone.dim), np.float32)
-    if len(embeddings) == 0:
+        if need.any():
+            jobs.append(EmbedJob(keys[r], info, rt[WINDOW_COLUMNS].to_numpy()[need], e.input_size, min_valid))
+    n_new = sum(len(j.windows) for j in jobs)
+    with tqdm(total=n_new, desc="embedding", unit="tile", disable=None) as bar:
+        (executor or LocalExecutor()).embed(jobs, backbone, settings, cache, bar)
+    meta, source = embedded_table(tiles, keys, cache, min_valid)
+    if len(source) == 0:
         raise TilingError(f"no tile has at least {min_valid:.0%} valid pixels in any raster "
                           "(all nodata? raise tiling.max_invalid_fraction)")
-    write_atomic(ws.embeddings, lambda p: np.save(p.open("wb"), embeddings.astype(np.float32)))
+    write_embeddings(ws.embeddings, source, keys, cache, backbone.dim)
     write_table(ws.embedded, meta)
     counts = {"tiles_embedded": n_new, "tiles_reused": n_reused, "tiles_kept": int(meta["kept"].sum()),
               "tiles_skipped": int((~meta["kept"]).sum())}
     write_json(ws.embed_meta, {
         **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim,
         "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
-        "weights_path": str(backbone.weights.path), "device": str(settings.torch_device()),
-        "keys": keys,
+        "weights_path": str(backbone.weights.path), "device": str(device), "precision": settings.precision,
+        "executor": getattr(executor, "name", "local"), "keys": keys,
     })
     log.info("embedding: %d new, %d reused, %d kept, %d skipped", n_new, n_reused, counts["tiles_kept"],
              counts["tiles_skipped"])
@@ -338,12 +313,12 @@ def stage_embed(cfg: PipelineConfig) -> dict[str, int]:
 
 # -------------------------------------------------------------------------------------- cluster
 
-def stage_cluster(cfg: PipelineConfig, refit: bool = False) -> dict[str, Any]:
+def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor | None = None) -> dict[str, Any]:
     """Assign tiles to clusters: the saved centroids when they fit these embeddings, else fit anew."""
     ws = workspace(cfg)
     meta = read_table(ws.embedded, "embed")
     info = read_json(ws.embed_meta, "embed")
-    emb = np.load(ws.embeddings, mmap_mode="r")
+    emb = NpyRows(ws.embeddings)  # rows read on demand: the sample, then assignment blocks
     c = cfg.clustering
     fit_key = settings_key({"clustering": c.model_dump(), "backbone": info["backbone"], "layer": info["layer"],
                             "weights": info["weights_sha256"]})
@@ -362,7 +337,7 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False) -> dict[str, Any]:
         if previous is not None and ws.clusters.exists():
             matching = keep_cluster_ids(cfg, model, KMeansClusterer.load(ws.clusters),
                                         previous.get("space_key") == space_key)
-    labels, dist = model.predict(emb)
+    labels, dist = (executor or LocalExecutor()).assign(model, ws.embeddings)
     kept = meta[meta["kept"]].sort_values("emb_row")
     assignments = pd.DataFrame({"tile_id": kept["tile_id"].to_numpy(), "cluster": labels, "distance": dist})
     if not reuse:
@@ -410,6 +385,7 @@ def _tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], la
 
 def _versions() -> dict[str, str]:
     import faiss
+    import pyogrio
     import rasterio
     import torch
     import torchvision
@@ -507,6 +483,8 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     }])
     runs = run_row
     if gpkg.exists():
+        import pyogrio  # imported where used: a compute-only machine (tile, embed, cluster) needs no OGR
+
         try:
             old = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
             runs = concat_runs(old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row)
@@ -556,14 +534,17 @@ class RunReport:
     run_id: str | None = None
 
 
-def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_unchanged: bool = False) -> RunReport:
+def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_unchanged: bool = False,
+        executor: str = "local", scheduler: str | None = None, n_workers: int | None = None) -> RunReport:
     """All stages under the pipeline's lock.
 
     With ``skip_unchanged`` (what ``settlements run`` does unless ``--force``), a pipeline whose
     inputs, settings and labels are unchanged since its last successful run, with outputs in
-    place, is left alone and the report says ``nothing_to_do``.
+    place, is left alone and the report says ``nothing_to_do``. ``executor="dask"`` spreads
+    embedding and assignment over a Dask cluster.
     """
     started = time.time()
+    check_executor(executor, scheduler)
     check_output_settings(cfg)
     ensure_dir(cfg.work_dir, "output.work_dir")
     with pipeline_lock(cfg, lock_timeout):
@@ -583,11 +564,15 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
         report.tiles = stage_tile(cfg)
         seconds["tile"] = time.time() - t0
         t0 = time.time()
-        report.embedding = stage_embed(cfg)
-        seconds["embed"] = time.time() - t0
-        t0 = time.time()
-        report.clustering = stage_cluster(cfg, refit=refit)
-        seconds["cluster"] = time.time() - t0
+        ex = make_executor(executor, scheduler, n_workers)
+        try:
+            report.embedding = stage_embed(cfg, ex)
+            seconds["embed"] = time.time() - t0
+            t0 = time.time()
+            report.clustering = stage_cluster(cfg, refit=refit, executor=ex)
+            seconds["cluster"] = time.time() - t0
+        finally:
+            ex.close()
         info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                 "stage_seconds": seconds, "state_key": key}
         t0 = time.time()

@@ -12,7 +12,6 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyogrio
 import shapely
 import shapely.affinity
 from pyproj import CRS, Transformer
@@ -52,6 +51,8 @@ def load_regions(spec: Regions, where: str = "regions") -> gpd.GeoDataFrame:
         if not path.exists():
             raise RegionError(f"{path}: region file not found")
         try:
+            import pyogrio  # only region files need OGR; WKT regions do not
+
             gdf = pyogrio.read_dataframe(path, layer=spec.layer, where=spec.where)
         except Exception as exc:  # pyogrio raises several DataSource/field errors
             raise RegionError(f"{path}: cannot read region file: {str(exc).splitlines()[0]}") from None

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,14 +210,52 @@ class EmbeddingCache:
         folder = self.shard(key)
         folder.mkdir(parents=True, exist_ok=True)
         n = len(list(folder.glob("chunk-*.npz")))
-        target = folder / f"chunk-{n:06d}-{os.getpid()}.npz"
+        # several Dask workers (processes or threads) may append to one shard at once: names stay unique
+        target = folder / f"chunk-{n:06d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        embedded = ~np.isnan(embeddings[:, 0]) if embeddings.shape[1] else np.zeros(len(embeddings), bool)
 
         def _write(p: Path) -> None:
             with p.open("wb") as f:
                 np.savez(f, windows=windows.astype(np.int64), valid_tile=valid_tile.astype(np.float32),
-                         valid_cell=valid_cell.astype(np.float32), embeddings=embeddings.astype(np.float32))
+                         valid_cell=valid_cell.astype(np.float32), embeddings=embeddings.astype(np.float32),
+                         embedded=embedded)
 
         write_atomic(target, _write)
+
+    def index(self, key: str) -> pd.DataFrame:
+        """Every cached window of a shard with its validity and where its row lives, without the embeddings.
+
+        Columns: the window columns, valid_tile, valid_cell, embedded (bool), chunk (file name), chunk_row.
+        A window cached twice keeps its latest row, as in :meth:`load`.
+        """
+        frames = []
+        folder = self.shard(key)
+        for chunk in sorted(folder.glob("chunk-*.npz")) if folder.exists() else []:
+            try:
+                with np.load(chunk) as z:  # members are read lazily: the embeddings stay on disk
+                    w = z["windows"]
+                    embedded = z["embedded"] if "embedded" in z.files else ~np.isnan(z["embeddings"][:, 0])
+                    frames.append(pd.DataFrame({
+                        **{c: w[:, i] for i, c in enumerate(WINDOW_COLUMNS)},
+                        "valid_tile": z["valid_tile"], "valid_cell": z["valid_cell"],
+                        "embedded": embedded.astype(bool), "chunk": chunk.name,
+                        "chunk_row": np.arange(len(w), dtype=np.int64),
+                    }))
+            except (OSError, ValueError, KeyError):
+                chunk.unlink(missing_ok=True)  # a chunk from an older format or a broken disk
+        if not frames:
+            cols = {c: np.empty(0, np.int64) for c in WINDOW_COLUMNS}
+            return pd.DataFrame({**cols, "valid_tile": np.empty(0, np.float32), "valid_cell": np.empty(0, np.float32),
+                                 "embedded": np.empty(0, bool), "chunk": np.empty(0, object),
+                                 "chunk_row": np.empty(0, np.int64)})
+        table = pd.concat(frames, ignore_index=True)
+        return table[~table.duplicated(WINDOW_COLUMNS, keep="last")].reset_index(drop=True)
+
+    def chunk_embeddings(self, key: str, chunk: str) -> np.ndarray:
+        """The embedding rows of one chunk file (NaN rows for tiles that were not embedded)."""
+        with np.load(self.shard(key) / chunk) as z:
+            return z["embeddings"]
+
 
     def shards(self) -> list[Path]:
         """Every shard folder in the cache (hidden leftovers of an interrupted prune excluded)."""
@@ -319,3 +358,50 @@ def staged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
         raise OutputError(f"{out_dir}: cannot write outputs: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class NpyRows:
+    """Rows of a 2-D ``.npy`` file read on demand with plain reads, never mapped.
+
+    A memory map would count every page touched towards the process's resident memory; k-means
+    sampling and batched assignment over a huge embedding file only need the rows they ask for.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise OutputError(f"{path}: expected a C-ordered 2-D array, got shape {shape}")
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self._row = self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, f: Any, start: int, stop: int) -> np.ndarray:
+        f.seek(self.offset + start * self._row)
+        data = np.fromfile(f, dtype=self.dtype, count=(stop - start) * self.shape[1])
+        return data.reshape(stop - start, self.shape[1])
+
+    def __getitem__(self, item: slice | np.ndarray) -> np.ndarray:
+        with self.path.open("rb") as f:
+            if isinstance(item, slice):
+                start, stop, step = item.indices(len(self))
+                if step != 1:
+                    raise IndexError("NpyRows supports contiguous slices only")
+                return self._read(f, start, max(start, stop))
+            idx = np.asarray(item, dtype=np.int64)
+            out = np.empty((len(idx), self.shape[1]), dtype=self.dtype)
+            order = np.argsort(idx, kind="stable")
+            sidx = idx[order]
+            # read runs of consecutive rows at once
+            breaks = np.flatnonzero(np.diff(sidx) != 1) + 1
+            for run in np.split(np.arange(len(sidx)), breaks):
+                if len(run):
+                    out[order[run]] = self._read(f, int(sidx[run[0]]), int(sidx[run[-1]]) + 1)
+            return out

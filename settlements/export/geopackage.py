@@ -12,7 +12,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
-import pyogrio
 
 from ..store import atomic_path
 
@@ -39,6 +38,8 @@ def write_frames(path: Path, layers: dict[str, pd.DataFrame]) -> None:
             kwargs["layer_options"] = {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES"}
             if frame.empty:  # GDAL cannot infer the type of an empty layer; ours are all polygons
                 kwargs["geometry_type"] = "Polygon"
+        import pyogrio  # imported where used, so compute-only machines need no OGR
+
         pyogrio.write_dataframe(frame, path, **kwargs)
         first = False
 

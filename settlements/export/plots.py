@@ -89,14 +89,38 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
     _save(fig, path)
 
 
+#: Above this many tiles the label map is rasterised instead of drawn polygon by polygon.
+MAX_POLYGONS = 50_000
+
+
+def _label_image(tiles: gpd.GeoDataFrame, palette: Palette, bounds: tuple[float, float, float, float],
+                 width: int = 1800) -> np.ndarray:
+    """Tiles burnt into an RGBA image of ``width`` columns over ``bounds`` (transparent where no tile)."""
+    from rasterio.features import rasterize
+    from rasterio.transform import from_bounds
+
+    x0, y0, x1, y1 = bounds
+    height = max(1, int(round(width * (y1 - y0) / max(x1 - x0, 1e-12))))
+    labels = list(palette.labels)
+    codes = tiles["label"].map({lb: i + 1 for i, lb in enumerate(labels)}).fillna(0).astype(np.int32).to_numpy()
+    img = rasterize(zip(tiles.geometry.values, codes, strict=True), out_shape=(height, width),
+                    transform=from_bounds(x0, y0, x1, y1, width, height), fill=0, dtype="int32", all_touched=True)
+    lut = np.zeros((len(labels) + 1, 4), dtype=np.float32)
+    lut[1:] = [matplotlib.colors.to_rgba(palette.colour(lb)) for lb in labels]
+    return lut[img]
+
+
 def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, palette: Palette,
               title: str) -> None:
     """Tiles coloured by label, region outlines on top."""
     fig, ax = plt.subplots(figsize=(9, 9))
-    colours = tiles["label"].map(palette.colour)
-    tiles.plot(ax=ax, color=colours, linewidth=0)
-    regions.boundary.plot(ax=ax, color="#202020", linewidth=0.3)
     x0, y0, x1, y1 = tiles.total_bounds
+    if len(tiles) > MAX_POLYGONS:  # one patch per tile would take minutes and gigabytes: draw an image
+        ax.imshow(_label_image(tiles, palette, (x0, y0, x1, y1)), extent=(x0, x1, y0, y1), origin="upper",
+                  interpolation="nearest", aspect="auto")
+    else:
+        tiles.plot(ax=ax, color=tiles["label"].map(palette.colour), linewidth=0)
+    regions.boundary.plot(ax=ax, color="#202020", linewidth=0.3)
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_title(title)

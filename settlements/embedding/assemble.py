@@ -1,0 +1,71 @@
+"""Assemble the pipeline's embedding array from the cache shards, streaming.
+
+The output ``.npy`` is written block by block with plain file writes, gathering each block's rows
+from the few cache chunks that hold them; neither all embeddings nor a whole shard is ever held in
+memory (a 30k x 30k raster in 32 px tiles is ~880k x 1280 float32 = 4.5 GB).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..store import WINDOW_COLUMNS, EmbeddingCache, atomic_path
+
+
+def embedded_table(tiles: pd.DataFrame, keys: list[str], cache: EmbeddingCache,
+                   min_valid: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per tile: validity, kept and emb_row; plus, per kept tile in emb_row order, where its row is cached."""
+    metas, sources = [], []
+    for r, key in enumerate(keys):
+        rt = tiles[tiles["raster"] == r]
+        merged = rt[["tile_id", *WINDOW_COLUMNS]].merge(cache.index(key), on=WINDOW_COLUMNS, how="left")
+        embedded = merged["embedded"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        kept = (merged["valid_tile"].to_numpy() >= min_valid - 1e-9) & embedded
+        metas.append(pd.DataFrame({"tile_id": merged["tile_id"].to_numpy(),
+                                   "valid_tile": merged["valid_tile"].to_numpy(),
+                                   "valid_cell": merged["valid_cell"].to_numpy(), "kept": kept}))
+        sources.append(pd.DataFrame({"raster": r, "chunk": merged["chunk"].to_numpy()[kept],
+                                     "chunk_row": merged["chunk_row"].to_numpy()[kept].astype(np.int64)}))
+    meta = pd.concat(metas, ignore_index=True) if metas else pd.DataFrame(
+        columns=["tile_id", "valid_tile", "valid_cell", "kept"])
+    meta["emb_row"] = -1
+    meta.loc[meta["kept"], "emb_row"] = np.arange(int(meta["kept"].sum()))
+    meta["emb_row"] = meta["emb_row"].astype(np.int64)
+    source = pd.concat(sources, ignore_index=True) if sources else pd.DataFrame(
+        {"raster": [], "chunk": [], "chunk_row": []})
+    return meta, source
+
+
+def write_embeddings(target: Path, source: pd.DataFrame, keys: list[str], cache: EmbeddingCache, dim: int,
+                     block_rows: int = 8192, open_chunks: int = 4) -> int:
+    """Write the kept rows, in order, as a float32 ``(n, dim)`` .npy; return n."""
+    n = len(source)
+    rasters = source["raster"].to_numpy()
+    chunks = source["chunk"].to_numpy()
+    rows = source["chunk_row"].to_numpy()
+    loaded: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+
+    def chunk(r: int, name: str) -> np.ndarray:
+        if (r, name) in loaded:
+            loaded.move_to_end((r, name))
+        else:
+            loaded[(r, name)] = cache.chunk_embeddings(keys[r], name)
+            if len(loaded) > open_chunks:
+                loaded.popitem(last=False)
+        return loaded[(r, name)]
+
+    with atomic_path(target, suffix=".npy") as tmp, tmp.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                 "fortran_order": False, "shape": (n, dim)})
+        for s in range(0, n, block_rows):
+            e = min(s + block_rows, n)
+            out = np.empty((e - s, dim), dtype=np.float32)
+            pairs = pd.DataFrame({"r": rasters[s:e], "c": chunks[s:e]})
+            for (r, name), pos in pairs.groupby(["r", "c"], sort=False).indices.items():
+                out[pos] = chunk(int(r), str(name))[rows[s:e][pos]]
+            f.write(out.tobytes())
+    return n
