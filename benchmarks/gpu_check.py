@@ -35,12 +35,12 @@ class UtilSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.samples: list[float] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import torch
 
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self.samples.append(float(torch.cuda.utilization()))
             except Exception:  # no NVML: nothing to sample
@@ -48,7 +48,7 @@ class UtilSampler(threading.Thread):
             time.sleep(0.2)
 
     def stop(self) -> dict[str, float]:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=2)
         s = np.asarray(self.samples or [np.nan])
         return {"gpu_util_mean": float(np.nanmean(s)), "gpu_util_max": float(np.nanmax(s)),

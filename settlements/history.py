@@ -17,7 +17,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyogrio
 
 from .clustering import KMeansClusterer, match_centroids
 from .config import PipelineConfig
@@ -79,6 +78,8 @@ def read_previous(gpkg: Path) -> PreviousRun | None:
     if not gpkg.exists():
         return None
     try:
+        import pyogrio  # imported where used, so compute-only machines need no OGR
+
         tiles = pyogrio.read_dataframe(gpkg, layer="tiles", columns=["raster", "row", "col", "cluster"])
         hist = pyogrio.read_dataframe(gpkg, layer="histogram", read_geometry=False)
         runs = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False, columns=["run_id"])

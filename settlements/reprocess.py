@@ -27,7 +27,7 @@ from . import __version__
 from .config import PipelineConfig
 from .errors import RunLockedError
 from .rasters import expand_inputs, fingerprint
-from .store import write_json
+from .store import check_writable_dir, ensure_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def pipeline_lock(cfg: PipelineConfig, timeout: float = 0) -> Iterator[None]:
     ``timeout`` 0 fails at once with :class:`RunLockedError`; a positive value waits that many
     seconds first. The lock is an OS file lock, so it is released when a killed run's process dies.
     """
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(cfg.work_dir, "output.work_dir")
+    ensure_dir(cfg.work_dir, "output.work_dir")
     lock = FileLock(str(lock_path(cfg)))
     try:
         lock.acquire(timeout=timeout)
