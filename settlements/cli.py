@@ -110,6 +110,21 @@ def labels_template_alias(config: Path = CONFIG, force: bool = typer.Option(Fals
     labels_template(config, force)
 
 
+@labels_app.command("pull")
+def labels_pull(
+    gpkg: Path = typer.Argument(..., help="The pipeline's GeoPackage, e.g. outputs/olinda/olinda.gpkg",
+                                show_default=False),
+) -> None:
+    """Read names and colours edited in the GeoPackage's `clusters` table (e.g. in QGIS) into the
+    labels YAML, then regenerate every output and style."""
+    from .labels import pull
+
+    changes, outputs = pull(gpkg)
+    typer.echo("\n".join(changes) if changes else f"{gpkg}: no edits in the clusters table")
+    for name, path in outputs.items():
+        typer.echo(f"  {name}: {path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
