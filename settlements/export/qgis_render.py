@@ -69,8 +69,38 @@ def render(ms: Any) -> Any:
     return job.renderedImage()
 
 
-def render_project(qgz: Path, png: Path, width: int = 1000) -> dict[str, Any]:
-    """Open ``qgz`` in QGIS and save its default view as ``png``; report layer validity."""
+def with_legend(image: Any, layers: list) -> Any:
+    """The map image with QGIS's own legend of ``layers`` drawn on its right."""
+    from qgis.core import QgsLayerTree, QgsLayerTreeModel, QgsLegendRenderer, QgsLegendSettings, QgsRenderContext
+    from qgis.PyQt.QtCore import Qt
+    from qgis.PyQt.QtGui import QImage, QPainter
+
+    tree = QgsLayerTree()
+    for layer in layers:
+        tree.addLayer(layer)
+    model = QgsLayerTreeModel(tree)
+    legend = QgsLegendRenderer(model, QgsLegendSettings())
+    px_per_mm = image.dotsPerMeterX() / 1000
+    size = legend.minimumSize()  # mm
+    out = QImage(image.width() + int(size.width() * px_per_mm) + 20,
+                 max(image.height(), int(size.height() * px_per_mm) + 20), QImage.Format_ARGB32)
+    out.setDotsPerMeterX(image.dotsPerMeterX())
+    out.setDotsPerMeterY(image.dotsPerMeterY())
+    out.fill(Qt.white)
+    painter = QPainter(out)
+    painter.drawImage(0, 0, image)
+    painter.translate(image.width() + 10, 10)
+    painter.scale(px_per_mm, px_per_mm)  # the legend draws in millimetres
+    context = QgsRenderContext.fromQPainter(painter)
+    context.setFlag(QgsRenderContext.Antialiasing, True)
+    context.setScaleFactor(1)
+    legend.drawLegend(context)
+    painter.end()
+    return out
+
+
+def render_project(qgz: Path, png: Path, width: int = 1000, legend: bool = True) -> dict[str, Any]:
+    """Open ``qgz`` in QGIS and save its default view as ``png`` (with the regions' legend); report layers."""
     from qgis.core import QgsProject
 
     project = QgsProject.instance()
@@ -78,6 +108,9 @@ def render_project(qgz: Path, png: Path, width: int = 1000) -> dict[str, Any]:
         raise RuntimeError(f"{qgz}: QGIS cannot read the project: {project.error()}")
     layers = {lyr.name(): lyr.isValid() for lyr in project.mapLayers().values()}
     image = render(map_settings(project, width))
+    regions = project.mapLayersByName("regions")
+    if legend and regions:
+        image = with_legend(image, regions)
     png.parent.mkdir(parents=True, exist_ok=True)
     tmp = png.with_name(f".{png.name}.tmp.png")
     if not image.save(str(tmp), "PNG"):

@@ -143,6 +143,14 @@ def aux_xml(palette: Palette, counts: dict[int, int]) -> str:
 """
 
 
+class _ModeOverviewsOnPalette(logging.Filter):
+    """GDAL warns when building overviews of palette indexes; with mode resampling (the commonest index)
+    that is exactly what is wanted, so the note is dropped rather than shown to the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "overviews on palette index" not in record.getMessage()
+
+
 def write_cluster_map(path: Path, grid: CodeGrid, palette: Palette) -> Path:
     """Write the COG (atomically) with its colour table, plus the ``.aux.xml`` and ``.qml`` sidecars."""
     h, w = grid.codes.shape
@@ -161,9 +169,14 @@ def write_cluster_map(path: Path, grid: CodeGrid, palette: Palette) -> Path:
             src.write(grid.codes, 1)
             src.write_colormap(1, palette.colour_table())
             src.set_band_description(1, "label code (see the raster attribute table)")
-        with mem.open() as src, atomic_path(path, suffix=".tif") as tmp:
-            cog_translate(src, tmp, dst, nodata=NO_DATA_CODE, overview_resampling="mode", resampling="nearest",
-                          in_memory=True, quiet=True,
-                          additional_cog_metadata={"settlements": "label codes; 0 = no data"})
+        gdal_log, note = logging.getLogger("rasterio._env"), _ModeOverviewsOnPalette()
+        gdal_log.addFilter(note)
+        try:
+            with mem.open() as src, atomic_path(path, suffix=".tif") as tmp:
+                cog_translate(src, tmp, dst, nodata=NO_DATA_CODE, overview_resampling="mode", resampling="nearest",
+                              in_memory=True, quiet=True,
+                              additional_cog_metadata={"settlements": "label codes; 0 = no data"})
+        finally:
+            gdal_log.removeFilter(note)
     log.info("cluster map %s: %d x %d cells, block %d", path, w, h, bs)
     return path
