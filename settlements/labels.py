@@ -165,14 +165,19 @@ def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple
     return ClusterLabels(names, colours), changes
 
 
-def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int) -> list[str]:
+def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False) -> list[str]:
     """Write names and colours edited in ``gpkg``'s ``clusters`` table into the labels YAML.
 
     Returns the changes (empty when there are none, or no GeoPackage yet; the YAML is then untouched).
+    With ``need_snapshot`` (an ordinary run) a GeoPackage without the exported snapshot, written by an
+    older version, is left alone: without it, a YAML edited since could not be told from a table edit.
     """
     if not gpkg.exists():
         return []
     table, exported = read_clusters_table(gpkg)
+    if exported is None and need_snapshot:
+        log.info("%s: no labels snapshot in its runs table; table edits are pulled only by `labels pull`", gpkg)
+        return []
     current = read_labels(labels_path, k)
     merged, changes = merge_table_edits(gpkg, current, table, exported)
     if changes:

@@ -394,7 +394,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create output folder: {exc.strerror}") from None
     gpkg = out_dir / f"{cfg.name}.gpkg"
-    pull_edits(gpkg, cfg.labels_path, cfg.name, k)  # names/colours edited in QGIS go to the YAML first
+    pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
     labels = read_labels(cfg.labels_path, k)
     if not cfg.labels_path.exists():
         write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())))

@@ -104,11 +104,19 @@ def code_grid(parts: list[Cells]) -> CodeGrid:
 
 
 def _block_size(width: int, height: int) -> int:
-    """The largest COG block (16..512) that still leaves room for at least one overview level."""
+    """The largest COG block (16..512) that the shorter side still spans twice (room for an overview)."""
     size = 16
-    while size < 512 and max(width, height) >= 4 * size:
+    while size < 512 and min(width, height) >= 4 * size:
         size *= 2
     return size
+
+
+def _overview_levels(width: int, height: int, block: int) -> int:
+    """Halvings until the longer side fits one block: every zoom level gets an overview, at least one."""
+    levels, side = 0, max(width, height)
+    while side > block or levels == 0 and side > 1:
+        side, levels = (side + 1) // 2, levels + 1
+    return levels
 
 
 def aux_xml(palette: Palette, counts: dict[int, int]) -> str:
@@ -174,6 +182,7 @@ def write_cluster_map(path: Path, grid: CodeGrid, palette: Palette) -> Path:
         try:
             with mem.open() as src, atomic_path(path, suffix=".tif") as tmp:
                 cog_translate(src, tmp, dst, nodata=NO_DATA_CODE, overview_resampling="mode", resampling="nearest",
+                              overview_level=_overview_levels(w, h, bs),
                               in_memory=True, quiet=True,
                               additional_cog_metadata={"settlements": "label codes; 0 = no data"})
         finally:
