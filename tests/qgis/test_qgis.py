@@ -52,6 +52,9 @@ def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str]]:
     tiles = pyogrio.read_dataframe(ran.gpkg, layer="tiles")
     regions = pyogrio.read_dataframe(ran.gpkg, layer="regions")
     x0, y0, x1, y1 = tiles.total_bounds
+    # only what is in view matters: clipping keeps the geometry work small (municipalities are big)
+    regions = regions.set_geometry(shapely.clip_by_rect(regions.geometry.values, x0, y0, x1, y1))
+    regions = regions[~regions.geometry.is_empty]
     px = max(x1 - x0, y1 - y0) * 1.04 / WIDTH  # map units per rendered pixel, roughly
     out: dict[str, tuple[tuple[float, float], str, str]] = {}
     safe = homogeneous(tiles)
@@ -66,26 +69,28 @@ def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str]]:
     cx = shapely.centroid(tiles.geometry.values)
     clear = ~shapely.intersects(shapely.buffer(tiles.geometry.values, 4 * px), union)
     east = clear & (shapely.get_x(cx) > shapely.get_x(shapely.centroid(union)))
-    if east.sum() >= 10:
-        sea_label = tiles.loc[east, "label"].value_counts().idxmax()
-        cand = tiles[east & (tiles["label"] == sea_label).to_numpy() & tiles.index.isin(safe.index)]
+    sea_label = tiles.loc[east, "label"].value_counts().idxmax() if east.sum() >= 10 else None
+    cand = tiles[east & (tiles["label"] == sea_label).to_numpy() & tiles.index.isin(safe.index)]
+    if len(cand):
         mid_y = shapely.get_y(shapely.centroid(union))
         c = shapely.centroid(cand.geometry.values)[int(np.argmin(np.abs(shapely.get_y(
             shapely.centroid(cand.geometry.values)) - mid_y)))]
         out["east_of_regions"] = ((shapely.get_x(c), shapely.get_y(c)), "project", sea_label)
     # inside the largest regions, away from every other region's outline: the dominant label's colour
-    mapped = regions[regions["dominant_label"].notna()].copy()
-    mapped["a"] = shapely.area(mapped.geometry.values)
-    for i, (idx, reg) in enumerate(mapped.nlargest(3, "a").iterrows()):
-        others = shapely.union_all(regions.geometry.drop(index=idx).boundary.values)
-        inner = reg.geometry.difference(others.buffer(4 * px)).buffer(-4 * px)
-        inner = inner.difference(shapely.union_all(regions.geometry.drop(index=idx).values))
+    geoms = regions.geometry.values
+    area = np.where(regions["dominant_label"].notna().to_numpy(), shapely.area(geoms), -1.0)
+    tree = shapely.STRtree(geoms)
+    for i, pos in enumerate(np.argsort(-area)[:3]):
+        if area[pos] <= 0:
+            break
+        others = shapely.union_all([geoms[j] for j in tree.query(geoms[pos], predicate="intersects") if j != pos])
+        inner = geoms[pos].buffer(-4 * px).difference(others.buffer(4 * px))  # clear of overlapping regions
         inner = inner.intersection(shapely.box(x0 + 4 * px, y0 + 4 * px, x1 - 4 * px, y1 - 4 * px))  # in view
         if inner.is_empty:
             continue
         part = max(getattr(inner, "geoms", [inner]), key=lambda g: g.area)
         p = polylabel(part, tolerance=px / 4)
-        out[f"region{i}"] = ((p.x, p.y), "project", reg["dominant_label"])
+        out[f"region{i}"] = ((p.x, p.y), "project", regions["dominant_label"].iloc[pos])
     return out
 
 
