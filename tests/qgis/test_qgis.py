@@ -213,9 +213,8 @@ def test_rendered_places_have_their_class_colours(probed: dict) -> None:
     assert len({label for _, render, label in probed["places"].values() if render == "tiles"}) >= 3
 
 
+@pytest.mark.parametrize("probed", ["olinda"], indirect=True)
 def test_olinda_atlantic_is_drawn_in_the_sea_label_colour(probed: dict) -> None:
-    if probed["ran"].cfg.name != "olinda":
-        pytest.skip("the Atlantic is east of Olinda only")
     assert "east_of_regions" in probed["places"]
     _, _, label = probed["places"]["east_of_regions"]
     for render in ("project", "cluster map"):
