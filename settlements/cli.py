@@ -205,6 +205,21 @@ def cache_prune(
                f"{verb} {report.freed_bytes} bytes ({report.freed_bytes / 2**20:.1f} MiB)")
 
 
+@labels_app.command("pull")
+def labels_pull(
+    gpkg: Path = typer.Argument(..., help="The pipeline's GeoPackage, e.g. outputs/olinda/olinda.gpkg",
+                                show_default=False),
+) -> None:
+    """Read names and colours edited in the GeoPackage's `clusters` table (e.g. in QGIS) into the
+    labels YAML, then regenerate every output and style."""
+    from .labels import pull
+
+    changes, outputs = pull(gpkg)
+    typer.echo("\n".join(changes) if changes else f"{gpkg}: no edits in the clusters table")
+    for name, path in outputs.items():
+        typer.echo(f"  {name}: {path}")
+
+
 def main() -> None:
     # GDAL prints its own "ERROR 1: ..." lines to stderr; the failures that matter become one RasterError line
     os.environ.setdefault("CPL_LOG", os.devnull)

@@ -8,7 +8,9 @@ default name.
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +95,134 @@ def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[i
                                "size": int(sizes.get(cid, 0))} for cid in sorted(labels.names)}}
     text = HEADER.format(name=pipeline) + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------- edits made in QGIS
+
+def exported_snapshot(labels: ClusterLabels) -> dict[str, list[str]]:
+    """What an export shows per cluster (name, colour on the map), stored with the run.
+
+    A later pull compares the GeoPackage's ``clusters`` table with this to find what the analyst
+    changed, so edits made in the YAML since the export are kept rather than overwritten.
+    """
+    palette = labels.palette
+    return {str(c): [labels.names[c], palette.colour(labels.names[c])] for c in sorted(labels.names)}
+
+
+def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], dict[str, list[str]] | None]:
+    """The ``clusters`` table (id -> label, colour, size) and the last run's exported snapshot, with sqlite3."""
+    if not gpkg.is_file():
+        raise ConfigError(f"{gpkg}: GeoPackage not found")
+    try:
+        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT cluster, label, colour, size FROM clusters ORDER BY cluster").fetchall()
+            cols = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            snap = (con.execute("SELECT labels FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
+                    if "labels" in cols else None)
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'clusters' table ({exc})") from None
+    table = {int(c): (lb, col, int(size or 0)) for c, lb, col, size in rows}
+    return table, (json.loads(snap[0]) if snap and snap[0] else None)
+
+
+def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple[str, str, int]],
+                      exported: dict[str, list[str]] | None) -> tuple[ClusterLabels, list[str]]:
+    """Apply names and colours changed in the ``clusters`` table onto ``current`` (the YAML as it is now).
+
+    A change is a difference from what the export showed (``exported``; without it, from what
+    ``current`` would show). A new colour becomes the explicit colour of every cluster with that
+    name, since clusters sharing a name share one colour.
+    """
+    if exported is None:
+        exported = exported_snapshot(current)
+    names, colours = dict(current.names), dict(current.colours)
+    changes: list[str] = []
+    recoloured: dict[int, str] = {}
+    for cid, (label, colour, _) in table.items():
+        if cid not in names:
+            log.warning("%s: clusters row %d is not among the %d clusters; ignored", gpkg, cid, len(names))
+            continue
+        shown_name, shown_colour = exported.get(str(cid), [current.label_of(cid), None])
+        if label is None or not str(label).strip():
+            raise ConfigError(f"{gpkg}: clusters.{cid}.label: must be a non-empty name")
+        label = str(label).strip()
+        if label != shown_name:
+            changes.append(f"cluster {cid}: name {shown_name!r} -> {label!r}")
+            names[cid] = label
+        if colour is None or not is_colour(str(colour).strip()):
+            raise ConfigError(f"{gpkg}: clusters.{cid}.colour: expected '#rrggbb', got {colour!r}")
+        colour = str(colour).strip().lower()
+        if colour != (shown_colour or "").lower():
+            changes.append(f"cluster {cid}: colour {shown_colour} -> {colour}")
+            recoloured[cid] = colour
+    for cid, colour in recoloured.items():
+        for other, name in names.items():
+            if name == names[cid] and (other == cid or colours.get(other) is not None):
+                colours[other] = colour
+    return ClusterLabels(names, colours), changes
+
+
+def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False) -> list[str]:
+    """Write names and colours edited in ``gpkg``'s ``clusters`` table into the labels YAML.
+
+    Returns the changes (empty when there are none, or no GeoPackage yet; the YAML is then untouched).
+    With ``need_snapshot`` (an ordinary run) a GeoPackage without the exported snapshot, written by an
+    older version, is left alone: without it, a YAML edited since could not be told from a table edit.
+    """
+    if not gpkg.exists():
+        return []
+    table, exported = read_clusters_table(gpkg)
+    if exported is None and need_snapshot:
+        log.info("%s: no labels snapshot in its runs table; table edits are pulled only by `labels pull`", gpkg)
+        return []
+    current = read_labels(labels_path, k)
+    merged, changes = merge_table_edits(gpkg, current, table, exported)
+    if changes:
+        sizes = {cid: size for cid, (_, _, size) in table.items()}
+        write_labels(labels_path, pipeline, merged, sizes)
+        log.warning("%s: %d label edit(s) pulled into %s", gpkg, len(changes), labels_path)
+    return changes
+
+
+def stored_config_json(gpkg: Path) -> dict:
+    """The resolved pipeline config of the last run that wrote ``gpkg`` (its ``runs`` table)."""
+    try:
+        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT config FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'runs' table ({exc})") from None
+    if row is None:
+        raise ConfigError(f"{gpkg}: the 'runs' table is empty; run the pipeline first")
+    return json.loads(row[0])
+
+
+def pull(gpkg: Path) -> tuple[list[str], dict[str, Path]]:
+    """``settlements labels pull``: edits in ``gpkg`` -> the labels YAML -> every output, regenerated.
+
+    The pipeline is the one recorded in ``gpkg``'s ``runs`` table (its resolved config, with the
+    labels YAML and work folder); outputs are rewritten beside ``gpkg``, wherever it now lies.
+    """
+    from pydantic import ValidationError
+
+    from .config import PipelineConfig
+    from .pipeline import stage_export
+
+    gpkg = Path(gpkg)
+    if not gpkg.is_file():
+        raise ConfigError(f"{gpkg}: GeoPackage not found")
+    try:
+        cfg = PipelineConfig.model_validate(stored_config_json(gpkg))
+    except ValidationError as exc:
+        raise ConfigError(f"{gpkg}: runs.config: not a config this version understands ({exc.errors()[0]['msg']})"
+                          ) from None
+    if gpkg.name != f"{cfg.name}.gpkg":
+        raise ConfigError(f"{gpkg}: expected the file name {cfg.name}.gpkg (pipeline '{cfg.name}')")
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": gpkg.resolve().parent})})
+    changes = pull_edits(gpkg, cfg.labels_path, cfg.name, cfg.clustering.k)
+    return changes, stage_export(cfg)

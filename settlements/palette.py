@@ -13,6 +13,8 @@ UNLABELLED = "unlabelled"
 NO_DATA = "no data"
 UNLABELLED_COLOUR = "#bdbdbd"
 NO_DATA_COLOUR = "#000000"
+#: The raster code of "no data" (no valid tile); labels are coded 1..n in palette order.
+NO_DATA_CODE = 0
 OUTLINE_COLOUR = "#404040"
 #: Low and high ends of sequential colour ramps (confusion matrices): white to dark blue.
 RAMP_COLOURS = ("#f7fbff", "#08306b")
@@ -85,6 +87,17 @@ class Palette:
     def rgb(self, label: str) -> tuple[float, float, float]:
         r, g, b = hex_to_rgb(self.colour(label))
         return r / 255, g / 255, b / 255
+
+    def colour_table(self) -> dict[int, tuple[int, int, int, int]]:
+        """The raster colour table: code -> RGBA, with code 0 (no data) transparent."""
+        table = {NO_DATA_CODE: (*hex_to_rgb(NO_DATA_COLOUR), 0)}
+        for label, colour in self.items():
+            table[self.code(label)] = (*hex_to_rgb(colour), 255)
+        return table
+
+    def class_names(self) -> dict[int, str]:
+        """Code -> class name, no data included: what the raster attribute table and legend show."""
+        return {NO_DATA_CODE: NO_DATA, **{self.code(label): label for label in self.labels}}
 
 
 def build_palette(names: dict[int, str], colours: dict[int, str | None]) -> Palette:

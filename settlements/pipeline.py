@@ -42,8 +42,10 @@ from .errors import (
 )
 from .executors import EmbedJob, Executor, LocalExecutor, check_executor, make_executor
 from .export import plots
-from .export.geopackage import LayerStyle, write_geopackage
-from .export.styles import categorized_qml
+from .export.geopackage import write_geopackage
+from .export.qgis_project import write_project
+from .export.raster import code_grid, tile_cells, write_cluster_map
+from .export.styles import vector_styles
 from .histograms import region_histograms
 from .history import (
     change_styles,
@@ -56,8 +58,7 @@ from .history import (
     run_columns,
     tile_changes,
 )
-from .labels import ClusterLabels, read_labels, write_labels
-from .palette import slug
+from .labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
 from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile
 from .regions import (
     area_m2,
@@ -436,6 +437,8 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create output folder: {exc.strerror}") from None
+    gpkg = out_dir / f"{cfg.name}.gpkg"
+    pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
     labels = read_labels(cfg.labels_path, k)
     if not cfg.labels_path.exists():
         write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())))
@@ -456,7 +459,6 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "size": sizes.astype(np.int64),
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
-    gpkg = out_dir / f"{cfg.name}.gpkg"
     previous = read_previous(gpkg)
     cluster_info = read_json(ws.cluster_meta, "cluster")
     before = previous_labels(labels, cluster_info.get("matching"))
@@ -469,6 +471,9 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "finished_utc": now.isoformat(timespec="seconds"),
         "duration_s": float(time.time() - run_started) if run_started else float("nan"),
         "config": json.dumps(cfg.to_yaml_dict(), default=str),
+        "config_path": str(cfg.source or ""),
+        "labels_path": str(cfg.labels_path),
+        "labels": json.dumps(exported_snapshot(labels)),
         "backbone": embed_info["backbone"], "layer": embed_info["layer"],
         "weights_sha256": embed_info["weights_sha256"], "weights_source": embed_info["weights_source"],
         "device": embed_info["device"],
@@ -490,35 +495,24 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
             runs = concat_runs(old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row)
         except Exception:  # an older file without a runs table: start the history here
             log.warning("%s: could not read earlier runs; history restarts", gpkg)
-    tip = "<b>[% region_name %]</b><br>dominant: [% dominant_label %]<br>" + "<br>".join(
-        f"{lb}: [% round(\"frac_{slug(lb)}\" * 100, 1) %] %" for lb in palette.labels)
-    styles = [
-        LayerStyle("tiles", "settlements labels",
-                   categorized_qml("label", palette, aliases={"cluster": "Cluster", "label": "Label",
-                                                              "distance": "Distance to centroid",
-                                                              "region_id": "Region", "raster": "Source raster"},
-                                   outline_width=0.02, display_field="label"),
-                   "tiles coloured by label"),
-        LayerStyle("regions", "settlements dominant label",
-                   categorized_qml("dominant_label", palette,
-                                   aliases={"region_name": "Region", "dominant_label": "Dominant label",
-                                            "area_km2": "Area (km²)", "mapped_km2": "Mapped area (km²)",
-                                            "valid_fraction": "Share imaged"},
-                                   outline_width=0.2, map_tip=tip, display_field="region_name"),
-                   "regions coloured by their dominant label"),
-    ]
-    styles += change_styles(labels)
+    styles = vector_styles(palette, k) + change_styles(labels)
+    cluster_map = out_dir / f"{cfg.name}_labels.tif"
+    project = out_dir / f"{cfg.name}.qgz"
     with staged_outputs(out_dir, cfg.name) as stage:
         write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
                                              "histogram": long, "runs": runs, "changes": changes,
                                              "tile_changes": changed_tiles}, styles)
+        write_cluster_map(stage / cluster_map.name, code_grid(tile_cells(t, [i.crs for i in infos], palette)),
+                          palette)
+        write_project(stage / project.name, stage / gpkg.name, stage / cluster_map.name, palette, k,
+                      f"settlements: {cfg.name}")
         panels = _atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
         plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
         plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
                          f"{cfg.name}: label histograms")
         plots.label_map(stage / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
     return {"gpkg": gpkg, "atlas": out_dir / "atlas.png", "histograms": out_dir / "histograms.png",
-            "map": out_dir / "map.png"}
+            "map": out_dir / "map.png", "cluster_map": cluster_map, "project": project}
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -1,12 +1,26 @@
-"""QGIS styles (QML) generated from the palette: no colour is written here by hand."""
+"""QGIS styles (QML) generated from the palette: no colour is written here by hand.
+
+Vector styles go into the GeoPackage's ``layer_styles`` table (QGIS loads the default one when the
+layer opens); the raster style is a ``.qml`` sidecar beside the cluster map (QGIS loads it the
+same way). The QGIS project embeds the same XML, so every view of the outputs shows one palette.
+"""
 
 from __future__ import annotations
 
 from xml.sax.saxutils import escape, quoteattr
 
-from ..palette import OUTLINE_COLOUR, Palette, hex_to_rgb
+from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb, slug
+from .geopackage import LayerStyle
 
 QGIS_VERSION = "3.22.0"
+_HEADER = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>"
+
+TILES_ALIASES = {"tile_id": "Tile", "cluster": "Cluster", "label": "Label", "distance": "Distance to centroid",
+                 "region_id": "Region", "raster": "Source raster", "row": "Grid row", "col": "Grid column",
+                 "valid_fraction": "Share of valid pixels"}
+REGIONS_ALIASES = {"region_id": "Region id", "region_name": "Region", "area_km2": "Area (km²)",
+                   "imaged_km2": "Imaged area (km²)", "mapped_km2": "Mapped area (km²)", "n_tiles": "Tiles",
+                   "n_skipped": "Tiles skipped", "valid_fraction": "Share imaged", "dominant_label": "Dominant label"}
 
 
 def _rgba(colour: str, alpha: int = 255) -> str:
@@ -14,12 +28,12 @@ def _rgba(colour: str, alpha: int = 255) -> str:
     return f"{r},{g},{b},{alpha}"
 
 
-def _fill_symbol(name: str, colour: str, outline_width: float, alpha: float = 1.0) -> str:
-    return f"""<symbol type="fill" name={quoteattr(name)} alpha="{alpha}" clip_to_extent="1" force_rhr="0">
+def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int = 255) -> str:
+    return f"""<symbol type="fill" name={quoteattr(name)} alpha="1" clip_to_extent="1" force_rhr="0">
         <layer class="SimpleFill" enabled="1" locked="0" pass="0">
           <Option type="Map">
             <Option type="QString" name="border_width_map_unit_scale" value="3x:0,0,0,0,0,0"/>
-            <Option type="QString" name="color" value="{_rgba(colour)}"/>
+            <Option type="QString" name="color" value="{_rgba(colour, fill_alpha)}"/>
             <Option type="QString" name="joinstyle" value="bevel"/>
             <Option type="QString" name="offset" value="0,0"/>
             <Option type="QString" name="offset_map_unit_scale" value="3x:0,0,0,0,0,0"/>
@@ -28,47 +42,183 @@ def _fill_symbol(name: str, colour: str, outline_width: float, alpha: float = 1.
             <Option type="QString" name="outline_style" value="solid"/>
             <Option type="QString" name="outline_width" value="{outline_width}"/>
             <Option type="QString" name="outline_width_unit" value="MM"/>
-            <Option type="QString" name="style" value="solid"/>
+            <Option type="QString" name="style" value="{'solid' if fill_alpha else 'no'}"/>
           </Option>
         </layer>
       </symbol>"""
 
 
-def categorized_qml(field: str, palette: Palette, aliases: dict[str, str] | None = None,
-                    outline_width: float = 0.06, map_tip: str = "", display_field: str = "") -> str:
-    """A categorized polygon renderer on ``field``: one category per palette label."""
-    cats = "\n      ".join(
-        f'<category render="true" symbol="{i}" value={quoteattr(label)} label={quoteattr(label)}/>'
-        for i, (label, _) in enumerate(palette.items())
-    )
-    symbols = "\n      ".join(
-        _fill_symbol(str(i), c, outline_width) for i, (_, c) in enumerate(palette.items())
-    )
-    alias_xml = "\n    ".join(
-        f'<alias field={quoteattr(f)} index="{i}" name={quoteattr(a)}/>'
-        for i, (f, a) in enumerate((aliases or {}).items())
-    )
-    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="{QGIS_VERSION}" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
-  <renderer-v2 type="categorizedSymbol" attr={quoteattr(field)} symbollevels="0" enableorderby="0"
+def _aliases(aliases: dict[str, str]) -> str:
+    return "\n    ".join(f'<alias field={quoteattr(f)} index="{i}" name={quoteattr(a)}/>'
+                       for i, (f, a) in enumerate(aliases.items()))
+
+
+def _layer_tail(aliases: dict[str, str], map_tip: str, display_field: str, extra: str = "") -> str:
+    return f"""  <aliases>
+    {_aliases(aliases)}
+  </aliases>
+  {extra}
+  <mapTip>{escape(map_tip)}</mapTip>
+  <previewExpression>{escape(display_field)}</previewExpression>
+  <layerGeometryType>2</layerGeometryType>"""
+
+
+def categorized_renderer(field: str, palette: Palette, outline_width: float, no_data_category: bool) -> str:
+    """A categorized polygon renderer on ``field``: one category per palette label.
+
+    With ``no_data_category`` features whose value is NULL (e.g. regions without imagery) fall in an
+    outline-only "no data" category (QGIS's "all other values"), so they stay visible uncoloured.
+    """
+    items = palette.items()
+    cats = [f'<category render="true" symbol="{i}" value={quoteattr(label)} label={quoteattr(label)}/>'
+            for i, (label, _) in enumerate(items)]
+    symbols = [_fill_symbol(str(i), c, outline_width) for i, (_, c) in enumerate(items)]
+    if no_data_category:
+        cats.append(f'<category render="true" symbol="{len(items)}" value="" label={quoteattr(NO_DATA)}/>')
+        symbols.append(_fill_symbol(str(len(items)), NO_DATA_COLOUR, outline_width, fill_alpha=0))
+    sep = "\n      "
+    return f"""<renderer-v2 type="categorizedSymbol" attr={quoteattr(field)} symbollevels="0" enableorderby="0"
                forceraster="0" referencescale="-1">
     <categories>
-      {cats}
+      {sep.join(cats)}
     </categories>
     <symbols>
-      {symbols}
+      {sep.join(symbols)}
     </symbols>
     <source-symbol>
-      {_fill_symbol("0", "#bdbdbd", outline_width)}
+      {_fill_symbol("0", palette.colours[0] if palette.colours else NO_DATA_COLOUR, outline_width)}
     </source-symbol>
     <rotation/>
     <sizescale/>
-  </renderer-v2>
-  <aliases>
-    {alias_xml}
-  </aliases>
-  <mapTip>{escape(map_tip)}</mapTip>
-  <previewExpression>{escape(display_field)}</previewExpression>
-  <layerGeometryType>2</layerGeometryType>
+  </renderer-v2>"""
+
+
+def _outline_renderer(outline_width: float) -> str:
+    return f"""<renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">
+    <symbols>
+      {_fill_symbol("0", NO_DATA_COLOUR, outline_width, fill_alpha=0)}
+    </symbols>
+    <rotation/>
+    <sizescale/>
+  </renderer-v2>"""
+
+
+def pie_diagram(palette: Palette, size_mm: float = 7.0) -> str:
+    """A pie per region of the label fractions (``frac_<label>``), in the palette's colours."""
+    attrs = "\n      ".join(
+        f'<attribute field={quoteattr(chr(34) + "frac_" + slug(lb) + chr(34))} color="{c}" colorOpacity="1" '
+        f"label={quoteattr(lb)}/>" for lb, c in palette.items())
+    return f"""<SingleCategoryDiagramRenderer diagramType="Pie" attributeLegend="1">
+    <DiagramCategory enabled="1" width="{size_mm}" height="{size_mm}" sizeType="MM" penWidth="0.1"
+        penColor="{OUTLINE_COLOUR}" penAlpha="255" backgroundColor="{NO_DATA_COLOUR}" backgroundAlpha="0"
+        opacity="1" rotationOffset="270" direction="1" scaleDependency="Area" scaleBasedVisibility="0"
+        minScaleDenominator="0" maxScaleDenominator="0" minimumSize="0" labelPlacementMethod="Height"
+        diagramOrientation="Up" barWidth="5" showAxis="0" lineSizeType="MM" spacing="0" spacingUnit="MM"
+        sizeScale="3x:0,0,0,0,0,0" lineSizeScale="3x:0,0,0,0,0,0" spacingUnitScale="3x:0,0,0,0,0,0">
+      <fontProperties description="Sans Serif,8,-1,5,50,0,0,0,0,0" style=""/>
+      {attrs}
+    </DiagramCategory>
+  </SingleCategoryDiagramRenderer>
+  <DiagramLayerSettings placement="1" priority="5" linePlacementFlags="1" zIndex="0" showAll="1" obstacle="0"
+      dist="0"/>"""
+
+
+def _document(body: str) -> str:
+    return f"""{_HEADER}
+<qgis version="{QGIS_VERSION}" styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0">
+  {body}
 </qgis>
 """
+
+
+def categorized_qml(field: str, palette: Palette, aliases: dict[str, str] | None = None,
+                    outline_width: float = 0.06, map_tip: str = "", display_field: str = "",
+                    no_data_category: bool = False) -> str:
+    """A complete QML: categorized polygon renderer on ``field``, aliases and map tip."""
+    return _document(categorized_renderer(field, palette, outline_width, no_data_category) + "\n"
+                     + _layer_tail(aliases or {}, map_tip, display_field))
+
+
+def tiles_qml_body(palette: Palette) -> str:
+    """Tiles: categorized by label, thin outlines."""
+    tip = "<b>[% \"label\" %]</b><br>cluster [% \"cluster\" %], region [% \"region_id\" %]"
+    return (categorized_renderer("label", palette, 0.02, no_data_category=False) + "\n"
+            + _layer_tail(TILES_ALIASES, tip, '"label"'))
+
+
+def region_aliases(palette: Palette, k: int) -> dict[str, str]:
+    """Readable names for every regions column, label and cluster columns included."""
+    out = dict(REGIONS_ALIASES)
+    for lb in palette.labels:
+        s = slug(lb)
+        out |= {f"n_{s}": f"Tiles: {lb}", f"frac_{s}": f"Share: {lb}", f"km2_{s}": f"Area (km²): {lb}"}
+    for c in range(k):
+        out |= {f"n_c{c}": f"Tiles: cluster {c}", f"frac_c{c}": f"Share: cluster {c}",
+                f"km2_c{c}": f"Area (km²): cluster {c}"}
+    return out
+
+
+def region_map_tip(palette: Palette) -> str:
+    """HTML map tip: region name, dominant label, then each label's share and km² of the mapped area."""
+    rows = "".join(
+        f'<tr><td><span style="color:{c}">&#9632;</span> {escape(lb)}</td>'
+        f'<td align="right">[% format_number(coalesce("frac_{slug(lb)}", 0) * 100, 1) %] %</td>'
+        f'<td align="right">[% format_number(coalesce("km2_{slug(lb)}", 0), 3) %] km²</td></tr>'
+        for lb, c in palette.items())
+    return ('<b>[% "region_name" %]</b> ([% "region_id" %])<br>dominant: [% coalesce("dominant_label", \'no data\') %]'
+            '<br>mapped [% format_number("mapped_km2", 3) %] of [% format_number("area_km2", 3) %] km²'
+            f"<table>{rows}</table>")
+
+
+def regions_qml_body(palette: Palette, k: int) -> str:
+    """Regions: categorized by dominant label, label mix in the map tip."""
+    return (categorized_renderer("dominant_label", palette, 0.2, no_data_category=True) + "\n"
+            + _layer_tail(region_aliases(palette, k), region_map_tip(palette), '"region_name"'))
+
+
+def regions_mix_qml_body(palette: Palette, k: int) -> str:
+    """Regions, second style: outlines with a pie of the label fractions on each region."""
+    return (_outline_renderer(0.2) + "\n"
+            + _layer_tail(region_aliases(palette, k), region_map_tip(palette), '"region_name"',
+                          extra=pie_diagram(palette)))
+
+
+def raster_qml_body(palette: Palette) -> str:
+    """The cluster map: paletted renderer with one class per label code, names as class labels."""
+    entries = "\n        ".join(
+        f'<paletteEntry value="{palette.code(lb)}" color="{c}" alpha="255" label={quoteattr(lb)}/>'
+        for lb, c in palette.items())
+    return f"""<pipe>
+    <provider>
+      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour"
+                  zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
+    </provider>
+    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <rasterTransparency/>
+      <colorPalette>
+        {entries}
+      </colorPalette>
+    </rasterrenderer>
+    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
+    <huesaturation saturation="0" grayscaleMode="0" invertColors="0" colorizeOn="0" colorizeRed="255"
+                   colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>
+    <rasterresampler maxOversampling="2"/>
+    <resamplingStage>resamplingFilter</resamplingStage>
+  </pipe>
+  <blendMode>0</blendMode>"""
+
+
+def raster_qml(palette: Palette) -> str:
+    """The ``.qml`` sidecar of the cluster map; the nodata code has no entry, so it stays transparent."""
+    return _document(raster_qml_body(palette))
+
+
+def vector_styles(palette: Palette, k: int) -> list[LayerStyle]:
+    """The GeoPackage's ``layer_styles`` rows: defaults for tiles and regions, plus the label-mix style."""
+    return [
+        LayerStyle("tiles", "settlements labels", _document(tiles_qml_body(palette)), "tiles coloured by label"),
+        LayerStyle("regions", "settlements label mix", _document(regions_mix_qml_body(palette, k)),
+                   "regions with a pie of their label shares", default=False),
+        LayerStyle("regions", "settlements dominant label", _document(regions_qml_body(palette, k)),
+                   "regions coloured by their dominant label"),
+    ]

@@ -1,0 +1,162 @@
+"""The QGIS project (``.qgz``) beside the outputs: the cluster map and both layers, styled, in order.
+
+The project XML is written here rather than by QGIS, so a run needs no QGIS installed; the same
+style XML as the GeoPackage and ``.qml`` sidecar is embedded in each layer, so the project and a
+layer opened on its own look alike. Datasources are relative (``./name.gpkg|layername=tiles``),
+so the output folder can be moved or shared. The tests open it in a real QGIS.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import pyogrio
+import rasterio
+from pyproj import CRS
+
+from ..palette import Palette
+from ..store import atomic_path
+from .styles import QGIS_VERSION, raster_qml_body, regions_mix_qml_body, regions_qml_body, tiles_qml_body
+
+Bounds = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ProjectLayer:
+    """One map layer of the project: id, name, relative source, provider, CRS, extent and style body."""
+
+    layer_id: str
+    name: str
+    source: str
+    provider: str
+    crs: CRS
+    extent: Bounds
+    style: str
+    checked: bool = True
+    geometry: str = ""  # vector layers: 'Polygon'; the WKB type name goes in wkb_type
+    wkb_type: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "vector" if self.provider == "ogr" else "raster"
+
+
+def srs_xml(crs: CRS) -> str:
+    """QGIS ``spatialrefsys``: the WKT (what QGIS trusts first) plus the authority id and name."""
+    auth = crs.to_authority()
+    authid = f"{auth[0]}:{auth[1]}" if auth else ""
+    return (f"<spatialrefsys><wkt>{escape(crs.to_wkt())}</wkt><authid>{escape(authid)}</authid>"
+            f"<description>{escape(crs.name)}</description>"
+            f"<geographicflag>{'true' if crs.is_geographic else 'false'}</geographicflag></spatialrefsys>")
+
+
+def _extent_xml(b: Bounds, tag: str = "extent") -> str:
+    return f"<{tag}><xmin>{b[0]!r}</xmin><ymin>{b[1]!r}</ymin><xmax>{b[2]!r}</xmax><ymax>{b[3]!r}</ymax></{tag}>"
+
+
+def _maplayer(layer: ProjectLayer) -> str:
+    geom = (f' geometry="{layer.geometry}" wkbType="{layer.wkb_type}" readOnly="0"'
+            if layer.kind == "vector" else "")
+    provider = ('<provider encoding="UTF-8">ogr</provider>' if layer.kind == "vector"
+                else f"<provider>{layer.provider}</provider>")
+    nodata = ('<noData><noDataList bandNo="1" useSrcNoData="1"/></noData>' if layer.kind == "raster" else "")
+    legend = '<legend type="default-vector" showLabelLegend="0"/>' if layer.kind == "vector" else ""
+    return f"""<maplayer type="{layer.kind}"{geom} styleCategories="AllStyleCategories" hasScaleBasedVisibilityFlag="0"
+        minScale="0" maxScale="0" autoRefreshEnabled="0" autoRefreshTime="0">
+      {_extent_xml(layer.extent)}
+      <id>{escape(layer.layer_id)}</id>
+      <datasource>{escape(layer.source)}</datasource>
+      <layername>{escape(layer.name)}</layername>
+      <srs>{srs_xml(layer.crs)}</srs>
+      {provider}
+      {nodata}
+      <map-layer-style-manager current="default"><map-layer-style name="default"/></map-layer-style-manager>
+      <flags><Identifiable>1</Identifiable><Removable>1</Removable><Searchable>1</Searchable></flags>
+      {layer.style}
+      {legend}
+    </maplayer>"""
+
+
+def project_xml(title: str, layers: list[ProjectLayer], crs: CRS, view: Bounds) -> str:
+    """A QGIS 3 project document; ``layers`` top of the legend first (drawn last, on top)."""
+    tree = "\n    ".join(
+        f'<layer-tree-layer id={quoteattr(lyr.layer_id)} name={quoteattr(lyr.name)} source={quoteattr(lyr.source)} '
+        f'providerKey="{lyr.provider}" checked="{"Qt::Checked" if lyr.checked else "Qt::Unchecked"}" expanded="1">'
+        "<customproperties/></layer-tree-layer>" for lyr in layers)
+    order = "".join(f"<layer id={quoteattr(lyr.layer_id)}/>" for lyr in layers)
+    maplayers = "\n    ".join(_maplayer(lyr) for lyr in layers)
+    units = "degrees" if crs.is_geographic else "meters"
+    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
+<qgis projectname={quoteattr(title)} version="{QGIS_VERSION}">
+  <homePath path=""/>
+  <title>{escape(title)}</title>
+  <projectCrs>{srs_xml(crs)}</projectCrs>
+  <layer-tree-group>
+    <customproperties/>
+    {tree}
+    <custom-order enabled="0">{"".join(f"<item>{escape(lyr.layer_id)}</item>" for lyr in layers)}</custom-order>
+  </layer-tree-group>
+  <mapcanvas name="theMapCanvas" annotationsVisible="1">
+    <units>{units}</units>
+    {_extent_xml(view)}
+    <rotation>0</rotation>
+    <destinationsrs>{srs_xml(crs)}</destinationsrs>
+    <rendermaptile>0</rendermaptile>
+  </mapcanvas>
+  <projectlayers>
+    {maplayers}
+  </projectlayers>
+  <layerorder>{order}</layerorder>
+  <properties>
+    <Paths><Absolute type="bool">false</Absolute></Paths>
+    <SpatialRefSys><ProjectionsEnabled type="int">1</ProjectionsEnabled></SpatialRefSys>
+  </properties>
+  <ProjectViewSettings UseProjectScales="0" rotation="0">
+    <Scales/>
+    <DefaultViewExtent xmin="{view[0]!r}" ymin="{view[1]!r}" xmax="{view[2]!r}" ymax="{view[3]!r}">
+      {srs_xml(crs)}
+    </DefaultViewExtent>
+  </ProjectViewSettings>
+</qgis>
+"""
+
+
+def _vector_layer(gpkg: Path, layer: str, name: str, style: str, checked: bool = True) -> ProjectLayer:
+    info = pyogrio.read_info(gpkg, layer=layer, force_total_bounds=True)
+    wkb = str(info["geometry_type"]).replace(" ", "")
+    return ProjectLayer(f"settlements_{name.replace(' ', '_').replace(':', '')}", name,
+                        f"./{gpkg.name}|layername={layer}", "ogr", CRS.from_user_input(info["crs"]),
+                        tuple(float(v) for v in info["total_bounds"]), style, checked,
+                        "Polygon", wkb)
+
+
+def _padded(b: Bounds, share: float = 0.02) -> Bounds:
+    dx, dy = (b[2] - b[0]) * share, (b[3] - b[1]) * share
+    return b[0] - dx, b[1] - dy, b[2] + dx, b[3] + dy
+
+
+def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k: int, title: str) -> Path:
+    """Write ``path`` (.qgz): label mix (off), regions, tiles, cluster map; view on the tiles' extent.
+
+    The GeoPackage and the cluster map must lie in the project's folder (they are referenced
+    relatively).
+    """
+    with rasterio.open(cluster_map) as src:
+        rcrs = CRS.from_wkt(src.crs.to_wkt())
+        rb = tuple(float(v) for v in src.bounds)
+    layers = [
+        _vector_layer(gpkg, "regions", "regions: label mix", regions_mix_qml_body(palette, k), checked=False),
+        _vector_layer(gpkg, "regions", "regions", regions_qml_body(palette, k)),
+        _vector_layer(gpkg, "tiles", "tiles", tiles_qml_body(palette)),
+        ProjectLayer("settlements_cluster_map", "cluster map", f"./{cluster_map.name}", "gdal", rcrs, rb,
+                     raster_qml_body(palette)),
+    ]
+    crs = layers[2].crs
+    xml = project_xml(title, layers, crs, _padded(layers[2].extent))
+    with atomic_path(path, suffix=".qgz") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"{path.stem}.qgs", xml)
+    return path

@@ -1,0 +1,221 @@
+"""Real QGIS (Debian python3-qgis, headless) on the outputs of real pipeline runs.
+
+One QGIS subprocess per run (tests/qgis/probe.py) opens the GeoPackage layers with their default
+styles, the cluster map with its sidecar, and the project copied to another folder, renders it,
+and reports colours at places chosen here from the outputs; the tests assert on that report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+import pytest
+import shapely
+from shapely.ops import polylabel
+
+from settlements.export.qgis_render import SYSTEM_PYTHON, qgis_available, qgis_environment
+
+from ..conftest import Ran
+
+WHY_NOT = qgis_available()
+pytestmark = [pytest.mark.qgis, pytest.mark.slow,
+              pytest.mark.skipif(WHY_NOT is not None, reason=f"real QGIS needed: {WHY_NOT}")]
+PROBE = Path(__file__).with_name("probe.py")
+WIDTH = 800
+SCENES = ["olinda", "swellendam"]
+
+
+def palette_of(gpkg: Path) -> dict[str, str]:
+    """Label -> colour as the GeoPackage's clusters table states it (the palette of this run)."""
+    clusters = pyogrio.read_dataframe(gpkg, layer="clusters")
+    return dict(zip(clusters["label"], clusters["colour"], strict=True))
+
+
+def homogeneous(tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Tiles whose 4 neighbours all exist and carry the same label: their centres are safe to sample."""
+    key = {(r, y, x): lb for r, y, x, lb in zip(tiles["raster"], tiles["row"], tiles["col"], tiles["label"],
+                                                strict=True)}
+    ok = [all(key.get((r, y + dy, x + dx)) == lb for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+          for r, y, x, lb in zip(tiles["raster"], tiles["row"], tiles["col"], tiles["label"], strict=True)]
+    return tiles[np.array(ok, dtype=bool)]
+
+
+def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str]]:
+    """Named points (output CRS) -> (x, y), the render they are checked in, and the expected label."""
+    tiles = pyogrio.read_dataframe(ran.gpkg, layer="tiles")
+    regions = pyogrio.read_dataframe(ran.gpkg, layer="regions")
+    x0, y0, x1, y1 = tiles.total_bounds
+    # only what is in view matters: clipping keeps the geometry work small (municipalities are big)
+    regions = regions.set_geometry(shapely.clip_by_rect(regions.geometry.values, x0, y0, x1, y1))
+    regions = regions[~regions.geometry.is_empty]
+    px = max(x1 - x0, y1 - y0) * 1.04 / WIDTH  # map units per rendered pixel, roughly
+    out: dict[str, tuple[tuple[float, float], str, str]] = {}
+    safe = homogeneous(tiles)
+    rng = np.random.default_rng(0)
+    pick = pd.concat([g.iloc[rng.choice(len(g), size=min(3, len(g)), replace=False)]
+                      for _, g in safe.groupby("label")])  # a few of every label that has a safe tile
+    for i, (c, label) in enumerate(zip(shapely.centroid(pick.geometry.values), pick["label"], strict=True)):
+        out[f"tile{i}"] = ((c.x, c.y), "tiles", label)
+    # off the coast: tiles clear of every region and east of them (for Olinda the Atlantic); the label
+    # expected there is the commonest label of those tiles, i.e. the sea's cluster
+    union = shapely.union_all(regions.geometry.values)
+    cx = shapely.centroid(tiles.geometry.values)
+    clear = ~shapely.intersects(shapely.buffer(tiles.geometry.values, 4 * px), union)
+    east = clear & (shapely.get_x(cx) > shapely.get_x(shapely.centroid(union)))
+    sea_label = tiles.loc[east, "label"].value_counts().idxmax() if east.sum() >= 10 else None
+    cand = tiles[east & (tiles["label"] == sea_label).to_numpy() & tiles.index.isin(safe.index)]
+    if len(cand):
+        mid_y = shapely.get_y(shapely.centroid(union))
+        c = shapely.centroid(cand.geometry.values)[int(np.argmin(np.abs(shapely.get_y(
+            shapely.centroid(cand.geometry.values)) - mid_y)))]
+        out["east_of_regions"] = ((shapely.get_x(c), shapely.get_y(c)), "project", sea_label)
+    # inside the largest regions, away from every other region's outline: the dominant label's colour
+    geoms = regions.geometry.values
+    area = np.where(regions["dominant_label"].notna().to_numpy(), shapely.area(geoms), -1.0)
+    tree = shapely.STRtree(geoms)
+    for i, pos in enumerate(np.argsort(-area)[:3]):
+        if area[pos] <= 0:
+            break
+        others = shapely.union_all([geoms[j] for j in tree.query(geoms[pos], predicate="intersects") if j != pos])
+        inner = geoms[pos].buffer(-4 * px).difference(others.buffer(4 * px))  # clear of overlapping regions
+        inner = inner.intersection(shapely.box(x0 + 4 * px, y0 + 4 * px, x1 - 4 * px, y1 - 4 * px))  # in view
+        if inner.is_empty:
+            continue
+        part = max(getattr(inner, "geoms", [inner]), key=lambda g: g.area)
+        p = polylabel(part, tolerance=px / 4)
+        out[f"region{i}"] = ((p.x, p.y), "project", regions["dominant_label"].iloc[pos])
+    return out
+
+
+def _copy_outputs(ran: Ran, dest: Path) -> Path:
+    """The output folder moved elsewhere: the project must still find everything (relative paths)."""
+    src = ran.gpkg.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix in (".gpkg", ".tif", ".qml", ".qgz", ".xml"):
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module", params=SCENES)
+def probed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    ran: Ran = request.getfixturevalue(request.param)
+    moved = _copy_outputs(ran, tmp_path_factory.mktemp(f"moved_{request.param}") / "elsewhere")
+    name = ran.cfg.name
+    pts = places(ran)
+    spec = {"gpkg": str(ran.gpkg), "raster": str(ran.report.outputs["cluster_map"]),
+            "project": str(moved / f"{name}.qgz"), "png": str(moved / "render.png"), "width": WIDTH,
+            "points": {k: list(v[0]) for k, v in pts.items()}}
+    spec_path = moved / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(spec_path)], capture_output=True, text=True,
+                          env=qgis_environment(), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"ran": ran, "report": report, "places": pts, "moved": moved, "palette": palette_of(ran.gpkg)}
+
+
+def _close(rgb: list[int] | None, colour: str, tol: int = 3) -> bool:
+    want = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return rgb is not None and max(abs(a - b) for a, b in zip(rgb, want, strict=True)) <= tol
+
+
+def test_layers_are_valid_with_expected_feature_counts(probed: dict) -> None:
+    rep, ran = probed["report"], probed["ran"]
+    n_regions = len(pd.read_parquet(ran.work / "regions.parquet", columns=["region"]))
+    assert rep["tiles"]["valid"] and rep["regions"]["valid"]
+    assert rep["tiles"]["features"] == ran.report.embedding["tiles_kept"]
+    assert rep["regions"]["features"] == n_regions
+
+
+@pytest.mark.parametrize(("layer", "field"), [("tiles", "label"), ("regions", "dominant_label")])
+def test_default_style_is_categorized_one_category_per_label_in_palette_colours(probed: dict, layer: str,
+                                                                               field: str) -> None:
+    facts = probed["report"][layer]
+    assert facts["renderer"] == "categorizedSymbol" and facts["attribute"] == field
+    named = {c[0]: c[2] for c in facts["categories"] if c[0] is not None}
+    assert named == probed["palette"]
+    assert [c[0] for c in facts["categories"] if c[0] is not None] == list(probed["palette"])  # palette order
+    others = [c for c in facts["categories"] if c[0] is None]
+    if layer == "regions":  # regions without imagery: outline only
+        assert len(others) == 1 and others[0][1] == "no data" and others[0][3] == 0
+    else:
+        assert others == []
+
+
+def test_styles_come_from_the_geopackage_with_a_label_mix_pie(probed: dict) -> None:
+    regions = probed["report"]["regions"]["database_styles"]
+    assert set(regions["names"]) == {"settlements dominant label", "settlements label mix"}
+    mix = regions["styles"]["settlements label mix"]
+    assert mix["loaded"], mix["error"]
+    assert mix["diagram"]["type"] == "Pie"
+    pal = probed["palette"]
+    assert mix["diagram"]["labels"] == list(pal) and mix["diagram"]["colours"] == list(pal.values())
+    fields = set(probed["report"]["regions"]["aliases"])
+    assert all(a.strip('"') in fields for a in mix["diagram"]["attributes"])
+    tiles = probed["report"]["tiles"]["database_styles"]
+    assert tiles["names"] == ["settlements labels"] and tiles["styles"]["settlements labels"]["loaded"]
+
+
+def test_fields_have_readable_aliases_and_regions_a_label_mix_map_tip(probed: dict) -> None:
+    rep = probed["report"]
+    for layer in ("tiles", "regions"):
+        aliases = rep[layer]["aliases"]
+        missing = [f for f, a in aliases.items() if f != "fid" and not a]
+        assert missing == [], (layer, missing)
+        assert rep[layer]["map_tip"]
+    tip = rep["regions"]["map_tip"]
+    for label in probed["palette"]:
+        assert label in tip
+    assert rep["regions"]["aliases"]["dominant_label"] == "Dominant label"
+
+
+def test_raster_opens_paletted_with_class_names(probed: dict) -> None:
+    rast = probed["report"]["raster"]
+    pal = probed["palette"]
+    assert rast["valid"] and rast["renderer"] == "paletted"
+    assert [c[1] for c in rast["classes"]] == list(pal)
+    assert {c[1]: c[2] for c in rast["classes"]} == pal
+    for value, label, colour in rast["classes"]:  # the GDAL colour table agrees with the sidecar
+        assert rast["colour_table"][str(int(value))] == colour, label
+    assert rast["nodata"] == 0
+
+
+def test_project_opens_from_a_moved_folder_with_all_layers_valid(probed: dict) -> None:
+    proj = probed["report"]["project"]
+    moved = str(probed["moved"])
+    assert proj["read"]
+    assert proj["order"] == ["regions: label mix", "regions", "tiles", "cluster map"]
+    assert set(proj["checked"]) == {"regions", "tiles", "cluster map"}
+    for name, layer in proj["layers"].items():
+        assert layer["valid"], name
+        assert layer["source"].startswith(moved), (name, layer["source"])
+    assert proj["layers"]["tiles"]["features"] == probed["report"]["tiles"]["features"]
+    assert proj["crs"] == probed["ran"].cfg.output.crs
+
+
+def test_rendered_places_have_their_class_colours(probed: dict) -> None:
+    pixels, pal = probed["report"]["pixels"], probed["palette"]
+    checked = 0
+    for name, (_, render, label) in probed["places"].items():
+        renders = ["tiles", "cluster map"] if render == "tiles" else ["project"]
+        for r in renders:
+            assert _close(pixels[r][name], pal[label]), (name, r, label, pixels[r][name], pal[label])
+            checked += 1
+    assert checked >= 10
+    assert len({label for _, render, label in probed["places"].values() if render == "tiles"}) >= 3
+
+
+@pytest.mark.parametrize("probed", ["olinda"], indirect=True)
+def test_olinda_atlantic_is_drawn_in_the_sea_label_colour(probed: dict) -> None:
+    assert "east_of_regions" in probed["places"]
+    _, _, label = probed["places"]["east_of_regions"]
+    for render in ("project", "cluster map"):
+        assert _close(probed["report"]["pixels"][render]["east_of_regions"], probed["palette"][label]), render
