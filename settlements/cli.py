@@ -49,10 +49,12 @@ def run(
     workers: int = typer.Option(None, help="Workers of the LocalCluster (default: one per core)."),
 ) -> None:
     """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 2 bad input, 1 failure."""
+    from .executors import check_executor
     from .reprocess import EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
 
+    check_executor(executor, scheduler)  # before anything is created
     cfg = _config(config)
-    if not force and not refit:  # the cheap check first, without importing torch
+    if not force and not refit:  # the cheap check first
         with pipeline_lock(cfg, wait):
             unchanged = up_to_date(cfg)
         if unchanged:

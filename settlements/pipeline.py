@@ -251,6 +251,17 @@ def load_infos(ws: Workspace) -> list[RasterInfo]:
 
 # ---------------------------------------------------------------------------------------- embed
 
+def inference_settings(cfg: PipelineConfig) -> InferenceSettings:
+    """Inference settings with the precision resolved for this machine's device.
+
+    Resolved once here, so workers of another kind (a Dask cluster) compute what the cache key says.
+    """
+    e = cfg.embedding
+    settings = InferenceSettings(e.device, e.precision, e.batch_size, e.num_workers)
+    settings.precision = settings.precision_name(settings.torch_device())
+    return settings
+
+
 def embedding_key(info: RasterInfo, cfg: PipelineConfig, weights_sha: str, layer: str,
                   precision: str = "fp32") -> str:
     """Cache key of a raster's embeddings: what changes pixels in, or features out."""
@@ -272,10 +283,8 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
     tiles = read_table(ws.tiles, "tile")
     e = cfg.embedding
     backbone = build_backbone(e.backbone, e.layer, e.weights)
-    settings = InferenceSettings(e.device, e.precision, e.batch_size, e.num_workers)
+    settings = inference_settings(cfg)
     device = settings.torch_device()
-    # resolved once here, so workers of another kind (a Dask cluster) compute what the key says
-    settings.precision = settings.precision_name(device)
     min_valid = 1.0 - cfg.tiling.max_invalid_fraction
     cache = EmbeddingCache(ws.cache)
     keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer, settings.precision) for info in infos]

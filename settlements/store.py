@@ -354,6 +354,8 @@ def staged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
                        key=lambda p: (p.suffix == ".gpkg", p.name))
         for f in files:
             os.replace(f, out_dir / f.name)
+    except OutputError as exc:  # name the output, not the hidden staging folder it was built in
+        raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot write outputs: {exc.strerror or exc}") from None
     finally:

@@ -16,7 +16,8 @@ from .conftest import scene, write_pipeline
 CONTENT_LAYERS = ["tiles", "regions", "clusters", "histogram", "changes", "tile_changes"]
 # runs columns that legitimately differ between two runs of the same work: clock times, the
 # machine's timings, paths inside the config, and how much came from the cache.
-RUN_VOLATILE = {"run_id", "finished_utc", "started_utc", "duration_s", "stage_seconds", "config", "state_key",
+RUN_VOLATILE = {"run_id", "finished_utc", "started_utc", "duration_s", "stage_seconds", "config", "config_path",
+                "labels_path", "state_key",
                 "previous_run_id", "tiles_embedded", "tiles_reused", "fid"}
 
 
