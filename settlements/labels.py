@@ -189,12 +189,10 @@ def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapsh
 
 def stored_config_json(gpkg: Path) -> dict:
     """The resolved pipeline config of the last run that wrote ``gpkg`` (its ``runs`` table)."""
+    from .reprocess import last_run_value
+
     try:
-        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
-        try:
-            row = con.execute("SELECT config FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
-        finally:
-            con.close()
+        row = last_run_value(gpkg, "config")
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'runs' table ({exc})") from None
     if row is None:

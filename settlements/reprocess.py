@@ -108,14 +108,19 @@ def output_paths(cfg: PipelineConfig) -> dict[str, Path]:
             "map": d / "map.png"}
 
 
+def last_run_value(gpkg: Path, column: str) -> tuple | None:
+    """``column`` of the last row of a GeoPackage's ``runs`` table, read-only (raises sqlite3.Error)."""
+    con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
+    try:
+        return con.execute(f"SELECT {column} FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
+
+
 def last_run_id(gpkg: Path) -> str | None:
     """The ``run_id`` of the last row of a GeoPackage's ``runs`` table (None if unreadable)."""
     try:
-        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
-        try:
-            row = con.execute("SELECT run_id FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
-        finally:
-            con.close()
+        row = last_run_value(gpkg, "run_id")
     except sqlite3.Error:
         return None
     return row[0] if row else None

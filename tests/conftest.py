@@ -48,6 +48,22 @@ def write_pipeline(tmp: Path, name: str, base: str | None = None, **overrides: o
     return path
 
 
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run ``settlements ARGS`` in-process: exit code, stdout, stderr."""
+    import sys
+
+    from settlements.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["settlements", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 class Ran:
     """A finished real pipeline run: its config, report and output paths."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,24 +11,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from settlements.cli import main
 from settlements.clustering import KMeansClusterer, match_centroids
 from settlements.config import load_config
 from settlements.pipeline import run
 from settlements.store import EmbeddingCache, folder_bytes
 
+from .conftest import run_cli
 from .reprocess_helpers import kampala_chips, layer, snapshot
 
 
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["settlements", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return code, out + err
 
 
 def name_clusters(labels_path: Path, names: dict[int, str]) -> None:

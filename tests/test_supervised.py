@@ -30,7 +30,7 @@ from settlements.supervised.reference import classify_pixels
 from settlements.supervised.top_model import TopModel
 from settlements.supervised.training_labels import kept_tiles, read_polygons, tile_labels
 
-from .conftest import scene, write_pipeline
+from .conftest import run_cli, scene, write_pipeline
 
 TRAINING = {
     "labels": {"source": "spectral"},
@@ -38,16 +38,6 @@ TRAINING = {
     "evaluation": {"folds": 3, "block_tiles": 4},
 }
 
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["settlements", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class Trained:
@@ -335,7 +325,7 @@ def test_bad_polygon_layer_names_the_file_and_column(tmp_path: Path) -> None:
 
 def test_train_without_a_training_section_is_one_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     config = write_pipeline(tmp_path, "plain", "olinda")
-    code, _, err = cli(monkeypatch, capsys, "train", str(config))
+    code, _, err = run_cli(monkeypatch, capsys, "train", str(config))
     assert code == 2
     assert err.strip().count("\n") == 0 and "training: section missing" in err
     assert not (tmp_path / "outputs").exists()
