@@ -36,7 +36,6 @@ from .errors import (
     BackboneError,
     ClusteringError,
     ConfigError,
-    OutputError,
     RegionError,
     TilingError,
 )
@@ -442,10 +441,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     assign = read_table(ws.assignments, "cluster")
     sizes = np.bincount(assign["cluster"].to_numpy(), minlength=k)
     out_dir = cfg.output_dir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create output folder: {exc.strerror}") from None
+    ensure_dir(out_dir, "output.dir")
     gpkg = out_dir / f"{cfg.name}.gpkg"
     pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
     labels = read_labels(cfg.labels_path, k)
