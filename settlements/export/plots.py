@@ -80,7 +80,8 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
         ax.bar(x, fr, color=[palette.colour(lb) for lb in labels], edgecolor="#404040", linewidth=0.4)
         ax.set_xticks([])
         ax.set_ylim(0, 1)
-        name = reg["region_name"] if reg["region_name"] == reg["region_id"] else f"{reg['region_name']} ({reg['region_id']})"
+        name, rid = reg["region_name"], reg["region_id"]
+        name = name if name == rid else f"{name} ({rid})"
         ax.set_title(f"{name}\n{reg['mapped_km2']:.2f} km2 mapped", fontsize=8)
     handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in palette.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
