@@ -127,7 +127,7 @@ class Embedding(Strict):
     input_size: int = Field(96, ge=16, le=1024)
     batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(1, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # auto: 1 on CPU, cores-1 on GPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from pyproj import CRS, Geod
+from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
@@ -207,8 +208,10 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
 def valid_mask(src: rasterio.io.DatasetReader, bands: tuple[int, ...], data: np.ndarray,
                window: Window, nodata: float | None) -> np.ndarray:
     """True where every selected band holds real imagery (not nodata, alpha 0, mask 0 or NaN)."""
-    masks = read_checked(src, bands, window, masks=True)
-    valid = np.all(masks > 0, axis=0)
+    if all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
+        valid = np.ones(data.shape[1:], dtype=bool)  # no mask, alpha or nodata: nothing to read
+    else:
+        valid = np.all(read_checked(src, bands, window, masks=True) > 0, axis=0)
     if nodata is not None:
         valid &= ~np.any(data == nodata, axis=0)
     if data.dtype.kind == "f":
@@ -303,25 +306,43 @@ def _replace(info: RasterInfo, **kw: object) -> RasterInfo:
     return replace(info, **kw)  # type: ignore[arg-type]
 
 
+def read_raw(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window's selected bands in the raster's own dtype (bands, h, w) plus its validity mask (h, w).
+
+    Parts of the window beyond the raster edge are zeros and invalid.
+    """
+    h, w = int(window.height), int(window.width)
+    inner = clip_window(window, info.width, info.height)
+    if inner is None:
+        return np.zeros((len(info.bands), h, w), dtype=info.dtype), np.zeros((h, w), dtype=bool)
+    data = read_checked(src, info.bands, inner)
+    ok = valid_mask(src, info.bands, data, inner, info.nodata)
+    if data.shape[1:] == (h, w):
+        return data, ok
+    out = np.zeros((len(info.bands), h, w), dtype=data.dtype)
+    valid = np.zeros((h, w), dtype=bool)
+    r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
+    sl = (slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width)))
+    out[(slice(None), *sl)] = data
+    valid[sl] = ok
+    return out, valid
+
+
+def scale_pixels(raw: np.ndarray, valid: np.ndarray, info: RasterInfo) -> np.ndarray:
+    """Raw (bands, h, w) pixels -> float32 (3, h, w) in [0, 1]; invalid pixels mid-grey, greyscale repeated."""
+    lo = np.asarray(info.scale_low, dtype=np.float32)[:, None, None]
+    hi = np.asarray(info.scale_high, dtype=np.float32)[:, None, None]
+    out = np.clip((raw.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    out[:, ~valid] = 0.5
+    if out.shape[0] == 1:
+        out = np.repeat(out, 3, axis=0)
+    return out
+
+
 def read_tile(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:
     """Read a tile window as scaled float32 (3, h, w) in [0, 1] plus its validity mask (h, w).
 
     Parts of the window beyond the raster edge are invalid. Greyscale is repeated to 3 channels.
     """
-    h, w = int(window.height), int(window.width)
-    out = np.zeros((len(info.bands), h, w), dtype=np.float32)
-    valid = np.zeros((h, w), dtype=bool)
-    inner = clip_window(window, info.width, info.height)
-    if inner is not None:
-        data = read_checked(src, info.bands, inner)
-        ok = valid_mask(src, info.bands, data, inner, info.nodata)
-        r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
-        sl = (slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width)))
-        lo = np.asarray(info.scale_low, dtype=np.float32)[:, None, None]
-        hi = np.asarray(info.scale_high, dtype=np.float32)[:, None, None]
-        out[(slice(None), *sl)] = np.clip((data.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-        valid[sl] = ok
-    out[:, ~valid] = 0.5
-    if out.shape[0] == 1:
-        out = np.repeat(out, 3, axis=0)
-    return out, valid
+    raw, valid = read_raw(src, info, window)
+    return scale_pixels(raw, valid, info), valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,21 @@ from settlements import executors
 from settlements.config import RasterInput, load_config
 from settlements.embedding.assemble import embedded_table, write_embeddings
 from settlements.embedding.backbones import build_backbone
-from settlements.embedding.infer import InferenceSettings, TileBlocks, iter_embeddings, to_model_input
+from settlements.embedding.infer import (
+    BLOCK_OVERREAD,
+    InferenceSettings,
+    ModelInput,
+    TileBlocks,
+    block_runs,
+    embed_batch,
+    iter_embeddings,
+    keep_freed_memory,
+    prepare_model,
+    to_model_input,
+    wire_dtype,
+)
 from settlements.pipeline import stage_embed, stage_tile, workspace
-from settlements.rasters import compute_scaling, inspect_raster, read_tile
+from settlements.rasters import RasterInfo, compute_scaling, inspect_raster, read_tile, scale_pixels
 from settlements.store import WINDOW_COLUMNS, EmbeddingCache, NpyRows
 
 from .conftest import scene, write_pipeline
@@ -42,12 +55,12 @@ def swellendam_tiles():
 def test_block_reads_give_the_same_pixels_as_one_read_per_tile(swellendam_tiles) -> None:
     info, tiles = swellendam_tiles
     ds = TileBlocks(info, tiles, tiles, 64, batch_size=40)
-    got = torch.cat([ds[i][1] for i in range(len(ds))])
+    got = torch.cat([ds.inputs(ds[i]) for i in range(len(ds))])
     with rasterio.open(info.path) as src:
         ref = torch.stack([to_model_input(read_tile(src, info, Window(*map(int, t)))[0], 64) for t in tiles])
     ds.close()
     assert got.shape == (len(tiles), 3, 64, 64)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.equal(got, ref)  # the block path computes exactly what the per-tile path does
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +125,99 @@ def test_streaming_assembly_equals_the_in_memory_path(tmp_path: Path, monkeypatc
     rows = NpyRows(out)
     pick = np.array([5, 3, 4, 100, len(ref) - 1])
     assert np.array_equal(rows[pick], ref[pick]) and np.array_equal(rows[10:50], ref[10:50])
+
+
+# --------------------------------------------------------------------------- the input pipeline
+
+def test_block_runs_bound_the_overread_and_cover_every_tile() -> None:
+    # a batch of 14 across two tile rows of a 40-tile-wide raster: the wrap starts a new run
+    cols, rows = np.meshgrid(np.arange(40) * 32, np.arange(2) * 32)
+    tiles = np.stack([cols.ravel(), rows.ravel(), np.full(80, 32), np.full(80, 32)], axis=1)[35:49]
+    runs = block_runs(tiles)
+    assert runs == [(0, 5), (5, 14)]
+    c10, r10 = np.meshgrid(np.arange(10) * 32, np.arange(2) * 32)
+    narrow = np.stack([c10.ravel(), r10.ravel(), np.full(20, 32), np.full(20, 32)], axis=1)[3:17]
+    assert block_runs(narrow) == [(0, 14)]  # on a narrow raster two rows are one window: 20 tile areas for 14
+    for s, e in runs:
+        run = tiles[s:e]
+        box = ((run[:, 0] + run[:, 2]).max() - run[:, 0].min()) * ((run[:, 1] + run[:, 3]).max() - run[:, 1].min())
+        assert box <= BLOCK_OVERREAD * (run[:, 2] * run[:, 3]).sum()
+    # scattered tiles are read one by one
+    assert block_runs(np.array([[0, 0, 8, 8], [500, 0, 8, 8], [0, 500, 8, 8]])) == [(0, 1), (1, 2), (2, 3)]
+
+
+def _info(low: list[float], high: list[float], dtype: str) -> RasterInfo:
+    return RasterInfo(path=Path("x.tif"), crs_wkt="", transform=(1, 0, 0, 0, -1, 0), width=64, height=64,
+                      dtype=dtype, bands=tuple(range(1, len(low) + 1)), nodata=None, pixel_w_m=1, pixel_h_m=1,
+                      fingerprint="", scale_low=tuple(low), scale_high=tuple(high))
+
+
+@pytest.mark.parametrize(("dtype", "low", "high"), [
+    ("uint8", [0, 0, 0], [255, 255, 255]),
+    ("uint8", [12.5, 3, 40], [200, 180.25, 240]),  # percentile stretch: values clip at both ends
+    ("uint16", [100, 200, 300], [4000, 3500, 3000]),
+    ("int16", [-500, -400, -300], [3000, 2000, 1000]),
+    ("float32", [0.01, 0.02, 0.03], [0.3, 0.25, 0.2]),
+    ("uint8", [10], [220]),  # greyscale: repeated to three channels
+])
+@pytest.mark.parametrize("size", [24, 48, 16])
+def test_model_input_equals_the_per_tile_path(dtype: str, low: list[float], high: list[float], size: int) -> None:
+    """Raw tiles finished in one batch (and on the way a GPU takes) give exactly read_tile + to_model_input."""
+    rng = np.random.default_rng(0)
+    info = _info(low, high, dtype)
+    kind = np.dtype(dtype)
+    if kind.kind == "f":
+        raw = rng.uniform(-0.1, 0.4, (5, len(low), 24, 24)).astype(kind)
+    else:
+        lim = np.iinfo(kind)
+        raw = rng.integers(max(lim.min, -1000), min(lim.max, 5000), (5, len(low), 24, 24)).astype(kind)
+    valid = rng.random((5, 24, 24)) > 0.1
+    valid[0] = True
+    ref = torch.stack([to_model_input(scale_pixels(r, v, info), size) for r, v in zip(raw, valid, strict=True)])
+    model_input = ModelInput.of(info, size)
+    got = model_input(raw, torch.from_numpy(~valid))
+    assert got.shape == (5, 3, size, size) and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, ref)
+    wire = torch.from_numpy(wire_dtype(raw))  # what a worker sends for the model's device to finish
+    assert torch.equal(model_input(wire, torch.from_numpy(~valid)), ref)
+    assert torch.equal(model_input(raw[:1], None), ref[:1])  # an all-valid batch sends no mask
+
+
+def test_workers_hand_over_raw_pixels_in_shared_memory(swellendam_tiles) -> None:
+    info, tiles = swellendam_tiles
+    ds = TileBlocks(info, tiles, tiles, 64, batch_size=40)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
+    batches = list(loader)
+    assert [b.pixels.dtype for b in batches] == [torch.uint8, torch.uint8]  # a quarter of float32's bytes
+    assert all(b.pixels.is_shared() and not b.finished and b.invalid is None for b in batches)
+    got = torch.cat([ds.inputs(b) for b in batches])
+    assert torch.equal(got, torch.cat([ds.inputs(ds[i]) for i in range(len(ds))]))
+
+
+def test_worker_count_auto() -> None:
+    auto = InferenceSettings(num_workers="auto")
+    assert auto.workers_for(torch.device("cpu")) == 1  # the model needs the other core
+    assert auto.workers_for(torch.device("cuda")) == max(1, min(16, (os.cpu_count() or 2) - 1))
+    assert InferenceSettings(num_workers=3).workers_for(torch.device("cuda")) == 3
+
+
+def test_batch_norms_fold_in_fp32_only(swellendam_tiles, mobilenet, fp32_reference) -> None:
+    info, tiles = swellendam_tiles
+    ds = TileBlocks(info, tiles, tiles, 96, len(tiles))
+    x = ds.inputs(ds[0])
+    cpu = torch.device("cpu")
+    folded = prepare_model(mobilenet.model, cpu, None)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in mobilenet.model.modules())  # the original is kept
+    assert prepare_model(mobilenet.model, cpu, None) is folded  # folded once per model
+    out = embed_batch(folded, x, cpu, None)
+    cos = (out * fp32_reference).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(fp32_reference, axis=1)
+    assert cos.min() > 0.99999
+    half = prepare_model(mobilenet.model, cpu, torch.float16)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in half.modules())  # fp16 keeps them: more faithful
+
+
+def test_malloc_keeps_freed_memory_on_glibc() -> None:
+    import platform
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
