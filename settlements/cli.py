@@ -161,6 +161,9 @@ def labels_template(
     """Write the labels YAML template (cluster ids with their sizes) for the analyst to fill in."""
     import json
 
+    import pandas as pd
+
+    from .history import anchor_tiles
     from .labels import default_labels, read_labels, write_labels
     from .pipeline import workspace
 
@@ -173,7 +176,8 @@ def labels_template(
         raise SettlementsError(f"{cfg.labels_path}: exists; use --force to rewrite it (names are kept)")
     k = cfg.clustering.k
     labels = read_labels(cfg.labels_path, k) if cfg.labels_path.exists() else default_labels(k)
-    write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)))
+    assignments = pd.read_parquet(workspace(cfg).assignments)
+    write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments))
     typer.echo(f"wrote {cfg.labels_path}")
 
 

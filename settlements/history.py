@@ -17,6 +17,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+from scipy.optimize import linear_sum_assignment
 
 from .clustering import KMeansClusterer, match_centroids
 from .config import PipelineConfig
@@ -49,8 +50,10 @@ def keep_cluster_ids(cfg: PipelineConfig, model: KMeansClusterer, old: KMeansClu
             "centroid_shift": {str(k): v for k, v in m.distance.items()}}
 
 
-def relabel_after_refit(cfg: PipelineConfig, matching: dict[str, Any], sizes: np.ndarray) -> None:
-    """Rewrite the labels file after a matched refit: kept ids keep their names, new ids get defaults."""
+def relabel_after_refit(cfg: PipelineConfig, matching: dict[str, Any], sizes: np.ndarray,
+                        anchors: dict[int, list[int]]) -> None:
+    """Rewrite the labels file after a matched refit: kept ids keep their names, new ids get defaults;
+    anchors are the refit's."""
     if not matching.get("matched") or not cfg.labels_path.exists():
         return
     k = len(sizes)
@@ -58,7 +61,53 @@ def relabel_after_refit(cfg: PipelineConfig, matching: dict[str, Any], sizes: np
     kept = set(matching["kept"])
     names = {i: old.names[i] if i in kept else default_cluster_name(i) for i in range(k)}
     colours = {i: old.colours.get(i) if i in kept else None for i in range(k)}
-    write_labels(cfg.labels_path, cfg.name, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())))
+    write_labels(cfg.labels_path, cfg.name, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())), anchors)
+
+
+#: Anchor tiles written per cluster into the labels file.
+ANCHORS_PER_CLUSTER = 10
+
+
+def anchor_tiles(assignments: pd.DataFrame, per_cluster: int = ANCHORS_PER_CLUSTER) -> dict[int, list[int]]:
+    """The tiles nearest each centroid: what each cluster looked like when it was named."""
+    a = assignments.sort_values(["cluster", "distance", "tile_id"], kind="stable")
+    return {int(c): g["tile_id"].head(per_cluster).astype(int).tolist() for c, g in a.groupby("cluster")}
+
+
+def align_to_anchors(labels_path: Path, model: KMeansClusterer, embeddings: Any,
+                     kept: pd.DataFrame) -> dict[str, Any] | None:
+    """Renumber a first fit so the clusters the labels file names keep their names.
+
+    k-means ids follow cluster sizes, which a tiny change in the embeddings (another CPU, another
+    precision) can reorder. The file lists anchor tiles per cluster; each new cluster takes the id
+    whose anchors it holds most (Hungarian assignment on the votes). ``kept``: tile_id and emb_row of
+    the embedded tiles. None where the labels file has no anchors.
+    """
+    if not labels_path.exists():
+        return None
+    anchors = read_labels(labels_path, model.k).anchors
+    if not anchors:
+        return None
+    row_of = dict(zip(kept["tile_id"].to_numpy().tolist(), kept["emb_row"].to_numpy().tolist(), strict=True))
+    pairs = [(cid, row_of[t]) for cid, tiles in anchors.items() for t in tiles if t in row_of]
+    if not pairs:
+        log.warning("%s: none of its anchor tiles is among this run's tiles; cluster ids follow sizes and the "
+                    "names may not fit", labels_path)
+        return {"anchors": 0, "agreement": 0.0}
+    old = np.array([c for c, _ in pairs])
+    new, _ = model.predict(embeddings[np.array([r for _, r in pairs])])
+    votes = np.zeros((model.k, model.k), dtype=np.int64)
+    np.add.at(votes, (new, old), 1)
+    rows, cols = linear_sum_assignment(-votes)
+    ids = np.empty(model.k, dtype=np.int64)
+    ids[rows] = cols
+    model.reorder(ids)
+    agreement = float(votes[rows, cols].sum() / len(pairs))
+    if agreement < 0.5:
+        log.warning("%s: only %.0f%% of its anchor tiles fall in the clusters matched to them; the names may "
+                    "not fit these clusters (look at atlas.png)", labels_path, 100 * agreement)
+    log.info("clusters matched to the labels file's anchors: %d tiles, %.0f%% agree", len(pairs), 100 * agreement)
+    return {"anchors": len(pairs), "agreement": round(agreement, 4)}
 
 
 # ------------------------------------------------------------------------------ previous run
@@ -110,7 +159,7 @@ def previous_labels(labels: ClusterLabels, matching: dict[str, Any] | None) -> C
     for g in (matching or {}).get("gone", []) if (matching or {}).get("matched") else []:
         name = str(g["name"])
         names[int(g["id"])] = f"{name} (before refit)" if name == default_cluster_name(int(g["id"])) else name
-    return ClusterLabels(names, dict(labels.colours))
+    return ClusterLabels(names, dict(labels.colours), labels.anchors)
 
 
 def _region_key(values: Any) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,6 +27,8 @@ HEADER = """\
 # Look at outputs/{name}/atlas.png, then give each cluster a name (clusters may share one,
 # e.g. two clusters both 'vegetation') and optionally a colour ('#rrggbb'; null = palette default).
 # 'size' is the number of tiles in the cluster at the run that wrote this file (for reference).
+# 'anchors' are tiles typical of each cluster at that run (tile_id, nearest the centroid): a run that
+# clusters afresh (another machine, a new work folder) gives each cluster the id whose anchors it holds.
 # Rerun the pipeline (or `settlements labels pull OUTPUT.gpkg` after editing in QGIS) to apply.
 """
 
@@ -35,6 +37,7 @@ HEADER = """\
 class ClusterLabels:
     names: dict[int, str]
     colours: dict[int, str | None]
+    anchors: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def palette(self) -> Palette:
@@ -61,6 +64,7 @@ def read_labels(path: Path, k: int) -> ClusterLabels:
     if not isinstance(clusters, dict):
         raise ConfigError(f"{path}: expected a 'clusters' mapping of id -> {{name, colour}}")
     names, colours = dict(base.names), dict(base.colours)
+    anchors: dict[int, tuple[int, ...]] = {}
     for key, entry in clusters.items():
         try:
             cid = int(key)
@@ -73,7 +77,7 @@ def read_labels(path: Path, k: int) -> ClusterLabels:
             entry = {"name": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: clusters.{cid}: expected {{name, colour}}")
-        unknown = set(entry) - {"name", "colour", "size"}
+        unknown = set(entry) - {"name", "colour", "size", "anchors"}
         if unknown:
             raise ConfigError(f"{path}: clusters.{cid}.{sorted(unknown)[0]}: unknown key")
         name = entry.get("name")
@@ -86,14 +90,38 @@ def read_labels(path: Path, k: int) -> ClusterLabels:
             if not isinstance(colour, str) or not is_colour(colour):
                 raise ConfigError(f"{path}: clusters.{cid}.colour: expected '#rrggbb', got {colour!r}")
             colours[cid] = colour.lower()
-    return ClusterLabels(names, colours)
+        tiles = entry.get("anchors")
+        if tiles is not None:
+            if not isinstance(tiles, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tiles):
+                raise ConfigError(f"{path}: clusters.{cid}.anchors: expected a list of tile ids")
+            anchors[cid] = tuple(tiles)
+    return ClusterLabels(names, colours, anchors)
 
 
-def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[int, int]) -> None:
-    """Write the labels YAML (atomically), keeping names and colours, refreshing sizes."""
-    body = {"clusters": {cid: {"name": labels.names[cid], "colour": labels.colours.get(cid),
-                               "size": int(sizes.get(cid, 0))} for cid in sorted(labels.names)}}
-    text = HEADER.format(name=pipeline) + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+class _TileIds(list):
+    """A list of tile ids, written on one line."""
+
+
+class _LabelsDumper(yaml.SafeDumper):
+    pass
+
+
+_LabelsDumper.add_representer(
+    _TileIds, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[int, int],
+                 anchors: dict[int, list[int]] | None = None) -> None:
+    """Write the labels YAML (atomically), keeping names and colours, refreshing sizes (and anchors, if given)."""
+    anchors = {int(c): list(t) for c, t in (labels.anchors if anchors is None else anchors).items()}
+    body: dict = {"clusters": {}}
+    for cid in sorted(labels.names):
+        entry = {"name": labels.names[cid], "colour": labels.colours.get(cid), "size": int(sizes.get(cid, 0))}
+        if anchors.get(cid):
+            entry["anchors"] = _TileIds(int(t) for t in anchors[cid])
+        body["clusters"][cid] = entry
+    text = HEADER.format(name=pipeline) + yaml.dump(body, Dumper=_LabelsDumper, sort_keys=False, allow_unicode=True,
+                                                    width=120)
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
@@ -162,7 +190,7 @@ def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple
         for other, name in names.items():
             if name == names[cid] and (other == cid or colours.get(other) is not None):
                 colours[other] = colour
-    return ClusterLabels(names, colours), changes
+    return ClusterLabels(names, colours, current.anchors), changes
 
 
 def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False) -> list[str]:

@@ -47,6 +47,8 @@ from .export.raster import code_grid, tile_cells, write_cluster_map
 from .export.styles import vector_styles
 from .histograms import region_histograms
 from .history import (
+    align_to_anchors,
+    anchor_tiles,
     change_styles,
     concat_runs,
     keep_cluster_ids,
@@ -337,7 +339,7 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
         raise ClusteringError(f"clustering.k: k={c.k} exceeds the number of valid tiles ({len(emb)}); "
                               "lower k or use smaller tiles")
     space_key = settings_key({"backbone": info["backbone"], "layer": info["layer"], "weights": info["weights_sha256"]})
-    matching = None
+    matching = anchored = None
     if reuse:
         model = KMeansClusterer.load(ws.clusters)
     else:
@@ -346,6 +348,8 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
         if previous is not None and ws.clusters.exists():
             matching = keep_cluster_ids(cfg, model, KMeansClusterer.load(ws.clusters),
                                         previous.get("space_key") == space_key)
+        else:  # a first fit here: the labels file's anchor tiles say which cluster is which
+            anchored = align_to_anchors(cfg.labels_path, model, emb, meta[meta["kept"]])
     labels, dist = (executor or LocalExecutor()).assign(model, ws.embeddings)
     kept = meta[meta["kept"]].sort_values("emb_row")
     assignments = pd.DataFrame({"tile_id": kept["tile_id"].to_numpy(), "cluster": labels, "distance": dist})
@@ -354,10 +358,10 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
     write_table(ws.assignments, assignments)
     sizes = np.bincount(labels, minlength=c.k)
     if matching is not None:
-        relabel_after_refit(cfg, matching, sizes)
+        relabel_after_refit(cfg, matching, sizes, anchor_tiles(assignments))
     write_json(ws.cluster_meta, {"fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(),
                                  "reused_centroids": reuse, "trained_on": getattr(model, "n_train_", None),
-                                 "matching": matching})
+                                 "matching": matching, "anchored": anchored})
     return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching}
 
 
@@ -446,7 +450,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
     labels = read_labels(cfg.labels_path, k)
     if not cfg.labels_path.exists():
-        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())))
+        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign))
         log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
     palette = labels.palette
     t, tiles_layer = _tiles_frame(cfg, ws, infos, labels, regions)
