@@ -15,10 +15,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from sklearn.utils.extmath import randomized_svd
 
 from .errors import ClusteringError
 
 log = logging.getLogger(__name__)
+
+#: Rows a PCA basis is fitted on (``pca_dim``): plenty for a few dozen leading components.
+PCA_SAMPLE = 4096
 
 
 def gpu_available() -> bool:
@@ -46,7 +50,7 @@ class KMeansClusterer:
         if self.l2_normalize:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         if getattr(self, "components_", None) is not None:
-            x = (x - self.mean_) @ self.components_.T
+            x = x @ self.components_.T - self.mean_ @ self.components_.T  # no centred copy of x
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def fit(self, x: np.ndarray) -> KMeansClusterer:
@@ -62,10 +66,13 @@ class KMeansClusterer:
         if self.l2_normalize:
             sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
         if self.pca_dim is not None and self.pca_dim < sample.shape[1]:
-            self.mean_ = sample.mean(axis=0).astype(np.float32)
-            _, _, vt = np.linalg.svd(sample - self.mean_, full_matrices=False)
-            self.components_ = vt[: self.pca_dim].astype(np.float32)
-            sample = (sample - self.mean_) @ self.components_.T
+            # the leading components need few rows: randomized SVD on an explicit sample of the sample
+            rows = sample if len(sample) <= PCA_SAMPLE else sample[np.sort(rng.choice(len(sample), PCA_SAMPLE,
+                                                                                     replace=False))]
+            self.mean_ = rows.mean(axis=0).astype(np.float32)
+            _, _, vt = randomized_svd(rows - self.mean_, self.pca_dim, n_iter=4, random_state=self.seed)
+            self.components_ = np.ascontiguousarray(vt, dtype=np.float32)
+            sample = sample @ self.components_.T - self.mean_ @ self.components_.T
         sample = np.ascontiguousarray(sample, dtype=np.float32)
         gpu = gpu_available() if self.use_gpu is None else self.use_gpu
         km = faiss.Kmeans(
