@@ -9,7 +9,7 @@ Weights: real ones where the torch hub cache (or the MobileNetV2 weights package
 initialisation, said so: throughput does not depend on the weight values.
 Without CUDA it prints one line saying so and exits 0.
 
-    python benchmarks/gpu_check.py [--size 20000] [--source .whl/source.tif]
+    python benchmarks/gpu_check.py [--size 30000] [--source .whl/source.tif]
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ def torch_kmeans(x: np.ndarray, k: int, niter: int, seed: int = 0) -> tuple[floa
     return time.perf_counter() - t0, inertia
 
 
-def fidelity(cfg, n: int = 256) -> float:  # noqa: ANN001
-    """Min cosine similarity of fp16-autocast channels_last embeddings to fp32 ones, on real tiles."""
+def fidelity(cfg, n: int = 256) -> tuple[float, float]:  # noqa: ANN001
+    """Min cosine similarity of the fast path's embeddings (fp16 autocast, channels_last) to plain fp32
+    ones, on real tiles; and the largest difference between model inputs made on the GPU (the
+    pipeline's way there) and on the CPU."""
     import pandas as pd
     import torch
 
@@ -107,17 +109,20 @@ def fidelity(cfg, n: int = 256) -> float:  # noqa: ANN001
     ws = workspace(cfg)
     tiles = pd.read_parquet(ws.tiles).sample(n, random_state=0).sort_values("tile_id")
     w = tiles[["tile_col", "tile_row", "tile_w", "tile_h"]].to_numpy()
-    x = TileBlocks(load_infos(ws)[0], w, w, e.input_size, n)[0][1]
+    ds = TileBlocks(load_infos(ws)[0], w, w, e.input_size, n)
+    item = ds[0]
+    x = ds.inputs(item)
     dev = torch.device("cuda")
+    input_diff = float((ds.inputs(item, dev).cpu() - x).abs().max())
     model = build_backbone(e.backbone, e.layer, e.weights).model
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         plain = model.to(dev).eval().to(memory_format=torch.contiguous_format)
         ref = plain(x.contiguous().to(dev)).float().cpu().numpy()
-    fast = embed_batch(prepare_model(model, dev), x, dev, torch.float16)
+    fast = embed_batch(prepare_model(model, dev, torch.float16), x, dev, torch.float16)
     cos = (fast * ref).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(ref, axis=1)
-    return float(np.nanmin(cos))
+    return float(np.nanmin(cos)), input_diff
 
 
 def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) -> dict:
@@ -134,7 +139,8 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
     import yaml
 
     data = yaml.safe_load(config.read_text())
-    data["embedding"].update({"num_workers": args.workers, "device": "cuda"})
+    workers = args.workers if args.workers == "auto" else int(args.workers)
+    data["embedding"].update({"num_workers": workers, "device": "cuda"})  # auto: one per core but one
     if weights is not None:
         data["embedding"]["weights"] = str(weights)
     config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -158,8 +164,11 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
     a = n_tiles / total
     b = bench._backbone_only(cfg, args.backbone_batches)
     c = bench._naive(cfg, args.naive_tiles, device="cuda")
-    cos = fidelity(cfg)
-    print(f"{n_tiles} tiles at {args.input_size} px, batch {args.batch_size}, {args.workers} DataLoader workers, "
+    cos, input_diff = fidelity(cfg)
+    from settlements.embedding.infer import InferenceSettings
+
+    workers = InferenceSettings(num_workers=cfg.embedding.num_workers).workers_for(torch.device("cuda"))
+    print(f"{n_tiles} tiles at {args.input_size} px, batch {args.batch_size}, {workers} DataLoader workers, "
           f"fp16 autocast + channels_last on {torch.cuda.get_device_name()}")
     print(f"stages: tile {t_tile:.1f} s, embed {t_embed:.1f} s ({n_tiles / t_embed:.0f} tiles/s), "
           f"cluster {t_cluster:.1f} s")
@@ -168,7 +177,8 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
     print(f"a/b = {a / b:.3f}; a/c = {a / c:.1f} (target >= 20 on GPU)")
     print(f"GPU utilisation while embedding: mean {util['gpu_util_mean']:.0f} %, max {util['gpu_util_max']:.0f} % "
           f"({util['samples']} samples)")
-    print(f"fp16 fast path vs fp32 on the GPU: min cosine {cos:.5f}")
+    print(f"fast path (fp16, channels_last) vs plain fp32 on the GPU: min cosine {cos:.5f}; "
+          f"model inputs made on the GPU vs the CPU: max abs diff {input_diff:.2g}")
     emb = np.load(cfg.work_dir / "embeddings.npy")
     km = {}
     import faiss
@@ -186,18 +196,19 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
           ", ".join(f"{k} {v:.2f}" for k, v in km.items() if k.endswith("_s")))
     return {"backbone": backbone, "weights": weights_note, "tiles": n_tiles, "e2e_tiles_per_s": a,
             "embed_tiles_per_s": n_tiles / t_embed, "backbone_tiles_per_s": b, "naive_tiles_per_s": c,
-            "e2e_over_backbone": a / b, "e2e_over_naive": a / c, **util, "fp16_min_cosine": cos, **km}
+            "e2e_over_backbone": a / b, "e2e_over_naive": a / c, **util, "fp16_min_cosine": cos,
+            "gpu_cpu_input_max_diff": input_diff, **km}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=20_000, help="mosaic side in pixels")
+    ap.add_argument("--size", type=int, default=30_000, help="mosaic side in pixels")
     ap.add_argument("--source", type=Path, default=None, help="real photo to repeat (default: the Swellendam one)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/settlements-gpu"))
     ap.add_argument("--tile", type=int, default=224)
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--workers", default="auto", help="DataLoader workers (auto: the pipeline's default)")
     ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "resnet50"])
     ap.add_argument("--backbone-batches", type=int, default=20)
     ap.add_argument("--naive-tiles", type=int, default=300)
@@ -208,6 +219,7 @@ def main() -> int:
         print("gpu_check: no CUDA device visible to torch (torch.cuda.is_available() is False): nothing to check; "
               "run this on a machine with an NVIDIA GPU")
         return 0
+    torch.zeros(1, device="cuda")  # create the CUDA context once, before any timing (as a long job pays it once)
     args.workdir.mkdir(parents=True, exist_ok=True)
     source = args.source or next((p for p in (Path(".whl/source.tif"), bench.SOURCE) if p.exists()), bench.SOURCE)
     t = time.perf_counter()
