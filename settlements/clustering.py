@@ -60,8 +60,9 @@ class KMeansClusterer:
                                   "lower k or use smaller tiles")
         rng = np.random.default_rng(self.seed)
         take = min(self.sample_size, n)
-        idx = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
-        sample = np.asarray(x[idx], dtype=np.float32)
+        # all rows: a view of an array (no copy of what may be gigabytes); else the sampled rows
+        sample = np.asarray(x[np.sort(rng.choice(n, size=take, replace=False))] if take < n else x[:],
+                            dtype=np.float32)
         self.components_ = None
         if self.l2_normalize:
             sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)

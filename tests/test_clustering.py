@@ -44,3 +44,18 @@ def test_pca_and_l2_and_save_load(tmp_path) -> None:
 def test_k_larger_than_the_tiles() -> None:
     with pytest.raises(ClusteringError, match=r"clustering\.k: k=10 exceeds the number of valid tiles \(4\)"):
         KMeansClusterer(k=10).fit(np.zeros((4, 3), np.float32))
+
+
+def test_faiss_blas_runs_kernels_for_this_cpu() -> None:
+    """faiss-cpu's bundled OpenBLAS falls back to generic kernels on CPUs newer than itself unless told."""
+    import threadpoolctl
+
+    import settlements
+
+    if settlements._openblas_coretype() is None:
+        pytest.skip("a CPU without AVX2: OpenBLAS's own choice stands")
+    import faiss  # noqa: F401  (loads its OpenBLAS)
+
+    archs = [i.get("architecture") for i in threadpoolctl.threadpool_info()
+             if i["user_api"] == "blas" and "faiss" in i["filepath"]]
+    assert archs and "Prescott" not in archs
