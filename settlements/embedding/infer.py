@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import logging
 import os
 import weakref
@@ -74,6 +75,16 @@ def new_tensor(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool =
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(low: tuple[float, ...], high: tuple[float, ...],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaling and normalisation constants, made once per device: a tensor made on a GPU from host
+    values is a synchronous copy, which would wait for every batch queued before it."""
+    lo = torch.tensor(low, dtype=torch.float32).view(1, len(low), 1, 1)
+    hi = torch.tensor(high, dtype=torch.float32).view(1, len(high), 1, 1)
+    return tuple(t.to(device) for t in (lo, hi - lo, IMAGENET_MEAN, IMAGENET_STD))  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """Raw tiles of one raster -> the CNN's input: scale and clip per band, grey out invalid pixels,
@@ -97,9 +108,8 @@ class ModelInput:
         if isinstance(raw, np.ndarray):
             raw = torch.from_numpy(wire_dtype(raw))
         dev, (n, bands) = raw.device, raw.shape[:2]
-        lo = torch.tensor(self.low, dtype=torch.float32, device=dev).view(1, bands, 1, 1)
-        hi = torch.tensor(self.high, dtype=torch.float32, device=dev).view(1, bands, 1, 1)
-        x = raw.to(torch.float32, copy=True).sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+        lo, span, mean, std = _constants(self.low, self.high, dev)
+        x = raw.to(torch.float32, copy=True).sub_(lo).div_(span).clamp_(0.0, 1.0)
         if invalid is not None:
             x.masked_fill_(invalid[:, None], 0.5)
         if bands == 1:
@@ -107,7 +117,7 @@ class ModelInput:
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.size)
-        x.sub_(IMAGENET_MEAN.to(dev)).div_(IMAGENET_STD.to(dev))
+        x.sub_(mean).div_(std)
         if dev.type != "cpu":
             return x.contiguous(memory_format=torch.channels_last)
         return new_tensor((n, 3, self.size, self.size), torch.float32, channels_last=True).copy_(x)
