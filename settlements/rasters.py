@@ -120,16 +120,16 @@ def _gdal_reason(exc: BaseException) -> str:
 
 
 def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window,
-                 masks: bool = False) -> np.ndarray:
+                 masks: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """``src.read`` (or ``read_masks``) that turns a failed read into one clear :class:`RasterError`.
 
     GDAL opens a truncated or corrupt GeoTIFF happily and fails only when a damaged block is read,
-    so every pixel read goes through here.
+    so every pixel read goes through here. ``out``: a (bands, h, w) array to read into (any strides).
     """
     try:
         if masks:
             return src.read_masks(list(bands), window=window)
-        return src.read(list(bands), window=window)
+        return src.read(list(bands), window=window, out=out)
     except (RasterioError, OSError, ValueError) as exc:
         raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
             from None
@@ -306,20 +306,34 @@ def _replace(info: RasterInfo, **kw: object) -> RasterInfo:
     return replace(info, **kw)  # type: ignore[arg-type]
 
 
-def read_raw(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window) -> tuple[np.ndarray, np.ndarray]:
+def _bands_array(bands: int, h: int, w: int, dtype: str, pixel_interleaved: bool) -> np.ndarray:
+    """Zeros shaped (bands, h, w), stored band by band or pixel by pixel (a transposed (h, w, bands))."""
+    if pixel_interleaved:
+        return np.zeros((h, w, bands), dtype=dtype).transpose(2, 0, 1)
+    return np.zeros((bands, h, w), dtype=dtype)
+
+
+def read_raw(src: rasterio.io.DatasetReader, info: RasterInfo, window: Window,
+             pixel_interleaved: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a window's selected bands in the raster's own dtype (bands, h, w) plus its validity mask (h, w).
 
-    Parts of the window beyond the raster edge are zeros and invalid.
+    Parts of the window beyond the raster edge are zeros and invalid. ``pixel_interleaved`` stores the
+    bands of a pixel side by side (strides of an (h, w, bands) array): GDAL then copies a pixel-interleaved
+    file's blocks as they are, and the tiles are already in the CNN's channels_last layout.
     """
     h, w = int(window.height), int(window.width)
+    nb = len(info.bands)
     inner = clip_window(window, info.width, info.height)
     if inner is None:
-        return np.zeros((len(info.bands), h, w), dtype=info.dtype), np.zeros((h, w), dtype=bool)
-    data = read_checked(src, info.bands, inner)
+        return _bands_array(nb, h, w, info.dtype, pixel_interleaved), np.zeros((h, w), dtype=bool)
+    whole = (int(inner.height), int(inner.width)) == (h, w)
+    buf = _bands_array(nb, int(inner.height), int(inner.width), info.dtype, pixel_interleaved) \
+        if pixel_interleaved else None
+    data = read_checked(src, info.bands, inner, out=buf)
     ok = valid_mask(src, info.bands, data, inner, info.nodata)
-    if data.shape[1:] == (h, w):
+    if whole:
         return data, ok
-    out = np.zeros((len(info.bands), h, w), dtype=data.dtype)
+    out = _bands_array(nb, h, w, data.dtype, pixel_interleaved)
     valid = np.zeros((h, w), dtype=bool)
     r0, c0 = int(inner.row_off - window.row_off), int(inner.col_off - window.col_off)
     sl = (slice(r0, r0 + int(inner.height)), slice(c0, c0 + int(inner.width)))

@@ -177,13 +177,17 @@ def test_model_input_equals_the_per_tile_path(dtype: str, low: list[float], high
     model_input = ModelInput.of(info, size)
     got = model_input(raw, torch.from_numpy(~valid))
     assert got.shape == (5, 3, size, size) and got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, ref)  # step by step: the very same float operations
     wire = torch.from_numpy(wire_dtype(raw))  # what a worker sends for the model's device to finish
+    if model_input.fused(wire):  # 8-bit at the input size: one affine pass, equal within float rounding
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
+        torch.testing.assert_close(model_input(raw[:1], None), ref[:1], rtol=0, atol=2e-6)
+        # tiles stored pixel by pixel (a pixel-interleaved file) give the same
+        nhwc = torch.from_numpy(np.ascontiguousarray(raw.transpose(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        assert torch.equal(model_input(nhwc, torch.from_numpy(~valid)), got)
+        return
+    assert torch.equal(got, ref)  # step by step: the very same float operations
     assert torch.equal(model_input(wire, torch.from_numpy(~valid)), ref)
-    # an all-valid batch sends no mask; 8-bit tiles at the input size then take one fused pass
-    one = model_input(raw[:1], None)
-    assert one.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(one, ref[:1], rtol=0, atol=2e-6)
+    assert torch.equal(model_input(raw[:1], None), ref[:1])  # an all-valid batch sends no mask
 
 
 def test_workers_hand_over_raw_pixels_in_shared_memory(swellendam_tiles) -> None:

@@ -28,6 +28,7 @@ import rasterio
 import torch
 import torch.fx
 import torch.nn.functional as F
+from rasterio.enums import Interleaving
 from rasterio.windows import Window
 from torch.fx.experimental import optimization as fx_optimization
 from torch.utils.data import DataLoader, Dataset
@@ -113,6 +114,11 @@ class ModelInput:
     def of(cls, info: RasterInfo, size: int) -> ModelInput:
         return cls(tuple(map(float, info.scale_low)), tuple(map(float, info.scale_high)), size)
 
+    def fused(self, raw: torch.Tensor) -> bool:
+        """True where one affine pass does it all: three bands whose every value scales into [0, 1], at
+        the input size."""
+        return raw.shape[1] == 3 and self._in_range(raw.dtype) and tuple(raw.shape[-2:]) == (self.size, self.size)
+
     def _in_range(self, dtype: torch.dtype) -> bool:
         """True where every value of ``dtype`` scales into [0, 1] (e.g. uint8 over 0..255): no clamp needed."""
         if dtype.is_floating_point or dtype == torch.bool:
@@ -125,16 +131,20 @@ class ModelInput:
         if isinstance(raw, np.ndarray):
             raw = torch.from_numpy(wire_dtype(raw))
         dev, (n, bands) = raw.device, raw.shape[:2]
-        if invalid is None and bands == 3 and self._in_range(raw.dtype) and tuple(raw.shape[-2:]) == (self.size,) * 2:
-            # the common case (e.g. 8-bit imagery, no nodata, tiles at the input size): scaling and
-            # normalising are one affine map per channel, done in one pass straight into the output
-            # layout; equal to the step-by-step path within 2e-6 (float rounding)
+        if self.fused(raw):
+            # the common case (e.g. 8-bit imagery, tiles at the input size): scaling and normalising
+            # are one affine map per channel, done in one pass straight into the output layout; equal
+            # to the step-by-step path within 2e-6 (float rounding)
             scale, offset = _affine(self.low, self.high, dev)
             out = (new_tensor((n, 3, self.size, self.size), torch.float32, channels_last=True) if dev.type == "cpu"
                    else torch.empty((n, 3, self.size, self.size), device=dev, memory_format=torch.channels_last))
-            return torch.addcmul(offset, raw, scale, out=out)
+            torch.addcmul(offset, raw, scale, out=out)
+            if invalid is not None:  # mid-grey, normalised
+                for ch, value in enumerate(((0.5 - IMAGENET_MEAN) / IMAGENET_STD).view(3).tolist()):
+                    out[:, ch].masked_fill_(invalid, value)
+            return out
         lo, span, mean, std = _constants(self.low, self.high, dev)
-        x = raw.to(torch.float32, copy=True)
+        x = raw.contiguous().to(torch.float32, copy=True)  # per-channel steps run fastest band by band
         if any(self.low):  # x - 0 is x: a pass saved
             x.sub_(lo)
         x.div_(span)
@@ -221,6 +231,7 @@ class TileBlocks(Dataset):
         self.model_input = ModelInput.of(info, input_size)
         self.slices = batch_slices(len(self.tiles), batch_size)
         self._src: rasterio.io.DatasetReader | None = None
+        self._pixel_interleaved = False
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -240,7 +251,7 @@ class TileBlocks(Dataset):
             run = tiles[s:e]
             c0, r0 = int(run[:, 0].min()), int(run[:, 1].min())
             c1, r1 = int((run[:, 0] + run[:, 2]).max()), int((run[:, 1] + run[:, 3]).max())
-            block, ok = read_raw(self._src, self.info, Window(c0, r0, c1 - c0, r1 - r0))
+            block, ok = read_raw(self._src, self.info, Window(c0, r0, c1 - c0, r1 - r0), self._pixel_interleaved)
             for c, r, w, h in run:
                 pixels.append(block[:, r - r0: r - r0 + h, c - c0: c - c0 + w])
                 valid.append(ok[r - r0: r - r0 + h, c - c0: c - c0 + w])
@@ -249,6 +260,7 @@ class TileBlocks(Dataset):
     def __getitem__(self, i: int) -> TileBatch:
         if self._src is None:
             self._src = rasterio.open(self.info.path)
+            self._pixel_interleaved = self._src.interleaving == Interleaving.pixel
         s, e = self.slices[i]
         tiles, cells = self.tiles[s:e], self.cells[s:e]
         pixels, valid = self._read(tiles)
@@ -266,8 +278,15 @@ class TileBlocks(Dataset):
             return TileBatch(index, x, None, vt, vc, True)
         invalid = self._invalid(np.stack(valid))
         wire = wire_dtype(pixels[0][:0]).dtype  # e.g. uint8 stays uint8: a quarter of float32's bytes
-        raw = new_tensor((len(pixels), *pixels[0].shape), torch.from_numpy(np.empty(0, wire)).dtype)
-        np.stack(pixels, out=raw.numpy(), casting="unsafe")
+        bands, h, w = pixels[0].shape
+        dtype = torch.from_numpy(np.empty(0, wire)).dtype
+        if self._pixel_interleaved:  # as the file stores them: (n, h, w, bands), i.e. channels_last
+            raw = new_tensor((len(pixels), h, w, bands), dtype)
+            np.stack([p.transpose(1, 2, 0) for p in pixels], out=raw.numpy(), casting="unsafe")
+            raw = raw.permute(0, 3, 1, 2)
+        else:
+            raw = new_tensor((len(pixels), bands, h, w), dtype)
+            np.stack(pixels, out=raw.numpy(), casting="unsafe")
         return TileBatch(index, raw, invalid, vt, vc, False)
 
     def inputs(self, batch: TileBatch, device: torch.device | str = "cpu",
