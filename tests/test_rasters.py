@@ -8,7 +8,7 @@ import rasterio
 from rasterio.windows import Window
 
 from settlements.config import RasterInput, Scaling
-from settlements.rasters import compute_scaling, inspect_raster, read_tile
+from settlements.rasters import compute_scaling, inspect_raster, read_raw, read_tile
 
 from .conftest import scene
 
@@ -73,3 +73,26 @@ def test_fixed_scalings(method: str) -> None:
     spec = RasterInput(path=path, bands=[3, 2, 1], scaling=scaling)
     info = compute_scaling(inspect_raster(path, spec), spec)
     assert info.scale_low == (0.0, 0.0, 0.0) and info.scale_high == (255.0, 255.0, 255.0)
+
+
+@pytest.mark.parametrize("interleave", ["pixel", "band"])
+@pytest.mark.parametrize("window", [Window(10, 20, 48, 40), Window(-8, -6, 32, 32), Window(1000, 3030, 200, 20)])
+def test_raw_reads_store_bands_either_way_with_the_same_values(tmp_path: Path, interleave: str, window: Window) -> None:
+    """Pixel-by-pixel storage (channels_last tiles) holds exactly the band-by-band values, edges included."""
+    path = scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
+    with rasterio.open(path) as src:
+        profile = src.profile | {"interleave": interleave, "tiled": True, "blockxsize": 256, "blockysize": 256}
+        copy = tmp_path / f"{interleave}.tif"
+        with rasterio.open(copy, "w", **profile) as dst:
+            dst.write(src.read())
+    spec = RasterInput(path=copy, bands=[3, 2, 1])
+    info = compute_scaling(inspect_raster(copy, spec), spec)
+    with rasterio.open(copy) as src:
+        by_band, valid_b = read_raw(src, info, window)
+        by_pixel, valid_p = read_raw(src, info, window, pixel_interleaved=True)
+    assert by_pixel.shape == by_band.shape == (3, int(window.height), int(window.width))
+    assert by_pixel.strides[0] == by_pixel.itemsize  # the bands of a pixel side by side
+    assert np.array_equal(by_pixel, by_band) and np.array_equal(valid_p, valid_b)
+    assert valid_b.any()
+    if window.row_off < 0:  # rows above the raster: zeros, invalid
+        assert not valid_b[:6].any() and not by_pixel[:, :6].any()
