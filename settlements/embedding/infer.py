@@ -378,6 +378,9 @@ class EmbeddedChunk:
     embeddings: np.ndarray  # (kept.sum(), dim) float32
 
 
+_MALLOC_TUNED: bool | None = None
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse freed blocks of up to 256 MB instead of unmapping them.
 
@@ -397,10 +400,8 @@ def keep_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
-_MALLOC_TUNED: bool | None = None
-
-
-_FOLDED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+#: model -> its folded copy, or None where it cannot be folded (a value never refers to its key).
+_FOLDED: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module | None] = weakref.WeakKeyDictionary()
 
 
 def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -413,17 +414,17 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
     Made once per model and kept while the model lives (a Dask worker embeds many blocks with it).
     """
     if model not in _FOLDED:
-        body = getattr(model, "body", None)
-        folded = model
-        if isinstance(body, torch.fx.GraphModule):
+        folded = None
+        if isinstance(getattr(model, "body", None), torch.fx.GraphModule):
             try:
                 folded = copy.deepcopy(model).eval()  # a deep copy of a feature extractor starts in train mode
                 folded.body = fx_optimization.fuse(folded.body, inplace=True)
             except Exception as exc:  # a graph FX cannot trace again: run it unfolded
                 log.debug("batch norms not folded: %s", exc)
-                folded = model
+                folded = None
         _FOLDED[model] = folded
-    return _FOLDED[model]
+    folded = _FOLDED[model]
+    return model if folded is None else folded
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, amp: torch.dtype | None) -> torch.nn.Module:
