@@ -127,8 +127,16 @@ class Embedding(Strict):
     input_size: int = Field(96, ge=16, le=1024)
     batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # auto: 1 on CPU, cores-1 on GPU
+    num_workers: int | Literal["auto"] = "auto"  # auto: 1 on CPU, cores-1 on GPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        """One message for the two forms (pydantic would list an error per branch of the union)."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"expected 'auto' or a number of DataLoader workers >= 0, got {v!r}")
 
 
 class Clustering(Strict):

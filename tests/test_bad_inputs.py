@@ -283,6 +283,13 @@ def test_wrong_type(tmp_path, monkeypatch, capsys) -> None:
                  r"bad\.yaml: invalid config: clustering\.k: Input should be a valid integer.*\(got 'eight'\)")
 
 
+@pytest.mark.parametrize("workers", [-2, "many", True])
+def test_worker_count(tmp_path, monkeypatch, capsys, workers: object) -> None:
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, embedding={"num_workers": workers}),
+                 rf"bad\.yaml: invalid config: embedding\.num_workers: expected 'auto' or a number of "
+                 rf"DataLoader workers >= 0, got {re.escape(repr(workers))}$")
+
+
 def test_stride_larger_than_tile(tmp_path, monkeypatch, capsys) -> None:
     expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, tiling={"tile_size": "8px", "stride": "16px"}),
                  r"invalid config: tiling: stride must not exceed tile_size")
