@@ -14,7 +14,7 @@ import shapely
 from pyproj import Transformer
 
 from .config import PipelineConfig
-from .embedding.backbones import resolve_weights
+from .embedding.backbones import check_backbone, resolve_weights
 from .errors import ClusteringError, RegionError, WeightsError
 from .pipeline import check_inputs, grid_table, raster_grid
 from .rasters import compute_scaling, expand_inputs
@@ -64,14 +64,17 @@ class ValidationReport:
 
 
 def _weights_note(cfg: PipelineConfig) -> str:
+    """Where the weights come from, once loaded into the backbone and its layer found (no forward pass)."""
     e = cfg.embedding
     try:
         w = resolve_weights(e.backbone, e.weights, allow_download=False)
     except WeightsError:
         if e.weights is not None:
             raise
-        return f"{e.backbone}: none found offline; a run will try to download them"
-    return f"{e.backbone} from {w.source} ({w.path.name})"
+        node = check_backbone(e.backbone, e.layer, None)
+        return f"{e.backbone} cut at {node}: none found offline; a run will try to download them"
+    node = check_backbone(e.backbone, e.layer, w)
+    return f"{e.backbone} cut at {node}, from {w.source} ({w.path.name})"
 
 
 def validate(cfg: PipelineConfig) -> ValidationReport:

@@ -355,25 +355,39 @@ def test_disk_full_while_writing_keeps_earlier_outputs(small_run, monkeypatch, c
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_corrupt_weights_file(tmp_path, monkeypatch, capsys) -> None:
+# validate finds what a run would: weights are loaded into the backbone there too (no forward pass)
+COMMANDS = pytest.mark.parametrize("command", ["run", "validate"])
+
+
+@COMMANDS
+def test_corrupt_weights_file(tmp_path, monkeypatch, capsys, command) -> None:
     weights = tmp_path / "mobilenet_v2.pth"
     weights.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, embedding={"weights": str(weights)}),
-                 r"mobilenet_v2\.pth: corrupt or unreadable weights file")
+                 r"mobilenet_v2\.pth: corrupt or unreadable weights file", command=command)
 
 
-def test_weights_of_another_architecture(tmp_path, monkeypatch, capsys) -> None:
+@COMMANDS
+def test_weights_of_another_architecture(tmp_path, monkeypatch, capsys, command) -> None:
     weights = tmp_path / "squeezenet.pth"
     import torchvision
 
     torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), weights)  # a real, smaller net
     expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, embedding={"weights": str(weights)}),
-                 r"squeezenet\.pth: weights do not fit mobilenet_v2 \(size mismatch for classifier\.1\.weight")
+                 r"squeezenet\.pth: weights do not fit mobilenet_v2 \(size mismatch for classifier\.1\.weight",
+                 command=command)
 
 
-def test_weights_file_missing(tmp_path, monkeypatch, capsys) -> None:
+@COMMANDS
+def test_weights_file_missing(tmp_path, monkeypatch, capsys, command) -> None:
     expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, embedding={"weights": str(tmp_path / "w.pth")}),
-                 r"w\.pth: weights file not found")
+                 r"w\.pth: weights file not found", command=command)
+
+
+@COMMANDS
+def test_layer_the_backbone_lacks(tmp_path, monkeypatch, capsys, command) -> None:
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, embedding={"layer": "features.99"}),
+                 r"embedding\.layer: mobilenet_v2 has no layer 'features\.99' \(e\.g\. features\.0", command=command)
 
 
 # ------------------------------------------------------------------------------------ validate
@@ -394,7 +408,8 @@ def test_validate_reports_inputs_and_tile_counts(tmp_path, monkeypatch, capsys) 
     assert n == 121
 
 
-def test_weights_of_another_backbone_family(tmp_path, monkeypatch, capsys) -> None:
+@COMMANDS
+def test_weights_of_another_backbone_family(tmp_path, monkeypatch, capsys, command) -> None:
     from settlements.embedding.backbones import resolve_weights
     from settlements.errors import WeightsError
 
@@ -405,7 +420,7 @@ def test_weights_of_another_backbone_family(tmp_path, monkeypatch, capsys) -> No
     cfg = bad(tmp_path, embedding={"backbone": "resnet18", "weights": str(mobilenet)})
     expect_error(tmp_path, monkeypatch, capsys, cfg,
                  r"mobilenet_v2-b0353104\.pth: weights do not fit resnet18 \(\d+ missing, \d+ unexpected keys, "
-                 r"e\.g\. conv1\.weight")
+                 r"e\.g\. conv1\.weight", command=command)
 
 
 def test_installed_command_prints_one_line_for_a_truncated_raster(tmp_path, olinda_tif) -> None:

@@ -146,10 +146,8 @@ class Backbone:
     dim: int
 
 
-def build_backbone(name: str, layer: str | None = None, weights: Path | None = None,
-                   allow_download: bool = True) -> Backbone:
-    """Build ``name`` with ImageNet weights, cut at ``layer`` (default: last feature map)."""
-    resolved = resolve_weights(name, weights, allow_download)
+def _pretrained_model(name: str, resolved: ResolvedWeights) -> nn.Module:
+    """torchvision's ``name`` with the weights of ``resolved`` loaded; raise if they do not fit it."""
     model = torchvision.models.get_model(name, weights=None)
     state = _load_state_dict(resolved.path)
     try:
@@ -163,12 +161,36 @@ def build_backbone(name: str, layer: str | None = None, weights: Path | None = N
             f"{resolved.path}: weights do not fit {name} ({len(result.missing_keys)} missing, "
             f"{len(result.unexpected_keys)} unexpected keys, e.g. {', '.join(sample)})"
         )
-    model.eval()
+    return model.eval()
+
+
+def _feature_node(model: nn.Module, name: str, layer: str | None) -> str:
+    """The graph node the backbone is cut at; raise naming nearby nodes if ``layer`` is not one."""
     node = layer or default_layer(name)
     _, eval_nodes = get_graph_node_names(model)
     if node not in eval_nodes and not any(n.startswith(node + ".") for n in eval_nodes):
         near = [n for n in eval_nodes if n.startswith(node.split(".")[0])][:8] or eval_nodes[:8]
         raise BackboneError(f"embedding.layer: {name} has no layer {node!r} (e.g. {', '.join(near)})")
+    return node
+
+
+def check_backbone(name: str, layer: str | None, resolved: ResolvedWeights | None) -> str:
+    """Raise what :func:`build_backbone` would (weights that do not fit, unknown layer) without running it.
+
+    ``resolved`` None checks the layer on the bare architecture (weights to be downloaded by a run).
+    Returns the layer's node name.
+    """
+    model = (_pretrained_model(name, resolved) if resolved is not None
+             else torchvision.models.get_model(name, weights=None))
+    return _feature_node(model, name, layer)
+
+
+def build_backbone(name: str, layer: str | None = None, weights: Path | None = None,
+                   allow_download: bool = True) -> Backbone:
+    """Build ``name`` with ImageNet weights, cut at ``layer`` (default: last feature map)."""
+    resolved = resolve_weights(name, weights, allow_download)
+    model = _pretrained_model(name, resolved)
+    node = _feature_node(model, name, layer)
     body = create_feature_extractor(model, return_nodes=[node])
     pooled = PooledFeatures(body, node).eval()
     with torch.inference_mode():
