@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pyogrio
 import pytest
+import rasterio
+import rasterio.transform
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -243,6 +246,33 @@ def test_prediction_feeds_a_styled_geopackage(trained: Trained) -> None:
         con.close()
     assert styled == {"predicted_tiles", "predicted_regions"}
     assert (trained.out / "supervised_map.png").stat().st_size > 1000
+
+
+def test_prediction_is_also_a_paletted_cog_of_the_predicted_classes(trained: Trained) -> None:
+    """One pixel per 16 px tile cell, each carrying its tile's predicted class code, opened styled by QGIS."""
+    from rio_cogeo.cogeo import cog_validate
+
+    from settlements.palette import NO_DATA_CODE
+
+    path = trained.out / "olsup_predicted.tif"
+    valid, errors, _ = cog_validate(str(path))
+    assert valid and errors == []
+    tiles = pyogrio.read_dataframe(trained.out / "olsup_supervised.gpkg", layer="predicted_tiles")
+    with rasterio.open(path) as src:
+        codes = src.read(1)
+        cmap = src.colormap(1)
+        assert src.nodata == NO_DATA_CODE and src.crs.to_epsg() == 31985
+        # each tile's centre, in the raster's CRS, falls on a pixel of that tile's class
+        centres = tiles.to_crs(src.crs).geometry.centroid
+        rows, cols = rasterio.transform.rowcol(src.transform, centres.x, centres.y)
+    rat = ET.parse(f"{path}.aux.xml").getroot().find(".//GDALRasterAttributeTable")
+    code_of = {row.findall("F")[1].text: int(row.findall("F")[0].text) for row in rat.findall("Row")}
+    assert set(code_of) == {"built-up", "vegetation", "water"}
+    np.testing.assert_array_equal(codes[rows, cols], tiles["class"].map(code_of).to_numpy())
+    assert int((codes != NO_DATA_CODE).sum()) == len(tiles) == 484
+    assert cmap[NO_DATA_CODE][3] == 0
+    qml = path.with_suffix(".qml").read_text()
+    assert all(f'label="{name}"' in qml for name in code_of)
 
 
 def test_polygon_labels_reproduce_the_tile_classes(trained: Trained, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """``settlements predict``: per-tile class and probability, per-region class histograms, styled for QGIS.
 
 Writes ``outputs/<name>/<name>_supervised.gpkg`` (layers ``predicted_tiles``, ``predicted_regions``,
-table ``predicted_histogram``, default styles from the palette), ``supervised_map.png`` and
-``supervised_histograms.png``, the same shapes as the cluster outputs.
+table ``predicted_histogram``, default styles from the palette), ``<name>_predicted.tif`` (a paletted COG
+of class codes, one pixel per tile cell), ``supervised_map.png`` and ``supervised_histograms.png``: the
+same shapes as the cluster outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..config import PipelineConfig
 from ..errors import StageError
 from ..export import plots
 from ..export.geopackage import LayerStyle, write_geopackage
+from ..export.raster import code_grid, tile_cells, write_cluster_map
 from ..export.styles import categorized_qml
 from ..histograms import region_histograms
 from ..palette import build_palette, slug
@@ -125,9 +127,13 @@ def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
     write_geopackage(paths.gpkg, {"predicted_tiles": tiles_layer, "predicted_regions": regions_layer,
                                   "predicted_histogram": long}, styles)
     out = cfg.output_dir
+    class_map = out / f"{cfg.name}_predicted.tif"  # the cluster map's twin: class codes, one pixel per tile cell
+    write_cluster_map(class_map, code_grid(tile_cells(t.assign(label=t["class"]), [i.crs for i in infos], palette)),
+                      palette)
     plots.label_map(out / "supervised_map.png", tiles_layer.rename(columns={"class": "label"}), regions_layer,
                     palette, f"{cfg.name}: tiles by predicted class ({chosen})")
     plots.histograms(out / "supervised_histograms.png", wide, palette, cfg.output.max_plot_regions,
                      f"{cfg.name}: predicted class histograms ({chosen})")
     log.info("prediction (%s): %s", chosen, pd.Series(classes[best]).value_counts().to_dict())
-    return {"gpkg": paths.gpkg, "map": out / "supervised_map.png", "histograms": out / "supervised_histograms.png"}
+    return {"gpkg": paths.gpkg, "class_map": class_map, "map": out / "supervised_map.png",
+            "histograms": out / "supervised_histograms.png"}
