@@ -60,11 +60,12 @@ from .history import (
     tile_changes,
 )
 from .labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
-from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile
+from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile, valid_footprint
 from .regions import (
     area_m2,
     cell_region_shares,
     equal_area_crs,
+    geometry_in,
     load_all_regions,
     raster_extent_in,
     regions_in_crs,
@@ -185,6 +186,7 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     regions["area_m2"] = area_m2(regions, ea)
     grids = [raster_grid(info, cfg) for info in infos]  # tile-size errors before any pixel is read
     tables, shares_all = [], []
+    footprints: dict[int, shapely.Geometry] = {}
     next_id = 0
     for r, (info, grid) in enumerate(tqdm(list(zip(infos, grids, strict=True)), desc="tiling", unit="raster",
                                           disable=None)):
@@ -193,8 +195,8 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
         bounds = (float(table["minx"].min()), float(table["miny"].min()),
                   float(table["maxx"].max()), float(table["maxy"].max()))
         reg_r = regions_in_crs(regions, info.crs, bounds)
-        # overlapping rasters: the first listed wins; later ones lose the ground earlier extents cover
-        covered = shapely.union_all([raster_extent_in(_extent(e), e.crs, info.crs) for e in infos[:r]]) if r else None
+        # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
+        covered = _covered_by_earlier(infos, r, bounds, footprints)
         shares = cell_region_shares(cells, reg_r.geometry.values, Transformer.from_crs(info.crs, ea, always_xy=True),
                                     covered)
         if cfg.tiling.clip_to_regions:
@@ -224,6 +226,26 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     write_table(ws.shares, shares)
     log.info("tiling: %d tiles over %d raster(s), %d region(s)", len(tiles), len(infos), len(regions))
     return {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions)}
+
+
+def _covered_by_earlier(infos: list[RasterInfo], r: int, bounds: tuple[float, float, float, float],
+                        footprints: dict[int, shapely.Geometry]) -> shapely.Geometry | None:
+    """The ground rasters listed before ``r`` hold imagery on, in raster ``r``'s CRS, near ``bounds``.
+
+    Valid footprints, not extents: where an earlier scene is nodata (a collar, a cut-off corner) a
+    later one still maps the ground. Footprints are traced once, and only of rasters that reach ``r``.
+    """
+    here = shapely.box(*bounds)
+    near = []
+    for e in range(r):
+        extent = raster_extent_in(_extent(infos[e]), infos[e].crs, infos[r].crs)
+        if not extent.intersects(here):
+            continue
+        if e not in footprints:
+            footprints[e] = valid_footprint(infos[e])
+            log.info("%s: valid footprint traced for overlap with later rasters", infos[e].path.name)
+        near.append(geometry_in(footprints[e], infos[e].crs, infos[r].crs))
+    return shapely.union_all(near) if near else None
 
 
 def _extent(info: RasterInfo) -> tuple[float, float, float, float]:

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.features
+import rasterio.transform
+import shapely
+import shapely.geometry
 from pyproj import CRS, Geod
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
@@ -133,6 +137,42 @@ def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window:
     except (RasterioError, OSError, ValueError) as exc:
         raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
             from None
+
+
+#: Cells on the long side of the grid a raster's valid footprint is traced on.
+FOOTPRINT_CELLS = 1024
+
+
+def valid_footprint(info: RasterInfo, cells: int = FOOTPRINT_CELLS) -> shapely.Geometry:
+    """Where ``info``'s selected bands hold imagery, as a polygon in its CRS.
+
+    Its whole extent where no band has a mask, alpha or nodata (nothing is read); else traced on a
+    decimated grid of at most ``cells`` a side (GDAL reads overviews where the file has them), so its
+    edges are true to within one such cell.
+    """
+    a = info.affine
+    with rasterio.open(info.path) as src:
+        plain = all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in info.bands)
+        if plain and info.nodata is None and np.dtype(info.dtype).kind != "f":
+            return shapely.box(*rasterio.transform.array_bounds(info.height, info.width, a))
+        step = max(1.0, max(info.width, info.height) / cells)
+        h, w = max(1, round(info.height / step)), max(1, round(info.width / step))
+        shape = (len(info.bands), h, w)
+        try:
+            data = src.read(list(info.bands), out_shape=shape)
+            masks = src.read_masks(list(info.bands), out_shape=shape)
+        except (RasterioError, OSError, ValueError) as exc:
+            raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
+                from None
+    valid = np.all(masks > 0, axis=0)
+    if info.nodata is not None:
+        valid &= ~np.any(data == info.nodata, axis=0)
+    if data.dtype.kind == "f":
+        valid &= ~np.any(np.isnan(data), axis=0)
+    transform = a * rasterio.Affine.scale(info.width / w, info.height / h)
+    parts = [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(valid.view(np.uint8), mask=valid,
+                                                                              transform=transform)]
+    return shapely.union_all(parts) if parts else shapely.Polygon()
 
 
 def check_readable(src: rasterio.io.DatasetReader, bands: tuple[int, ...]) -> None:

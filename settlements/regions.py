@@ -210,10 +210,15 @@ def regions_in_crs(regions: gpd.GeoDataFrame, crs: CRS,
 
 def raster_extent_in(bounds: tuple[float, float, float, float], src_crs: CRS, dst_crs: CRS) -> shapely.Geometry:
     """A raster's extent (box in its CRS) as a polygon in ``dst_crs``, densified so edges stay true."""
-    box = shapely.box(*bounds)
-    if src_crs == dst_crs:
-        return box
-    dense = shapely.segmentize(box, (bounds[2] - bounds[0]) / 64 or 1.0)
+    return geometry_in(shapely.box(*bounds), src_crs, dst_crs)
+
+
+def geometry_in(geom: shapely.Geometry, src_crs: CRS, dst_crs: CRS, pieces: int = 64) -> shapely.Geometry:
+    """``geom`` reprojected to ``dst_crs``, its edges first cut into ``pieces`` per extent width."""
+    if src_crs == dst_crs or geom.is_empty:
+        return geom
+    minx, _, maxx, _ = geom.bounds
+    dense = shapely.segmentize(geom, (maxx - minx) / pieces or 1.0)
     tr = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
     out = shapely.transform(dense, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
     return shapely.make_valid(out)

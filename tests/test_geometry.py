@@ -216,3 +216,65 @@ def test_overlapping_rasters_count_ground_once_first_listed_wins(tmp_path) -> No
     second = tiles[tiles["raster"] == 1]
     inner = second[(second["cell_col"] + second["cell_w"] <= 40) & (second["cell_row"] + second["cell_h"] <= 60)]
     assert len(inner) > 0 and not ws_shares["tile_id"].isin(inner["tile_id"]).any()
+
+
+def test_an_earlier_raster_gives_up_the_ground_where_it_is_nodata(tmp_path) -> None:
+    """A scene whose right part is a nodata collar, listed before a full one: the full scene maps the
+    collar's ground, and only there; the ground is counted once, as with the full scene alone."""
+    src_path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(src_path) as src:
+        prof = src.profile | {"count": 3}
+        data = src.read([3, 2, 1])
+    assert (data > 0).all()  # so 0 can be the collar's nodata
+    collar = data.copy()
+    collar[:, :, 160:] = 0  # ten 16 px cells of imagery, then nodata
+    paths = {}
+    for name, pixels, nodata in (("collar", collar, 0), ("full", data, None)):
+        paths[name] = tmp_path / f"{name}.tif"
+        with rasterio.open(paths[name], "w", **(prof | {"nodata": nodata})) as dst:
+            dst.write(pixels)
+    tracts = [{"path": str(scene("olinda_brazil", "olinda1.shp")), "id_field": "CD_GEOCODI"}]
+
+    for sub in ("alone", "both"):
+        (tmp_path / sub).mkdir()
+    alone_km2, _, alone_tiles = tile_stage(tmp_path / "alone", [paths["full"]], tracts)
+    km2, _, tiles = tile_stage(tmp_path / "both", [paths["collar"], paths["full"]], tracts)
+    shares = read_table(tmp_path / "both" / "work" / "geo" / "shares.parquet", "tile").merge(tiles, on="tile_id")
+    first, second = shares[shares["raster"] == 0], shares[shares["raster"] == 1]
+    assert not second.empty, "the full scene lost all its ground to the collar's extent"
+    assert (second["cell_col"] >= 160).all()  # nothing where the first holds imagery
+    # the collar's imaged cells plus the full scene's cells cover the ground once, exactly as the full scene alone
+    imaged = first[first["cell_col"] + first["cell_w"] <= 160]["area_m2"].sum() + second["area_m2"].sum()
+    assert imaged == pytest.approx(alone_km2.sum() * 1e6, rel=1e-9)
+    # the full scene's cells in the collar keep their whole area, cell for cell
+    key = ["cell_col", "cell_row"]
+    alone = read_table(tmp_path / "alone" / "work" / "geo" / "shares.parquet", "tile").merge(alone_tiles, on="tile_id")
+    got = second.groupby(key)["area_m2"].sum()
+    want = alone[alone["cell_col"] >= 160].groupby(key)["area_m2"].sum()
+    pd.testing.assert_series_equal(got.sort_index(), want.sort_index(), rtol=1e-9)
+    assert km2.sum() > alone_km2.sum()  # the collar's own nodata cells still carry area (valid_cell 0 later)
+
+
+def test_valid_footprint_traces_imagery_not_the_extent(tmp_path) -> None:
+    from settlements.rasters import inspect_raster, valid_footprint
+
+    src_path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(src_path) as src:
+        prof = src.profile | {"count": 3, "nodata": 0}
+        data = src.read([3, 2, 1])
+        res, bounds = src.res[0], src.bounds
+    data[:, 100:200, 50:150] = 0  # a nodata hole of 100 x 100 px
+    data[:, :, 300:] = 0  # and a collar on the right
+    path = tmp_path / "holes.tif"
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+    from settlements.config import RasterInput
+
+    info = inspect_raster(path, RasterInput(path=path, bands=[1, 2, 3]))
+    fp = valid_footprint(info)
+    assert fp.area == pytest.approx((data > 0).all(axis=0).sum() * res * res, rel=1e-9)
+    assert not fp.contains(shapely.Point(bounds.left + 100 * res, bounds.top - 150 * res))  # in the hole
+    coarse = valid_footprint(info, cells=64)  # decimated: true to within a coarse cell (352 / 64 = 5.5 px)
+    assert shapely.symmetric_difference(coarse, fp).area < 2 * (100 * 4 + 352) * 6 * res * res
+    plain = inspect_raster(src_path, RasterInput(path=src_path, bands=[3, 2, 1]))
+    assert valid_footprint(plain).equals(shapely.box(*bounds))  # no mask, alpha or nodata: the extent
