@@ -203,8 +203,10 @@ def test_workers_hand_over_raw_pixels_in_shared_memory(swellendam_tiles) -> None
 
 def test_worker_count_auto() -> None:
     auto = InferenceSettings(num_workers="auto")
-    assert auto.workers_for(torch.device("cpu")) == 1  # the model needs the other core
-    assert auto.workers_for(torch.device("cuda")) == max(1, min(16, (os.cpu_count() or 2) - 1))
+    cores = len(os.sched_getaffinity(0))
+    assert auto.workers_for(torch.device("cpu")) == 1  # the model needs the other cores
+    assert auto.workers_for(torch.device("cuda")) == max(1, min(16, cores - 1))
+    assert InferenceSettings(num_workers=3).workers_for(torch.device("cpu")) == 3
     assert InferenceSettings(num_workers=3).workers_for(torch.device("cuda")) == 3
 
 

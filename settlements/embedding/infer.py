@@ -163,6 +163,14 @@ class ModelInput:
         return new_tensor((n, 3, self.size, self.size), torch.float32, channels_last=True).copy_(x)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (a container's or ``taskset``'s limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_supports(dtype: torch.dtype) -> bool:
     """True where oneDNN runs ``dtype`` natively (AVX512-FP16/BF16, AMX); elsewhere it is emulated and slow."""
     probe = {torch.float16: "_is_mkldnn_fp16_supported", torch.bfloat16: "_is_mkldnn_bf16_supported"}[dtype]
@@ -358,10 +366,10 @@ class InferenceSettings:
 
     def workers_for(self, device: torch.device) -> int:
         """DataLoader workers: as set, or for ``auto`` one on a CPU (the model needs the other cores)
-        and, to keep a GPU fed, one per core but one, at most 16."""
+        and, to keep a GPU fed, one per available core but one, at most 16."""
         if self.num_workers != "auto":
             return int(self.num_workers)
-        return 1 if device.type == "cpu" else max(1, min(16, (os.cpu_count() or 2) - 1))
+        return 1 if device.type == "cpu" else max(1, min(16, available_cores() - 1))
 
     def precision_name(self, device: torch.device) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype(device)]
