@@ -169,7 +169,7 @@ def valid_footprint(info: RasterInfo, cells: int = FOOTPRINT_CELLS) -> shapely.G
         valid &= ~np.any(data == info.nodata, axis=0)
     if data.dtype.kind == "f":
         valid &= ~np.any(np.isnan(data), axis=0)
-    transform = a * rasterio.Affine.scale(info.width / w, info.height / h)
+    transform = a @ rasterio.Affine.scale(info.width / w, info.height / h)
     parts = [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(valid.view(np.uint8), mask=valid,
                                                                               transform=transform)]
     return shapely.union_all(parts) if parts else shapely.Polygon()
