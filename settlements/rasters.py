@@ -123,17 +123,19 @@ def _gdal_reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window,
-                 masks: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window: Window | None,
+                 masks: bool = False, out: np.ndarray | None = None,
+                 out_shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """``src.read`` (or ``read_masks``) that turns a failed read into one clear :class:`RasterError`.
 
     GDAL opens a truncated or corrupt GeoTIFF happily and fails only when a damaged block is read,
-    so every pixel read goes through here. ``out``: a (bands, h, w) array to read into (any strides).
+    so every pixel read goes through here. ``out``: a (bands, h, w) array to read into (any strides);
+    ``out_shape``: read decimated (nearest) to that shape.
     """
     try:
         if masks:
-            return src.read_masks(list(bands), window=window)
-        return src.read(list(bands), window=window, out=out)
+            return src.read_masks(list(bands), window=window, out_shape=out_shape)
+        return src.read(list(bands), window=window, out=out, out_shape=out_shape)
     except (RasterioError, OSError, ValueError) as exc:
         raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
             from None
@@ -158,17 +160,8 @@ def valid_footprint(info: RasterInfo, cells: int = FOOTPRINT_CELLS) -> shapely.G
         step = max(1.0, max(info.width, info.height) / cells)
         h, w = max(1, round(info.height / step)), max(1, round(info.width / step))
         shape = (len(info.bands), h, w)
-        try:
-            data = src.read(list(info.bands), out_shape=shape)
-            masks = src.read_masks(list(info.bands), out_shape=shape)
-        except (RasterioError, OSError, ValueError) as exc:
-            raise RasterError(f"{src.name}: cannot read pixels (truncated or corrupt file?): {_gdal_reason(exc)}") \
-                from None
-    valid = np.all(masks > 0, axis=0)
-    if info.nodata is not None:
-        valid &= ~np.any(data == info.nodata, axis=0)
-    if data.dtype.kind == "f":
-        valid &= ~np.any(np.isnan(data), axis=0)
+        data = read_checked(src, info.bands, None, out_shape=shape)
+        valid = valid_pixels(read_checked(src, info.bands, None, masks=True, out_shape=shape), data, info.nodata)
     transform = a @ rasterio.Affine.scale(info.width / w, info.height / h)
     parts = [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(valid.view(np.uint8), mask=valid,
                                                                               transform=transform)]
@@ -248,10 +241,14 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
 def valid_mask(src: rasterio.io.DatasetReader, bands: tuple[int, ...], data: np.ndarray,
                window: Window, nodata: float | None) -> np.ndarray:
     """True where every selected band holds real imagery (not nodata, alpha 0, mask 0 or NaN)."""
-    if all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
-        valid = np.ones(data.shape[1:], dtype=bool)  # no mask, alpha or nodata: nothing to read
-    else:
-        valid = np.all(read_checked(src, bands, window, masks=True) > 0, axis=0)
+    no_masks = all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+    # no mask, alpha or nodata: nothing to read
+    return valid_pixels(None if no_masks else read_checked(src, bands, window, masks=True), data, nodata)
+
+
+def valid_pixels(masks: np.ndarray | None, data: np.ndarray, nodata: float | None) -> np.ndarray:
+    """True where every band is valid: GDAL mask > 0 (None: no masks), not ``nodata``, not NaN."""
+    valid = np.ones(data.shape[1:], dtype=bool) if masks is None else np.all(masks > 0, axis=0)
     if nodata is not None:
         valid &= ~np.any(data == nodata, axis=0)
     if data.dtype.kind == "f":
