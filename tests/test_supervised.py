@@ -249,7 +249,8 @@ def test_prediction_feeds_a_styled_geopackage(trained: Trained) -> None:
 
 
 def test_prediction_is_also_a_paletted_cog_of_the_predicted_classes(trained: Trained) -> None:
-    """One pixel per 16 px tile cell, each carrying its tile's predicted class code, opened styled by QGIS."""
+    """One pixel per 16 px tile cell, each carrying its tile's predicted class code, with the palette, attribute
+    table and .qml the cluster map carries."""
     from rio_cogeo.cogeo import cog_validate
 
     from settlements.palette import NO_DATA_CODE
