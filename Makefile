@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 FAISS ?= cpu                       # cpu or gpu (faiss-gpu; never both in one environment)
 SHARED ?= ../shared/data
-SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 pucallpa_landsat boundaries
+SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 pucallpa_landsat mumbai_train boundaries
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
