@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ class Ran:
     @property
     def work(self) -> Path:
         return self.cfg.work_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One CPU thread for torch and BLAS: on a shared, loaded machine two threads run ~15x slower."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

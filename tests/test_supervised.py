@@ -9,7 +9,6 @@ from __future__ import annotations
 import sqlite3
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,8 @@ from settlements.supervised.training_labels import kept_tiles, read_polygons, ti
 
 from .conftest import run_cli, scene, write_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
+
 TRAINING = {
     "labels": {"source": "spectral"},
     "finetune": {"enabled": True, "epochs": 1, "max_tiles": 96, "batch_size": 16, "unfreeze": 2},
@@ -48,21 +49,6 @@ class Trained:
         self.config = config
         self.cfg = load_config(config)
         self.out = self.cfg.output_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One CPU thread for torch and BLAS: on a shared, loaded machine two threads run ~15x slower."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

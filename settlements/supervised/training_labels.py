@@ -78,7 +78,9 @@ def polygon_labels(infos: list[RasterInfo], tiles: pd.DataFrame, src: LabelSourc
     for r, t in tiles.groupby("raster", sort=True):
         p = polys.to_crs(infos[int(r)].crs)
         p = p.assign(**{"class": p["class"].astype(str)})
-        cells = shapely.box(t["minx"], t["miny"], t["maxx"], t["maxy"])
+        # arrays, not the group's columns: a Series would keep the group's index, and the frames below
+        # (indexed from 0) would align every later raster's geometries to nothing
+        cells = shapely.box(*(t[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
         if src.rule == "centre":
             pts = gpd.GeoDataFrame({"tile_id": t["tile_id"].to_numpy()}, geometry=shapely.centroid(cells), crs=p.crs)
             hit = gpd.sjoin(pts, p, predicate="within", how="inner").drop_duplicates("tile_id")
