@@ -53,16 +53,26 @@ class KMeansClusterer:
             x = x @ self.components_.T - self.mean_ @ self.components_.T  # no centred copy of x
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def fit(self, x: np.ndarray) -> KMeansClusterer:
+    def fit(self, x: np.ndarray, order: np.ndarray | None = None) -> KMeansClusterer:
+        """Fit on a seeded sample of the rows of ``x``.
+
+        ``order``: the rows in a canonical order (e.g. by ground position). The sample and FAISS's
+        initial centroids follow row order, so the same tiles stored in another order (many files
+        or one mosaic) give the same fit only when both runs pass their canonical order.
+        """
         n = len(x)
         if n < self.k:
             raise ClusteringError(f"clustering.k: k={self.k} exceeds the number of valid tiles ({n}); "
                                   "lower k or use smaller tiles")
         rng = np.random.default_rng(self.seed)
         take = min(self.sample_size, n)
-        # all rows: a view of an array (no copy of what may be gigabytes); else the sampled rows
-        sample = np.asarray(x[np.sort(rng.choice(n, size=take, replace=False))] if take < n else x[:],
-                            dtype=np.float32)
+        picked = np.sort(rng.choice(n, size=take, replace=False)) if take < n else None
+        if order is not None:
+            if len(order) != n:
+                raise ValueError(f"order has {len(order)} rows for {n} embeddings")
+            picked = np.asarray(order)[picked] if picked is not None else np.asarray(order)
+        # all rows in stored order: a view of an array (no copy of what may be gigabytes); else the picked rows
+        sample = np.asarray(x[:] if picked is None else x[picked], dtype=np.float32)
         self.components_ = None
         if self.l2_normalize:
             sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)

@@ -88,7 +88,7 @@ from .store import (
     write_json,
     write_table,
 )
-from .tiling import TileGrid, length_to_pixels
+from .tiling import TileGrid, ground_order, length_to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +197,16 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
         reg_r = regions_in_crs(regions, info.crs, bounds)
         # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
         covered = _covered_by_earlier(infos, r, bounds, footprints)
-        shares = cell_region_shares(cells, reg_r.geometry.values, Transformer.from_crs(info.crs, ea, always_xy=True),
-                                    covered)
+        to_ground = Transformer.from_crs(info.crs, ea, always_xy=True)
+        shares = cell_region_shares(cells, reg_r.geometry.values, to_ground, covered)
         if cfg.tiling.clip_to_regions:
             table = table.iloc[np.unique(shares["cell"].to_numpy())]
             remap = pd.Series(np.arange(len(table)), index=table.index)
             shares["cell"] = remap.loc[shares["cell"]].to_numpy()
             table = table.reset_index(drop=True)
+        # the cell centre on the ground (equal-area metres): where a tile is, whichever file holds it
+        table["ground_x"], table["ground_y"] = to_ground.transform((table["minx"] + table["maxx"]).to_numpy() / 2,
+                                                                   (table["miny"] + table["maxy"]).to_numpy() / 2)
         table.insert(0, "raster", r)
         table.insert(0, "tile_id", np.arange(next_id, next_id + len(table), dtype=np.int64))
         shares = pd.DataFrame({"tile_id": table["tile_id"].to_numpy()[shares["cell"].to_numpy()],
@@ -366,7 +369,7 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
         model = KMeansClusterer.load(ws.clusters)
     else:
         model = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
-                                pca_dim=c.pca_dim, l2_normalize=c.l2_normalize).fit(emb)
+                                pca_dim=c.pca_dim, l2_normalize=c.l2_normalize).fit(emb, _ground_order(ws, meta))
         if previous is not None and ws.clusters.exists():
             matching = keep_cluster_ids(cfg, model, KMeansClusterer.load(ws.clusters),
                                         previous.get("space_key") == space_key)
@@ -385,6 +388,15 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
                                  "reused_centroids": reuse, "trained_on": getattr(model, "n_train_", None),
                                  "matching": matching, "anchored": anchored})
     return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching}
+
+
+def _ground_order(ws: Workspace, meta: pd.DataFrame) -> np.ndarray | None:
+    """Embedding rows in the order of their tiles on the ground (None for tiles of an older version)."""
+    tiles = read_table(ws.tiles, "tile")
+    if "ground_x" not in tiles.columns:
+        return None
+    kept = meta[meta["kept"]].sort_values("emb_row")[["tile_id"]].merge(tiles, on="tile_id", how="left")
+    return ground_order(kept["ground_x"].to_numpy(), kept["ground_y"].to_numpy())
 
 
 # --------------------------------------------------------------------------------------- export

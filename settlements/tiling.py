@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from rasterio.windows import Window
 
 from .errors import TilingError
@@ -86,3 +87,12 @@ def clip_window(window: Window, width: int, height: int) -> Window | None:
     if c1 <= c0 or r1 <= r0:
         return None
     return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def ground_order(x: np.ndarray, y: np.ndarray, precision: float = 0.01) -> np.ndarray:
+    """Positions of tiles sorted by where they lie (north to south, then west to east, to ``precision`` metres).
+
+    A canonical order of the same ground however it was split into files: seeded samples and
+    k-means initialisations drawn in this order do not depend on the order of the inputs.
+    """
+    return np.lexsort((np.rint(np.asarray(x) / precision), -np.rint(np.asarray(y) / precision)))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyogrio
 import pytest
 import rasterio
 import rasterio.transform
@@ -21,12 +23,13 @@ import shapely
 
 from settlements.config import LabelSource
 from settlements.pipeline import load_infos, workspace
+from settlements.supervised.evaluation import block_side_m, spatial_blocks
 from settlements.supervised.predict import predict
 from settlements.supervised.train import train
 from settlements.supervised.training_labels import kept_tiles, tile_labels
 
 from .conftest import Ran, scene, write_pipeline
-from .many_files import cut_chips, mumbai_group_mask, mumbai_label_polygons, write_vrt
+from .many_files import cut_chips, match_tiles, mumbai_group_mask, mumbai_label_polygons, write_vrt
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -128,3 +131,87 @@ def test_polygon_labels_cover_tiles_in_every_file(mumbai: Pair) -> None:
             row, col = rasterio.transform.rowcol(transform, cx.to_numpy(), cy.to_numpy())
             expected = [names[v - 1] for v in grid[np.asarray(row), np.asarray(col)]]
             assert group["class"].tolist() == expected
+
+
+# ------------------------------------------------------------------------------- spatial blocks
+
+def _blocks(ran: Ran, block_tiles: int) -> pd.DataFrame:
+    ws = workspace(ran.cfg)
+    tiles = kept_tiles(ws)
+    side = block_side_m(ran.cfg.tiling.stride_length, load_infos(ws), tiles, block_tiles)
+    return tiles.assign(block=spatial_blocks(tiles, side), side=side)
+
+
+def test_spatial_blocks_lie_on_the_ground_across_files(kampala: Pair) -> None:
+    """Blocks of 4 x 4 tiles span neighbouring chips, and the chips get the blocks the mosaic gets."""
+    files, mosaic = _blocks(kampala.files, 4), _blocks(kampala.mosaic, 4)
+    i, j = match_tiles(files, mosaic, kampala.cell)
+    assert len(i) == len(files) == len(mosaic) == 384
+    assert np.array_equal(files["block"].to_numpy()[i], mosaic["block"].to_numpy()[j])
+    rasters_per_block = files.groupby("block")["raster"].nunique()
+    assert (rasters_per_block > 1).mean() > 0.9  # a chip is 3 x 2 tiles: most blocks hold several
+    assert files.groupby("block").size().max() <= 16
+    side = float(files["side"].iloc[0])
+    info = load_infos(workspace(kampala.files.cfg))[0]
+    assert side == pytest.approx(4 * 32 * np.sqrt(info.pixel_w_m * info.pixel_h_m), rel=1e-3)
+    spread = files.groupby("block").agg(x=("ground_x", np.ptp), y=("ground_y", np.ptp))
+    assert (spread.to_numpy() < side).all()
+
+
+def test_training_on_many_patches_evaluates_as_on_one_mosaic(mumbai: Pair) -> None:
+    """block_tiles 6 on the 64 patches trains; the blocked evaluation equals the mosaic's (same folds)."""
+    runs = mumbai.extra["trained"]
+    for name in ("mfiles", "mmosaic"):
+        assert runs[name]["labelled_tiles"] >= 0.98 * 576
+        assert set(runs[name]["classes"]) == {"formal", "informal", "not built up"}
+    a, b = (pd.read_csv(r.cfg.output_dir / "evaluation.csv") for r in (mumbai.files, mumbai.mosaic))
+    pd.testing.assert_frame_equal(a[["method", "class", "support"]], b[["method", "class", "support"]])
+    np.testing.assert_allclose(a[["precision", "recall", "f1"]], b[["precision", "recall", "f1"]], atol=0.02)
+    files, mosaic = _blocks(mumbai.files, 6), _blocks(mumbai.mosaic, 6)
+    assert float(files["side"].iloc[0]) == 600.0
+    i, j = match_tiles(files, mosaic, mumbai.cell)
+    assert len(i) == len(files) == len(mosaic) == 576
+    assert np.array_equal(files["block"].to_numpy()[i], mosaic["block"].to_numpy()[j])
+
+
+# ---------------------------------------------------------------------------- files == mosaic
+
+def _kept(ran: Ran) -> pd.DataFrame:
+    ws = workspace(ran.cfg)
+    return kept_tiles(ws).merge(pd.read_parquet(ws.assignments), on="tile_id")
+
+
+@pytest.mark.parametrize("scene_pair", ["kampala", "mumbai"])
+def test_many_files_give_what_one_mosaic_gives(scene_pair: str, request: pytest.FixtureRequest) -> None:
+    """Same ground cells, embeddings within float tolerance, the same cluster per cell (fixed seed),
+    the same region histograms and the same cluster map, whatever the files' order."""
+    pair: Pair = request.getfixturevalue(scene_pair)
+    a, b = _kept(pair.files), _kept(pair.mosaic)
+    assert a["raster"].nunique() == 64 and b["raster"].nunique() == 1
+    i, j = match_tiles(a, b, pair.cell)
+    assert len(i) == len(a) == len(b)
+    assert not np.array_equal(a["tile_id"].to_numpy()[i], b["tile_id"].to_numpy()[j])  # the orders differ
+    np.testing.assert_allclose(a["valid_cell"].to_numpy()[i], b["valid_cell"].to_numpy()[j])
+    ea, eb = (np.load(workspace(r.cfg).embeddings) for r in (pair.files, pair.mosaic))
+    ea, eb = ea[a["emb_row"].to_numpy()[i]], eb[b["emb_row"].to_numpy()[j]]
+    np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-4 * float(np.abs(eb).max()))
+    assert np.array_equal(a["cluster"].to_numpy()[i], b["cluster"].to_numpy()[j])
+    np.testing.assert_allclose(a["distance"].to_numpy()[i], b["distance"].to_numpy()[j], rtol=1e-4, atol=1e-4)
+
+    ra, rb = (pyogrio.read_dataframe(r.gpkg, layer="regions").sort_values("region_id").reset_index(drop=True)
+              for r in (pair.files, pair.mosaic))
+    numbers = [c for c in ra.columns if c.split("_")[0] in ("n", "frac", "km2") or c.endswith("_km2")]
+    assert len(ra) == len(rb) and "km2_c0" in numbers and "mapped_km2" in numbers
+    pd.testing.assert_frame_equal(ra[["region_id", "dominant_label", *numbers]],
+                                  rb[["region_id", "dominant_label", *numbers]], rtol=1e-9)
+    assert (ra["n_tiles"] > 0).all()
+    ha, hb = (pyogrio.read_dataframe(r.gpkg, layer="histogram").sort_values(["region_id", "kind", "class"])
+              .reset_index(drop=True) for r in (pair.files, pair.mosaic))
+    pd.testing.assert_frame_equal(ha, hb, rtol=1e-9)
+
+    with rasterio.open(pair.files.report.outputs["cluster_map"]) as fa, \
+            rasterio.open(pair.mosaic.report.outputs["cluster_map"]) as fb:
+        assert fa.shape == fb.shape and fa.transform.almost_equals(fb.transform)
+        ca, cb = fa.read(1), fb.read(1)
+    assert np.array_equal(ca, cb)
+    assert (ca > 0).sum() == len(a)  # one pixel per kept tile cell

@@ -1,7 +1,7 @@
 """Honest evaluation: spatially blocked cross-validation and clustering quality against reference labels.
 
-Tiles are grouped into square blocks of ``block_tiles`` x ``block_tiles`` grid cells; whole blocks
-go to folds, so neighbouring (overlapping, autocorrelated) tiles never sit on both sides of a split.
+Tiles are grouped into square blocks of ground, ``block_tiles`` x ``block_tiles`` stride cells; whole
+blocks go to folds, so neighbouring (overlapping, autocorrelated) tiles never sit on both sides of a split.
 Every method is scored on the same held-out blocks. The k-means baseline uses the pipeline's
 clusters (fitted without labels) and maps each cluster to the majority training label of the
 training folds only.
@@ -18,14 +18,35 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from ..config import Length
+from ..rasters import RasterInfo
+
 MACRO = "macro avg"
 
 
-def spatial_blocks(tiles: pd.DataFrame, block_tiles: int) -> np.ndarray:
-    """Block id of each tile: (raster, row // block_tiles, col // block_tiles), numbered from 0."""
-    key = pd.MultiIndex.from_arrays([tiles["raster"].to_numpy(), tiles["row"].to_numpy() // block_tiles,
-                                     tiles["col"].to_numpy() // block_tiles])
-    codes, _ = pd.factorize(key)
+def block_side_m(stride: Length, infos: list[RasterInfo], tiles: pd.DataFrame, block_tiles: int) -> float:
+    """The side of a block in ground metres: ``block_tiles`` strides.
+
+    A stride in pixels is a ground length per raster: then the median over the tiles of their
+    raster's stride cell.
+    """
+    if stride.unit == "m":
+        return block_tiles * stride.value
+    per_raster = tiles.groupby("raster").agg(w=("cell_w", "max"), h=("cell_h", "max"))
+    ground = {int(r): float(np.sqrt(row.w * infos[int(r)].pixel_w_m * row.h * infos[int(r)].pixel_h_m))
+              for r, row in per_raster.iterrows()}
+    return block_tiles * float(np.median(tiles["raster"].map(ground).to_numpy()))
+
+
+def spatial_blocks(tiles: pd.DataFrame, side_m: float) -> np.ndarray:
+    """Block id of each tile: the ``side_m`` square of ground (equal-area metres) its cell centre lies in.
+
+    On the ground, not on a raster's grid: tiles of neighbouring files share a block, and a scene cut
+    into many files gets the blocks (and ids, numbered in the blocks' order on the ground) of one mosaic.
+    """
+    bx = np.floor(tiles["ground_x"].to_numpy() / side_m).astype(np.int64)
+    by = np.floor(tiles["ground_y"].to_numpy() / side_m).astype(np.int64)
+    codes, _ = pd.factorize(pd.MultiIndex.from_arrays([by, bx]), sort=True)
     return codes.astype(np.int64)
 
 

@@ -26,8 +26,10 @@ from ..pipeline import load_infos, workspace
 from ..rasters import RasterInfo, read_tile
 from ..reprocess import pipeline_lock
 from ..store import read_table, write_atomic, write_json
+from ..tiling import ground_order
 from .evaluation import (
     block_folds,
+    block_side_m,
     class_scores,
     cluster_quality,
     colour_statistics,
@@ -86,14 +88,15 @@ def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
 
 def fine_tune(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, y: np.ndarray, emb: np.ndarray,
               checkpoint: Path | None = None) -> FineTuner:
-    """Fine tune on labelled ``tiles`` (class ``y``), holding out whole spatial blocks for early stopping.
+    """Fine tune on labelled ``tiles`` (class ``y``), holding out whole spatial blocks (column ``block``) for
+    early stopping.
 
     The starting top model is fitted on the training split only, so the validation loss of epoch 0
     (the top model itself) is as honest as that of later epochs.
     """
     t = training_settings(cfg)
     ft = t.finetune
-    blocks = spatial_blocks(tiles, t.evaluation.block_tiles)
+    blocks = tiles["block"].to_numpy()
     n_split = max(2, round(1 / ft.val_fraction))
     if len(np.unique(blocks)) < n_split:
         raise TrainingError(f"training.finetune: {len(np.unique(blocks))} spatial blocks are too few for a "
@@ -126,8 +129,7 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     ev = t.evaluation
     paths = supervised_paths(cfg)
     has_train, has_ref = pd.notna(y_train), pd.notna(y_ref)
-    blocks = spatial_blocks(tiles, ev.block_tiles)
-    fold = block_folds(blocks, has_ref.astype(float), ev.folds, ev.seed)
+    fold = block_folds(tiles["block"].to_numpy(), has_ref.astype(float), ev.folds, ev.seed)
     assign = read_table(workspace(cfg).assignments, "cluster")
     clusters = tiles[["tile_id"]].merge(assign, on="tile_id", how="left")["cluster"].to_numpy()
     do_ft = t.finetune.enabled and ev.finetune
@@ -191,12 +193,13 @@ def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.D
     """NMI, ARI, purity vs the reference: k-means (same settings) on CNN embeddings vs colour statistics."""
     c = cfg.clustering
     has = pd.notna(y_ref)
+    order = ground_order(tiles["ground_x"].to_numpy(), tiles["ground_y"].to_numpy())
     rows = []
     for name, feats in (("cnn", np.asarray(emb, dtype=np.float32)),
                         ("colour", standardise(colour_features(infos, tiles)))):
         km = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
                              pca_dim=c.pca_dim if name == "cnn" else None, l2_normalize=c.l2_normalize)
-        labels, _ = km.fit(feats).predict(feats)
+        labels, _ = km.fit(feats, order).predict(feats)
         rows.append({"features": name, **cluster_quality(y_ref[has].astype(str), labels[has])})
     return pd.DataFrame(rows, columns=["features", "nmi", "ari", "purity"])
 
@@ -216,6 +219,8 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
     paths = supervised_paths(cfg)
     infos = load_infos(ws)
     tiles = kept_tiles(ws)
+    side = block_side_m(cfg.tiling.stride_length, infos, tiles, t.evaluation.block_tiles)
+    tiles["block"] = spatial_blocks(tiles, side)  # one partition of the ground for training and evaluation
     emb = np.load(ws.embeddings, mmap_mode="r")
     labels = tile_labels(cfg, t.labels)
     reference = tile_labels(cfg, t.reference) if t.reference is not None else labels

@@ -15,7 +15,7 @@ import pyogrio
 import shapely
 
 from ..config import LabelSource, PipelineConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, StageError
 from ..labels import read_labels
 from ..palette import default_cluster_name
 from ..pipeline import Workspace, load_infos, workspace
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def kept_tiles(ws: Workspace) -> pd.DataFrame:
     """The tile table restricted to tiles that have an embedding, with their embedding row."""
     tiles = read_table(ws.tiles, "tile")
+    if "ground_x" not in tiles.columns:
+        raise StageError(f"{ws.tiles}: tiles of an older version (no ground position); run the pipeline again")
     meta = read_table(ws.embedded, "embed")
     t = tiles.merge(meta[["tile_id", "kept", "emb_row", "valid_cell"]], on="tile_id")
     return t[t["kept"]].sort_values("emb_row").reset_index(drop=True)
