@@ -7,11 +7,15 @@ import os
 import sys
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .config import PipelineConfig, load_config
 from .errors import SettlementsError
+
+if TYPE_CHECKING:
+    from .pipeline import RunReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Map settlements from imagery: tiles -> CNN embeddings -> k-means -> per-region histograms.")
@@ -36,6 +40,20 @@ def _locked(cfg: PipelineConfig) -> AbstractContextManager[None]:
     from .reprocess import pipeline_lock
 
     return pipeline_lock(cfg, 0)
+
+
+def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
+    """One line: what became of every tile (embedded, reused, skipped and why), clusters, time."""
+    t, e = report.tiles, report.embedding
+    parts = [f"{cfg.name}: {t['tiles']} tiles in {t['rasters']} raster(s)",
+             f"{e['tiles_kept']} kept ({e['tiles_embedded']} embedded, {e['tiles_reused']} reused from cache)",
+             f"{e['tiles_skipped']} skipped ({e['tiles_skipped_nodata']} without valid pixels, "
+             f"{e['tiles_skipped_invalid']} over {cfg.tiling.max_invalid_fraction:.0%} invalid)"]
+    if t.get("tiles_outside_regions"):
+        parts.append(f"{t['tiles_outside_regions']} outside every region (in no histogram)")
+    if t.get("cells_clipped"):
+        parts.append(f"{t['cells_clipped']} grid cells outside the regions not tiled")
+    return "; ".join([*parts, f"k={report.clustering['k']}", f"{report.seconds:.1f} s"])
 
 
 @app.command()
@@ -67,10 +85,7 @@ def run(
     if report.nothing_to_do:
         typer.echo(f"{cfg.name}: nothing to do (inputs, settings and labels unchanged since the last run)")
         sys.exit(EXIT_NOTHING_TO_DO)
-    e = report.embedding
-    typer.echo(f"{cfg.name}: {report.tiles['tiles']} tiles, {e['tiles_kept']} kept ({e['tiles_skipped']} skipped), "
-               f"{e['tiles_embedded']} embedded, {e['tiles_reused']} reused from cache; k={report.clustering['k']}; "
-               f"{report.seconds:.1f} s")
+    typer.echo(run_summary(cfg, report))
     m = report.clustering.get("matching")
     if m:
         gone = ", ".join(f"{g['id']} ({g['name']})" for g in m["gone"]) or "none"

@@ -286,7 +286,9 @@ def change_styles(labels: ClusterLabels) -> list[LayerStyle]:
 # ------------------------------------------------------------------------------------ runs
 
 #: Integer columns of the runs table; -1 marks a value an older version did not record.
-RUN_INT_COLUMNS = ["k", "tiles_total", "tiles_kept", "tiles_embedded", "tiles_reused", "tiles_changed", "refit"]
+RUN_INT_COLUMNS = ["k", "tiles_total", "tiles_kept", "tiles_embedded", "tiles_reused", "tiles_skipped",
+                   "tiles_skipped_nodata", "tiles_skipped_invalid", "tiles_outside_regions", "cells_clipped",
+                   "tiles_changed", "refit"]
 
 
 def run_columns(run_info: dict[str, Any] | None, cluster_info: dict[str, Any], previous: PreviousRun | None,

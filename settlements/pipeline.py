@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .clustering import KMeansClusterer
 from .config import PipelineConfig
-from .embedding.assemble import embedded_table, write_embeddings
+from .embedding.assemble import embed_counts, embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
 from .embedding.infer import InferenceSettings
 from .errors import (
@@ -177,6 +177,41 @@ def check_output_settings(cfg: PipelineConfig) -> None:
     check_writable_dir(cfg.work_dir, "output.work_dir")
 
 
+@dataclass
+class RasterTiles:
+    """One raster's tiles: its tile table, the cells' region shares (``cell``: row of the table) and the
+    number of grid cells that ``tiling.clip_to_regions`` left untiled (outside every region)."""
+
+    table: pd.DataFrame
+    shares: pd.DataFrame
+    clipped: int
+
+
+def raster_tiles(cfg: PipelineConfig, infos: list[RasterInfo], r: int, grid: TileGrid, regions: gpd.GeoDataFrame,
+                 ea: CRS, footprints: dict[int, shapely.Geometry]) -> RasterTiles:
+    """Raster ``r``'s cells, clipped to the regions when asked, with their ground centres and region shares."""
+    info = infos[r]
+    table = grid_table(grid, info)
+    cells = shapely.box(*(table[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
+    bounds = (float(table["minx"].min()), float(table["miny"].min()),
+              float(table["maxx"].max()), float(table["maxy"].max()))
+    reg_r = regions_in_crs(regions, info.crs, bounds)
+    # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
+    covered = _covered_by_earlier(infos, r, bounds, footprints)
+    to_ground = Transformer.from_crs(info.crs, ea, always_xy=True)
+    shares = cell_region_shares(cells, reg_r.geometry.values, to_ground, covered)
+    n_cells = len(table)
+    if cfg.tiling.clip_to_regions:
+        table = table.iloc[np.unique(shares["cell"].to_numpy())]
+        remap = pd.Series(np.arange(len(table)), index=table.index)
+        shares["cell"] = remap.loc[shares["cell"]].to_numpy()
+        table = table.reset_index(drop=True)
+    # the cell centre on the ground (equal-area metres): where a tile is, whichever file holds it
+    table["ground_x"], table["ground_y"] = to_ground.transform((table["minx"] + table["maxx"]).to_numpy() / 2,
+                                                               (table["miny"] + table["maxy"]).to_numpy() / 2)
+    return RasterTiles(table, shares, n_cells - len(table))
+
+
 def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     """Check inputs, compute scaling, build every raster's tile grid and cell-region shares."""
     ws = workspace(cfg)
@@ -187,31 +222,16 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     grids = [raster_grid(info, cfg) for info in infos]  # tile-size errors before any pixel is read
     tables, shares_all = [], []
     footprints: dict[int, shapely.Geometry] = {}
-    next_id = 0
-    for r, (info, grid) in enumerate(tqdm(list(zip(infos, grids, strict=True)), desc="tiling", unit="raster",
-                                          disable=None)):
-        table = grid_table(grid, info)
-        cells = shapely.box(table["minx"], table["miny"], table["maxx"], table["maxy"])
-        bounds = (float(table["minx"].min()), float(table["miny"].min()),
-                  float(table["maxx"].max()), float(table["maxy"].max()))
-        reg_r = regions_in_crs(regions, info.crs, bounds)
-        # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
-        covered = _covered_by_earlier(infos, r, bounds, footprints)
-        to_ground = Transformer.from_crs(info.crs, ea, always_xy=True)
-        shares = cell_region_shares(cells, reg_r.geometry.values, to_ground, covered)
-        if cfg.tiling.clip_to_regions:
-            table = table.iloc[np.unique(shares["cell"].to_numpy())]
-            remap = pd.Series(np.arange(len(table)), index=table.index)
-            shares["cell"] = remap.loc[shares["cell"]].to_numpy()
-            table = table.reset_index(drop=True)
-        # the cell centre on the ground (equal-area metres): where a tile is, whichever file holds it
-        table["ground_x"], table["ground_y"] = to_ground.transform((table["minx"] + table["maxx"]).to_numpy() / 2,
-                                                                   (table["miny"] + table["maxy"]).to_numpy() / 2)
+    next_id = clipped = 0
+    for r, grid in enumerate(tqdm(grids, desc="tiling", unit="raster", disable=None)):
+        rt = raster_tiles(cfg, infos, r, grid, regions, ea, footprints)
+        table = rt.table
         table.insert(0, "raster", r)
         table.insert(0, "tile_id", np.arange(next_id, next_id + len(table), dtype=np.int64))
-        shares = pd.DataFrame({"tile_id": table["tile_id"].to_numpy()[shares["cell"].to_numpy()],
-                               "region": shares["region"].to_numpy(), "area_m2": shares["area_m2"].to_numpy()})
+        shares = pd.DataFrame({"tile_id": table["tile_id"].to_numpy()[rt.shares["cell"].to_numpy()],
+                               "region": rt.shares["region"].to_numpy(), "area_m2": rt.shares["area_m2"].to_numpy()})
         next_id += len(table)
+        clipped += rt.clipped
         tables.append(table)
         shares_all.append(shares)
     shares = pd.concat(shares_all, ignore_index=True)
@@ -223,12 +243,15 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
         raise ClusteringError(f"clustering.k: k={cfg.clustering.k} exceeds the number of tiles ({len(tiles)}); "
                               "lower k or use smaller tiles")
     infos = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
-    write_json(ws.rasters, {"equal_area_crs": ea.to_wkt(), "rasters": [_info_json(i) for i in infos]})
+    counts = {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions), "cells_clipped": clipped,
+              "tiles_outside_regions": int((~tiles["tile_id"].isin(shares["tile_id"])).sum())}
+    write_json(ws.rasters, {"equal_area_crs": ea.to_wkt(), "rasters": [_info_json(i) for i in infos],
+                            "counts": counts})
     write_table(ws.tiles, tiles)
     write_atomic(ws.regions, lambda p: regions.assign(region=np.arange(len(regions))).to_parquet(p))
     write_table(ws.shares, shares)
     log.info("tiling: %d tiles over %d raster(s), %d region(s)", len(tiles), len(infos), len(regions))
-    return {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions)}
+    return counts
 
 
 def _covered_by_earlier(infos: list[RasterInfo], r: int, bounds: tuple[float, float, float, float],
@@ -314,7 +337,7 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
     min_valid = 1.0 - cfg.tiling.max_invalid_fraction
     cache = EmbeddingCache(ws.cache)
     keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer, settings.precision) for info in infos]
-    jobs, n_reused = [], 0
+    jobs, read = [], []
     for r, info in enumerate(infos):
         rt = tiles[tiles["raster"] == r]
         done = cache.index(keys[r])[[*WINDOW_COLUMNS, "valid_tile", "embedded"]]
@@ -322,9 +345,9 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
         # new windows, and windows cached as skipped that a lower threshold now keeps
         need = (merged["valid_tile"].isna() | ((merged["valid_tile"] >= min_valid - 1e-9)
                                                & (merged["embedded"] != True))).to_numpy()  # noqa: E712
-        n_reused += int((~need).sum())
         if need.any():
             jobs.append(EmbedJob(keys[r], info, rt[WINDOW_COLUMNS].to_numpy()[need], e.input_size, min_valid))
+            read.append(rt["tile_id"].to_numpy()[need])
     n_new = sum(len(j.windows) for j in jobs)
     with tqdm(total=n_new, desc="embedding", unit="tile", disable=None) as bar:
         (executor or LocalExecutor()).embed(jobs, backbone, settings, cache, bar)
@@ -334,16 +357,16 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
                           "(all nodata? raise tiling.max_invalid_fraction)")
     write_embeddings(ws.embeddings, source, keys, cache, backbone.dim)
     write_table(ws.embedded, meta)
-    counts = {"tiles_embedded": n_new, "tiles_reused": n_reused, "tiles_kept": int(meta["kept"].sum()),
-              "tiles_skipped": int((~meta["kept"]).sum())}
+    counts = embed_counts(meta, np.concatenate(read) if read else np.empty(0, np.int64))
     write_json(ws.embed_meta, {
         **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim,
         "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
         "weights_path": str(backbone.weights.path), "device": str(device), "precision": settings.precision,
         "executor": getattr(executor, "name", "local"), "keys": keys,
     })
-    log.info("embedding: %d new, %d reused, %d kept, %d skipped", n_new, n_reused, counts["tiles_kept"],
-             counts["tiles_skipped"])
+    log.info("embedding: %d read, %d embedded, %d reused, %d skipped (%d without valid pixels, %d too few)",
+             n_new, counts["tiles_embedded"], counts["tiles_reused"], counts["tiles_skipped"],
+             counts["tiles_skipped_nodata"], counts["tiles_skipped_invalid"])
     return counts
 
 
@@ -508,6 +531,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     changes = region_changes(previous, long, regions_layer, labels, before)
     changed_tiles = tile_changes(previous, tiles_layer, labels, before)
     embed_info = read_json(ws.embed_meta, "embed")
+    skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
     now = datetime.now(timezone.utc)
     run_row = pd.DataFrame([{
         "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
@@ -527,6 +551,9 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "tiles_kept": int(t["kept"].sum()),
         "tiles_embedded": int((counters or embed_info).get("tiles_embedded", 0)),
         "tiles_reused": int((counters or embed_info).get("tiles_reused", 0)),
+        **{key: skips[key] for key in ("tiles_skipped", "tiles_skipped_nodata", "tiles_skipped_invalid")},
+        "tiles_outside_regions": int((~t["tile_id"].isin(shares["tile_id"])).sum()),
+        "cells_clipped": int(read_json(ws.rasters, "tile").get("counts", {}).get("cells_clipped", -1)),
         **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
     }])
     runs = run_row

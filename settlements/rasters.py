@@ -145,6 +145,12 @@ def read_checked(src: rasterio.io.DatasetReader, bands: tuple[int, ...], window:
 FOOTPRINT_CELLS = 1024
 
 
+def only_imagery(src: rasterio.io.DatasetReader, info: RasterInfo) -> bool:
+    """True where every pixel of the selected bands is imagery: no mask, alpha or nodata, not float (no NaN)."""
+    plain = all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in info.bands)
+    return plain and info.nodata is None and np.dtype(info.dtype).kind != "f"
+
+
 def valid_footprint(info: RasterInfo, cells: int = FOOTPRINT_CELLS) -> shapely.Geometry:
     """Where ``info``'s selected bands hold imagery, as a polygon in its CRS.
 
@@ -154,8 +160,7 @@ def valid_footprint(info: RasterInfo, cells: int = FOOTPRINT_CELLS) -> shapely.G
     """
     a = info.affine
     with rasterio.open(info.path) as src:
-        plain = all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in info.bands)
-        if plain and info.nodata is None and np.dtype(info.dtype).kind != "f":
+        if only_imagery(src, info):
             return shapely.box(*rasterio.transform.array_bounds(info.height, info.width, a))
         step = max(1.0, max(info.width, info.height) / cells)
         h, w = max(1, round(info.height / step)), max(1, round(info.width / step))

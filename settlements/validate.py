@@ -1,24 +1,27 @@
 """`settlements validate CONFIG`: check every input as the tile stage would, without any CNN work.
 
 Opens each raster (CRS, geotransform, bands, data type, a few blocks read), loads the regions,
-checks they overlap the imagery, converts the tile size to each raster's pixels and counts the
-tiles a run would embed. Writes nothing; the first problem raises the same one-line error a run
-would give.
+checks they overlap the imagery, builds each raster's tiles as the tile stage does (the same
+clipping to regions and overlap rules) and counts them, with the tiles a run will skip where that
+is known without reading pixels. Writes nothing; the first problem raises the same one-line error
+a run would give.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
+import rasterio
 import shapely
-from pyproj import Transformer
 
 from .config import PipelineConfig
 from .embedding.backbones import check_backbone, resolve_weights
 from .errors import ClusteringError, RegionError, WeightsError
-from .pipeline import check_inputs, grid_table, raster_grid
-from .rasters import compute_scaling, expand_inputs
-from .regions import area_m2, equal_area_crs, regions_in_crs, to_area_crs
+from .pipeline import check_inputs, raster_grid, raster_tiles
+from .rasters import RasterInfo, compute_scaling, expand_inputs, only_imagery
+from .regions import area_m2, equal_area_crs
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class RasterCheck:
     tiles: int
     regions_met: int
     overlap_km2: float
+    skips: int | None  # tiles a run will skip; None: known only once the pixels are read (nodata, masks)
+    outside: int  # tiles outside every region (embedded, in no histogram)
+    clipped: int  # grid cells outside every region, not tiled (tiling.clip_to_regions)
 
 
 @dataclass
@@ -46,6 +52,7 @@ class ValidationReport:
     weights: str
     rasters: list[RasterCheck] = field(default_factory=list)
     k: int = 0
+    max_invalid: float = 0.5
 
     @property
     def tiles(self) -> int:
@@ -56,10 +63,18 @@ class ValidationReport:
                f"  regions: {self.regions} ({self.regions_km2:,.1f} km2)",
                f"  weights: {self.weights}"]
         for r in self.rasters:
+            skips = (f"{r.skips} to skip (over {self.max_invalid:.0%} beyond the raster edge)" if r.skips is not None
+                     else "skips known only once read (nodata, mask or alpha)")
+            extra = "".join([f"; {r.outside} outside every region" if r.outside else "",
+                             f"; {r.clipped} grid cells outside the regions not tiled" if r.clipped else ""])
             out.append(f"  {r.path}: {r.crs}, {r.size[0]} x {r.size[1]} px, bands {list(r.bands)} {r.dtype}, "
                        f"tile {r.tile_px[0]} x {r.tile_px[1]} px -> {r.tiles} tiles; "
-                       f"meets {r.regions_met} region(s), {r.overlap_km2:,.2f} km2")
-        out.append(f"  total: {self.tiles} tiles for k={self.k}")
+                       f"meets {r.regions_met} region(s), {r.overlap_km2:,.2f} km2; {skips}{extra}")
+        known = sum(r.skips or 0 for r in self.rasters)
+        unknown = sum(r.skips is None for r in self.rasters)
+        tail = (f"; {unknown} raster(s) with nodata, masks or alpha skip more, known only once read" if unknown
+                else "")
+        out.append(f"  total: {self.tiles} tiles for k={self.k}; {known} will be skipped at raster edges{tail}")
         return out
 
 
@@ -77,6 +92,21 @@ def _weights_note(cfg: PipelineConfig) -> str:
     return f"{e.backbone} cut at {node}, from {w.source} ({w.path.name})"
 
 
+def edge_skips(info: RasterInfo, table: pd.DataFrame, min_valid: float) -> int | None:
+    """Tiles a run will skip for lying too far beyond the raster's edge; None where pixels can be nodata.
+
+    Without nodata, masks or alpha a tile's valid share is the share of its window inside the raster.
+    """
+    with rasterio.open(info.path) as src:
+        if not only_imagery(src, info):
+            return None
+    c0, r0 = table["tile_col"].to_numpy(), table["tile_row"].to_numpy()
+    w, h = table["tile_w"].to_numpy(), table["tile_h"].to_numpy()
+    inside_w = np.clip(c0 + w, 0, info.width) - np.clip(c0, 0, info.width)
+    inside_h = np.clip(r0 + h, 0, info.height) - np.clip(r0, 0, info.height)
+    return int((inside_w * inside_h / (w * h) < min_valid - 1e-9).sum())
+
+
 def validate(cfg: PipelineConfig) -> ValidationReport:
     """Check the inputs of ``cfg`` as ``settlements tile`` would; raise the first problem found."""
     infos, regions = check_inputs(cfg)
@@ -87,26 +117,17 @@ def validate(cfg: PipelineConfig) -> ValidationReport:
         compute_scaling(info, spec)  # reads the scaling sample: all-nodata and damaged blocks show here
     report = ValidationReport(config=str(cfg.source), regions=len(regions),
                               regions_km2=float(area_m2(regions, ea).sum() / 1e6),
-                              weights=_weights_note(cfg), k=cfg.clustering.k)
-    for info, grid in zip(infos, grids, strict=True):
-        table = grid_table(grid, info)
-        bounds = (float(table["minx"].min()), float(table["miny"].min()),
-                  float(table["maxx"].max()), float(table["maxy"].max()))
-        reg = regions_in_crs(regions, info.crs, bounds).geometry.values
-        extent = shapely.box(*bounds)
-        met = shapely.intersects(reg, extent)
-        overlap = shapely.intersection(reg[met], extent)
-        tr = Transformer.from_crs(info.crs, ea, always_xy=True)
-        km2 = float(shapely.area(to_area_crs(overlap, tr)).sum() / 1e6) if met.any() else 0.0
-        n = len(grid)
-        if cfg.tiling.clip_to_regions:
-            cells = shapely.box(table["minx"], table["miny"], table["maxx"], table["maxy"])
-            _, cell_idx = shapely.STRtree(cells).query(reg, predicate="intersects")
-            n = len(set(cell_idx.tolist()))
+                              weights=_weights_note(cfg), k=cfg.clustering.k,
+                              max_invalid=cfg.tiling.max_invalid_fraction)
+    footprints: dict[int, shapely.Geometry] = {}
+    for r, (info, grid) in enumerate(zip(infos, grids, strict=True)):
+        rt = raster_tiles(cfg, infos, r, grid, regions, ea, footprints)
         report.rasters.append(RasterCheck(
             path=str(info.path), crs=info.crs.to_string(), size=(info.width, info.height), bands=info.bands,
-            dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h), tiles=n, regions_met=int(met.sum()),
-            overlap_km2=km2))
+            dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h), tiles=len(rt.table),
+            regions_met=int(rt.shares["region"].nunique()), overlap_km2=float(rt.shares["area_m2"].sum() / 1e6),
+            skips=edge_skips(info, rt.table, 1.0 - cfg.tiling.max_invalid_fraction),
+            outside=int(len(rt.table) - rt.shares["cell"].nunique()), clipped=rt.clipped))
     if not any(r.regions_met for r in report.rasters):
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
         raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")

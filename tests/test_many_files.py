@@ -21,14 +21,16 @@ import rasterio
 import rasterio.transform
 import shapely
 
-from settlements.config import LabelSource
+from settlements.cli import run_summary
+from settlements.config import LabelSource, load_config
 from settlements.pipeline import load_infos, workspace
 from settlements.supervised.evaluation import block_side_m, spatial_blocks
 from settlements.supervised.predict import predict
 from settlements.supervised.train import train
 from settlements.supervised.training_labels import kept_tiles, tile_labels
+from settlements.validate import validate
 
-from .conftest import Ran, scene, write_pipeline
+from .conftest import Ran, run_cli, scene, write_pipeline
 from .many_files import cut_chips, match_tiles, mumbai_group_mask, mumbai_label_polygons, write_vrt
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -215,3 +217,55 @@ def test_many_files_give_what_one_mosaic_gives(scene_pair: str, request: pytest.
         ca, cb = fa.read(1), fb.read(1)
     assert np.array_equal(ca, cb)
     assert (ca > 0).sum() == len(a)  # one pixel per kept tile cell
+
+
+# ----------------------------------------------------------------------------------- counters
+
+def test_counters_say_what_became_of_every_tile(mumbai: Pair) -> None:
+    """The mosaic's gaps are read and skipped as nodata, never counted as embedded; the files have no gaps."""
+    files, mosaic = mumbai.files.report, mumbai.mosaic.report
+    assert files.tiles["tiles"] == 576 and files.tiles["rasters"] == 64
+    assert files.embedding == {"tiles_embedded": 576, "tiles_reused": 0, "tiles_kept": 576, "tiles_skipped": 0,
+                               "tiles_skipped_nodata": 0, "tiles_skipped_invalid": 0, "tiles_read": 576}
+    assert mosaic.tiles["tiles"] == 43 * 31 and mosaic.tiles["tiles_outside_regions"] == 43 * 31 - 576
+    assert mosaic.embedding == {"tiles_embedded": 576, "tiles_reused": 0, "tiles_kept": 576, "tiles_skipped": 757,
+                                "tiles_skipped_nodata": 757, "tiles_skipped_invalid": 0, "tiles_read": 1333}
+    line = run_summary(mumbai.mosaic.cfg, mosaic)
+    assert line.startswith("mmosaic: 1333 tiles in 1 raster(s); 576 kept (576 embedded, 0 reused from cache); "
+                           "757 skipped (757 without valid pixels, 0 over 50% invalid); "
+                           "757 outside every region (in no histogram); k=6; "), line
+    runs = pyogrio.read_dataframe(mumbai.mosaic.gpkg, layer="runs", read_geometry=False)
+    assert runs[["tiles_total", "tiles_kept", "tiles_embedded", "tiles_reused", "tiles_skipped",
+                 "tiles_skipped_nodata", "tiles_skipped_invalid", "tiles_outside_regions",
+                 "cells_clipped"]].iloc[-1].tolist() == [1333, 576, 576, 0, 757, 757, 0, 757, 0]
+
+
+def test_validate_counts_the_tiles_a_run_makes(mumbai: Pair, monkeypatch, capsys) -> None:
+    """validate builds tiles as the tile stage does; it knows the skips of plain files, not of alpha."""
+    files, mosaic = (validate(r.cfg) for r in (mumbai.files, mumbai.mosaic))
+    assert files.tiles == 576 and [r.skips for r in files.rasters] == [0] * 64
+    assert all(r.tiles == 9 and r.regions_met == 1 and r.overlap_km2 == pytest.approx(0.09, rel=2e-3)
+               for r in files.rasters)  # UTM squares, measured in an equal-area CRS
+    assert mosaic.tiles == 1333 and mosaic.rasters[0].skips is None and mosaic.rasters[0].outside == 757
+    assert mosaic.rasters[0].regions_met == 64
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(mumbai.files.config_path))
+    assert code == 0 and "total: 576 tiles for k=6; 0 will be skipped at raster edges\n" in out, out
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(mumbai.mosaic.config_path))
+    assert code == 0 and "-> 1333 tiles; meets 64 region(s), 5.75 km2; skips known only once read " \
+                         "(nodata, mask or alpha); 757 outside every region" in out, out
+
+
+def test_validate_predicts_the_edge_skips_of_a_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """48 px tiles on a 256 px chip: the last row and column hold a third of a tile, and both
+    validate and the run skip those 11 tiles as too invalid, not as nodata."""
+    chip = sorted(scene("kampala_oam").glob("OAM-*-19.tif"))[0]
+    config = write_pipeline(tmp_path, "edge", "kampala", rasters=[{"path": str(chip), "bands": [1, 2, 3]}],
+                            tiling={"tile_size": "48px"}, clustering={"k": 2}, **SMALL)
+    checked = validate(load_config(config))
+    assert checked.tiles == 36 and checked.rasters[0].skips == 11
+    code, out, err = run_cli(monkeypatch, capsys, "run", str(config))
+    assert code == 0, err
+    assert out.startswith("edge: 36 tiles in 1 raster(s); 25 kept (25 embedded, 0 reused from cache); "
+                          "11 skipped (0 without valid pixels, 11 over 50% invalid); k=2; "), out
+    code, out, err = run_cli(monkeypatch, capsys, "run", str(config), "--force")
+    assert code == 0 and "25 kept (0 embedded, 25 reused from cache); 11 skipped (0 without valid pixels, 11 " in out

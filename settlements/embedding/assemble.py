@@ -40,6 +40,22 @@ def embedded_table(tiles: pd.DataFrame, keys: list[str], cache: EmbeddingCache,
     return meta, source
 
 
+def embed_counts(meta: pd.DataFrame, read: np.ndarray) -> dict[str, int]:
+    """What the embed stage did with each tile (``read``: ids of the tiles whose pixels it read).
+
+    Every tile is kept (``embedded`` now by the CNN, or ``reused`` from the cache) or ``skipped``:
+    ``skipped_nodata`` without a single valid pixel, ``skipped_invalid`` with some but fewer than
+    the threshold. ``read`` counts tiles read this run, embedded or not.
+    """
+    kept = meta["kept"].to_numpy(dtype=bool)
+    new = meta["tile_id"].isin(read).to_numpy()
+    empty = meta["valid_tile"].fillna(0.0).to_numpy() <= 0
+    return {"tiles_embedded": int((kept & new).sum()), "tiles_reused": int((kept & ~new).sum()),
+            "tiles_kept": int(kept.sum()), "tiles_skipped": int((~kept).sum()),
+            "tiles_skipped_nodata": int((~kept & empty).sum()), "tiles_skipped_invalid": int((~kept & ~empty).sum()),
+            "tiles_read": int(new.sum())}
+
+
 def write_embeddings(target: Path, source: pd.DataFrame, keys: list[str], cache: EmbeddingCache, dim: int,
                      block_rows: int = 8192, open_chunks: int = 4) -> int:
     """Write the kept rows, in order, as a float32 ``(n, dim)`` .npy; return n."""
