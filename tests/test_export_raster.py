@@ -32,6 +32,17 @@ def test_code_grid_paints_one_pixel_per_cell_and_coarser_cells_over_several() ->
     np.testing.assert_array_equal(grid.codes, [[1, 2, 4, 4], [3, NO_DATA_CODE, 4, 4]])
 
 
+def test_code_grid_overlapping_rasters_show_the_first_listed() -> None:
+    """As in the histograms, the raster listed first holds the ground where rasters overlap, whether
+    its cells are finer or coarser than the later raster's."""
+    crs = CRS.from_epsg(32633)
+    fine = Cells(crs, np.array([[0, 90, 10, 100], [10, 90, 20, 100], [20, 90, 30, 100]], float),
+                 np.array([1, 2, 3], np.uint8))
+    coarse = Cells(crs, np.array([[10, 80, 30, 100]], float), np.array([4], np.uint8))
+    np.testing.assert_array_equal(code_grid([fine, coarse]).codes, [[1, 2, 3], [NO_DATA_CODE, 4, 4]])
+    np.testing.assert_array_equal(code_grid([coarse, fine]).codes, [[1, 4, 4], [NO_DATA_CODE, 4, 4]])
+
+
 @pytest.fixture(params=SCENES)
 def ran(request: pytest.FixtureRequest) -> Ran:
     return request.getfixturevalue(request.param)

@@ -80,26 +80,31 @@ def code_grid(parts: list[Cells]) -> CodeGrid:
     """Paint every cell onto one grid in the first raster's CRS at the finest cell size.
 
     For one raster (the usual case) the grid is its stride-cell grid, one pixel per cell exactly;
-    edge cells narrower than a stride still get their pixel.
+    edge cells narrower than a stride still get their pixel. Where rasters overlap, the one listed
+    first wins, as in the histograms: parts are painted last to first.
     """
     crs = parts[0].crs
-    boxes = [_in_crs(p, crs) for p in parts if len(p.codes)]
+    parts = [p for p in parts if len(p.codes)]
+    boxes = [_in_crs(p, crs) for p in parts]
     if not boxes:
         raise OutputError("cluster map: no kept tile to draw")
     res_x = min(float((b[:, 2] - b[:, 0]).max()) for b in boxes)
     res_y = min(float((b[:, 3] - b[:, 1]).max()) for b in boxes)
     allb = np.concatenate(boxes)
     x0, y0 = float(allb[:, 0].min()), float(allb[:, 3].max())
-    codes = np.concatenate([p.codes for p in parts if len(p.codes)]).astype(np.uint8)
     c0 = np.rint((allb[:, 0] - x0) / res_x).astype(np.int64)
     c1 = np.maximum(c0 + 1, np.rint((allb[:, 2] - x0) / res_x).astype(np.int64))
     r0 = np.rint((y0 - allb[:, 3]) / res_y).astype(np.int64)
     r1 = np.maximum(r0 + 1, np.rint((y0 - allb[:, 1]) / res_y).astype(np.int64))
     grid = np.full((int(r1.max()), int(c1.max())), NO_DATA_CODE, dtype=np.uint8)
-    single = (c1 - c0 == 1) & (r1 - r0 == 1)
-    grid[r0[single], c0[single]] = codes[single]
-    for i in np.flatnonzero(~single):  # cells of a coarser raster span several pixels
-        grid[r0[i]:r1[i], c0[i]:c1[i]] = codes[i]
+    starts = np.cumsum([0, *(len(b) for b in boxes)])
+    for p in reversed(range(len(parts))):
+        sl = slice(int(starts[p]), int(starts[p + 1]))
+        codes = parts[p].codes.astype(np.uint8)
+        single = (c1[sl] - c0[sl] == 1) & (r1[sl] - r0[sl] == 1)
+        grid[r0[sl][single], c0[sl][single]] = codes[single]
+        for i in np.flatnonzero(~single):  # cells of a coarser raster span several pixels
+            grid[r0[sl][i]:r1[sl][i], c0[sl][i]:c1[sl][i]] = codes[i]
     return CodeGrid(grid, Affine(res_x, 0, x0, 0, -res_y, y0), crs)
 
 
