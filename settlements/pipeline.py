@@ -20,7 +20,6 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rasterio
 import shapely
 from pyproj import CRS, Transformer
 from rasterio.windows import Window
@@ -60,7 +59,7 @@ from .history import (
     tile_changes,
 )
 from .labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
-from .rasters import RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile, valid_footprint
+from .rasters import OpenRasters, RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile, valid_footprint
 from .regions import (
     area_m2,
     cell_region_shares,
@@ -469,22 +468,16 @@ def _atlas_panels(t: pd.DataFrame, infos: list[RasterInfo], labels: ClusterLabel
                   per_cluster: int) -> list[tuple[int, str, int, list[np.ndarray]]]:
     kept = t[t["kept"]]
     panels = []
-    handles: dict[int, Any] = {}
-    try:
+    with OpenRasters(infos) as sources:
         for cid in range(k):
             members = kept[kept["cluster"] == cid].nsmallest(per_cluster, "distance")
             chips = []
             for _, tile in members.iterrows():
                 r = int(tile["raster"])
-                if r not in handles:
-                    handles[r] = rasterio.open(infos[r].path)
-                px, _ = read_tile(handles[r], infos[r], Window(tile["tile_col"], tile["tile_row"],
+                px, _ = read_tile(sources[r], infos[r], Window(tile["tile_col"], tile["tile_row"],
                                                                tile["tile_w"], tile["tile_h"]))
                 chips.append(np.transpose(px, (1, 2, 0)))
             panels.append((cid, labels.label_of(cid), int((kept["cluster"] == cid).sum()), chips))
-    finally:
-        for h in handles.values():
-            h.close()
     return panels
 
 

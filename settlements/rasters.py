@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,39 @@ class RasterInfo:
     @property
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
+
+
+class OpenRasters:
+    """Datasets of ``infos`` opened on demand and kept open, at most ``limit`` at a time (the least
+    recently used is closed first), so reading tiles from thousands of files never runs out of file
+    handles. Pickles without its open handles (DataLoader workers open their own)."""
+
+    def __init__(self, infos: list[RasterInfo], limit: int = 32) -> None:
+        self.infos = infos
+        self.limit = limit
+        self._open: OrderedDict[int, rasterio.io.DatasetReader] = OrderedDict()
+
+    def __getitem__(self, r: int) -> rasterio.io.DatasetReader:
+        if r in self._open:
+            self._open.move_to_end(r)
+        else:
+            self._open[r] = rasterio.open(self.infos[r].path)
+            if len(self._open) > self.limit:
+                self._open.popitem(last=False)[1].close()
+        return self._open[r]
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __enter__(self) -> OpenRasters:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": OrderedDict()}
 
 
 def expand_inputs(specs: list[RasterInput]) -> list[tuple[Path, RasterInput]]:

@@ -20,13 +20,15 @@ import pytest
 import rasterio
 import rasterio.transform
 import shapely
+import torch
 
 from settlements.cli import run_summary
 from settlements.config import LabelSource, load_config
 from settlements.pipeline import load_infos, workspace
 from settlements.supervised.evaluation import block_side_m, spatial_blocks
+from settlements.supervised.finetune import TileImages
 from settlements.supervised.predict import predict
-from settlements.supervised.train import train
+from settlements.supervised.train import colour_features, train
 from settlements.supervised.training_labels import kept_tiles, tile_labels
 from settlements.validate import validate
 
@@ -269,3 +271,25 @@ def test_validate_predicts_the_edge_skips_of_a_run(tmp_path: Path, monkeypatch, 
                           "11 skipped (0 without valid pixels, 11 over 50% invalid); k=2; "), out
     code, out, err = run_cli(monkeypatch, capsys, "run", str(config), "--force")
     assert code == 0 and "25 kept (0 embedded, 25 reused from cache); 11 skipped (0 without valid pixels, 11 " in out
+
+
+def test_tiles_of_many_files_are_read_with_few_files_open(kampala: Pair) -> None:
+    """Colour statistics and fine-tuning images of all 64 chips, with room for only 48 more open files
+    (a country of Sentinel-2 granules exceeds a desktop's 1,024): the same values as from the mosaic."""
+    import os
+    import resource
+
+    a, b = (kept_tiles(workspace(r.cfg)) for r in (kampala.files, kampala.mosaic))
+    infos_a, infos_b = (load_infos(workspace(r.cfg)) for r in (kampala.files, kampala.mosaic))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 48, hard))
+    try:
+        features = colour_features(infos_a, a)
+        images = TileImages(infos_a, a, 32)
+        pixels = torch.stack([images[i][0] for i in range(len(images))])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    i, j = match_tiles(a, b, kampala.cell)
+    np.testing.assert_allclose(features[i], colour_features(infos_b, b)[j], rtol=1e-6, atol=1e-6)
+    mosaic = TileImages(infos_b, b, 32)
+    assert torch.equal(pixels[i[:20]], torch.stack([mosaic[int(k)][0] for k in j[:20]]))

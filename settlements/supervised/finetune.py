@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.windows import Window
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..embedding.backbones import PooledFeatures, build_backbone
 from ..embedding.infer import to_model_input
-from ..rasters import RasterInfo, read_tile
+from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..store import settings_key, write_atomic
 from .top_model import Head, TopModel, TrainingError, balanced_weights, encode
 
@@ -46,18 +45,13 @@ class TileImages(Dataset):
         self.max_shift = max_shift
         self.seed = seed
         self.epoch = 0
-        self._src: dict[int, Any] = {}
+        self._src = OpenRasters(infos)
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_src": {}}
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         r, c, row, w, h = (int(v) for v in self.windows[i])
-        if r not in self._src:
-            self._src[r] = rasterio.open(self.infos[r].path)
         pixels, _ = read_tile(self._src[r], self.infos[r], Window(c, row, w, h))
         x = to_model_input(pixels, self.input_size)
         if self.augment:

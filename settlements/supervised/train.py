@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import rasterio
 import torch
 from rasterio.windows import Window
 from tqdm.auto import tqdm
@@ -23,7 +22,7 @@ from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, Training
 from ..errors import ConfigError, StageError
 from ..pipeline import load_infos, workspace
-from ..rasters import RasterInfo, read_tile
+from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..reprocess import pipeline_lock
 from ..store import read_table, write_atomic, write_json
 from ..tiling import ground_order
@@ -174,17 +173,11 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
 def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
     """Per-band mean, std and 8-bin histogram of each tile's scaled pixels (what the CNN sees)."""
     out = np.empty((len(tiles), 10 * 3), dtype=np.float32)
-    handles: dict[int, Any] = {}
-    try:
+    with OpenRasters(infos) as sources:
         cols = ["raster", "tile_col", "tile_row", "tile_w", "tile_h"]
         for i, (r, c, row, w, h) in enumerate(tiles[cols].itertuples(index=False)):
-            if r not in handles:
-                handles[r] = rasterio.open(infos[r].path)
-            px, valid = read_tile(handles[r], infos[r], Window(c, row, w, h))
+            px, valid = read_tile(sources[r], infos[r], Window(c, row, w, h))
             out[i] = colour_statistics(px, valid)
-    finally:
-        for h in handles.values():
-            h.close()
     return out
 
 
