@@ -293,3 +293,30 @@ def test_tiles_of_many_files_are_read_with_few_files_open(kampala: Pair) -> None
     np.testing.assert_allclose(features[i], colour_features(infos_b, b)[j], rtol=1e-6, atol=1e-6)
     mosaic = TileImages(infos_b, b, 32)
     assert torch.equal(pixels[i[:20]], torch.stack([mosaic[int(k)][0] for k in j[:20]]))
+
+
+def test_prediction_covers_every_patch_as_on_the_mosaic(mumbai: Pair) -> None:
+    """predicted_tiles holds every kept tile of the 64 files at its cell; classes, region histograms and
+    the class map equal the mosaic's."""
+    a, b = (pyogrio.read_dataframe(r.cfg.output_dir / f"{r.cfg.name}_supervised.gpkg", layer="predicted_tiles")
+            for r in (mumbai.files, mumbai.mosaic))
+    assert len(a) == len(b) == 576 and a["raster"].nunique() == 64 and a.geometry.notna().all()
+    kept = kept_tiles(workspace(mumbai.files.cfg)).set_index("tile_id").loc[a["tile_id"]]
+    cells = shapely.box(*(kept[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
+    assert shapely.equals_exact(a.geometry.values, cells, tolerance=1e-6).all()
+    for frame in (a, b):
+        frame[["minx", "miny", "maxx", "maxy"]] = frame.geometry.bounds.to_numpy()
+    i, j = match_tiles(a, b, mumbai.cell)
+    assert len(i) == 576
+    assert np.array_equal(a["class"].to_numpy()[i], b["class"].to_numpy()[j])
+    # the top model is fitted on the rows in another order: equal to the solver's tolerance
+    np.testing.assert_allclose(a["probability"].to_numpy()[i], b["probability"].to_numpy()[j], atol=0.01)
+    ra, rb = (pyogrio.read_dataframe(r.cfg.output_dir / f"{r.cfg.name}_supervised.gpkg", layer="predicted_regions")
+              .sort_values("region_id").reset_index(drop=True) for r in (mumbai.files, mumbai.mosaic))
+    assert (ra["n_tiles"] == 9).all()
+    np.testing.assert_allclose(ra["mapped_km2"], rb["mapped_km2"], rtol=1e-9)
+    with rasterio.open(mumbai.files.cfg.output_dir / "mfiles_predicted.tif") as fa, \
+            rasterio.open(mumbai.mosaic.cfg.output_dir / "mmosaic_predicted.tif") as fb:
+        ca, cb = fa.read(1), fb.read(1)
+        assert fa.transform.almost_equals(fb.transform)
+    assert (ca > 0).sum() == 576 and np.array_equal(ca, cb)

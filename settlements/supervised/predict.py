@@ -104,9 +104,10 @@ def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
     parts = []
     for r, info in enumerate(infos):
         k = t[t["raster"] == r]
-        parts.append(gpd.GeoDataFrame(k[cols].assign(raster=info.path.name, model=chosen),
-                                      geometry=shapely.box(k["minx"], k["miny"], k["maxx"], k["maxy"]),
-                                      crs=info.crs).to_crs(cfg.output.crs))
+        parts.append(gpd.GeoDataFrame(k[cols].assign(raster=info.path.name, model=chosen).reset_index(drop=True),
+                                      geometry=shapely.box(*(k[c].to_numpy() for c in ("minx", "miny", "maxx",
+                                                                                        "maxy"))),
+                                      crs=info.crs).to_crs(cfg.output.crs))  # arrays: no index to align
     tiles_layer = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=cfg.output.crs)
     tip = "<b>[% region_name %]</b><br>dominant: [% dominant_class %]<br>" + "<br>".join(
         f"{c}: [% round(\"frac_{slug(c)}\" * 100, 1) %] %" for c in classes)
