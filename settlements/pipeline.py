@@ -186,18 +186,18 @@ class RasterTiles:
     clipped: int
 
 
-def raster_tiles(cfg: PipelineConfig, infos: list[RasterInfo], r: int, grid: TileGrid, regions: gpd.GeoDataFrame,
-                 ea: CRS, footprints: dict[int, shapely.Geometry]) -> RasterTiles:
+def raster_tiles(cfg: PipelineConfig, earlier: EarlierRasters, r: int, grid: TileGrid, regions: gpd.GeoDataFrame,
+                 ea: CRS) -> RasterTiles:
     """Raster ``r``'s cells, clipped to the regions when asked, with their ground centres and region shares."""
-    info = infos[r]
+    info = earlier.infos[r]
     table = grid_table(grid, info)
     cells = shapely.box(*(table[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
     bounds = (float(table["minx"].min()), float(table["miny"].min()),
               float(table["maxx"].max()), float(table["maxy"].max()))
-    reg_r = regions_in_crs(regions, info.crs, bounds)
+    reg_r = regions_in_crs(regions, earlier.crs[r], bounds)
     # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
-    covered = _covered_by_earlier(infos, r, bounds, footprints)
-    to_ground = Transformer.from_crs(info.crs, ea, always_xy=True)
+    covered = earlier.covered(r, bounds)
+    to_ground = Transformer.from_crs(earlier.crs[r], ea, always_xy=True)
     shares = cell_region_shares(cells, reg_r.geometry.values, to_ground, covered)
     n_cells = len(table)
     if cfg.tiling.clip_to_regions:
@@ -220,10 +220,10 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     regions["area_m2"] = area_m2(regions, ea)
     grids = [raster_grid(info, cfg) for info in infos]  # tile-size errors before any pixel is read
     tables, shares_all = [], []
-    footprints: dict[int, shapely.Geometry] = {}
+    earlier = EarlierRasters(infos)
     next_id = clipped = 0
     for r, grid in enumerate(tqdm(grids, desc="tiling", unit="raster", disable=None)):
-        rt = raster_tiles(cfg, infos, r, grid, regions, ea, footprints)
+        rt = raster_tiles(cfg, earlier, r, grid, regions, ea)
         table = rt.table
         table.insert(0, "raster", r)
         table.insert(0, "tile_id", np.arange(next_id, next_id + len(table), dtype=np.int64))
@@ -253,24 +253,46 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     return counts
 
 
-def _covered_by_earlier(infos: list[RasterInfo], r: int, bounds: tuple[float, float, float, float],
-                        footprints: dict[int, shapely.Geometry]) -> shapely.Geometry | None:
-    """The ground rasters listed before ``r`` hold imagery on, in raster ``r``'s CRS, near ``bounds``.
+class EarlierRasters:
+    """The ground that rasters listed before each raster hold imagery on (the first listed wins).
 
     Valid footprints, not extents: where an earlier scene is nodata (a collar, a cut-off corner) a
-    later one still maps the ground. Footprints are traced once, and only of rasters that reach ``r``.
+    later one still maps the ground. Footprints are traced once, and only of rasters that reach a
+    later one; rasters in one CRS find their neighbours through a spatial index, so many files cost
+    no more than a pass over them.
     """
-    here = shapely.box(*bounds)
-    near = []
-    for e in range(r):
-        extent = raster_extent_in(_extent(infos[e]), infos[e].crs, infos[r].crs)
-        if not extent.intersects(here):
-            continue
-        if e not in footprints:
-            footprints[e] = valid_footprint(infos[e])
-            log.info("%s: valid footprint traced for overlap with later rasters", infos[e].path.name)
-        near.append(geometry_in(footprints[e], infos[e].crs, infos[r].crs))
-    return shapely.union_all(near) if near else None
+
+    def __init__(self, infos: list[RasterInfo]) -> None:
+        self.infos = infos
+        self.crs = [info.crs for info in infos]  # parsed once
+        groups: dict[str, list[int]] = {}
+        for i, info in enumerate(infos):
+            groups.setdefault(info.crs_wkt, []).append(i)
+        self.groups = {wkt: (np.asarray(idx), shapely.STRtree([shapely.box(*_extent(infos[i])) for i in idx]))
+                       for wkt, idx in groups.items()}
+        self.footprints: dict[int, shapely.Geometry] = {}
+
+    def near(self, r: int, here: shapely.Geometry) -> list[int]:
+        """Rasters listed before ``r`` whose extent meets ``here`` (in ``r``'s CRS)."""
+        wkt = self.infos[r].crs_wkt
+        out = []
+        for other, (idx, tree) in self.groups.items():
+            if other == wkt:
+                out += [int(e) for e in idx[tree.query(here, predicate="intersects")] if e < r]
+            else:
+                out += [int(e) for e in idx[idx < r]
+                        if raster_extent_in(_extent(self.infos[e]), self.crs[e], self.crs[r]).intersects(here)]
+        return sorted(out)
+
+    def covered(self, r: int, bounds: tuple[float, float, float, float]) -> shapely.Geometry | None:
+        """The ground earlier rasters hold imagery on, in raster ``r``'s CRS, near ``bounds``."""
+        parts = []
+        for e in self.near(r, shapely.box(*bounds)):
+            if e not in self.footprints:
+                self.footprints[e] = valid_footprint(self.infos[e])
+                log.info("%s: valid footprint traced for overlap with later rasters", self.infos[e].path.name)
+            parts.append(geometry_in(self.footprints[e], self.crs[e], self.crs[r]))
+        return shapely.union_all(parts) if parts else None
 
 
 def _extent(info: RasterInfo) -> tuple[float, float, float, float]:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import rasterio
-import shapely
 
 from .config import PipelineConfig
 from .embedding.backbones import check_backbone, resolve_weights
 from .errors import ClusteringError, RegionError, WeightsError
-from .pipeline import check_inputs, raster_grid, raster_tiles
+from .pipeline import EarlierRasters, check_inputs, raster_grid, raster_tiles
 from .rasters import RasterInfo, compute_scaling, expand_inputs, only_imagery
 from .regions import area_m2, equal_area_crs
 
@@ -119,9 +118,9 @@ def validate(cfg: PipelineConfig) -> ValidationReport:
                               regions_km2=float(area_m2(regions, ea).sum() / 1e6),
                               weights=_weights_note(cfg), k=cfg.clustering.k,
                               max_invalid=cfg.tiling.max_invalid_fraction)
-    footprints: dict[int, shapely.Geometry] = {}
+    earlier = EarlierRasters(infos)
     for r, (info, grid) in enumerate(zip(infos, grids, strict=True)):
-        rt = raster_tiles(cfg, infos, r, grid, regions, ea, footprints)
+        rt = raster_tiles(cfg, earlier, r, grid, regions, ea)
         report.rasters.append(RasterCheck(
             path=str(info.path), crs=info.crs.to_string(), size=(info.width, info.height), bands=info.bands,
             dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h), tiles=len(rt.table),
