@@ -76,12 +76,14 @@ def read_polygons(src: LabelSource) -> gpd.GeoDataFrame:
 def polygon_labels(infos: list[RasterInfo], tiles: pd.DataFrame, src: LabelSource) -> pd.DataFrame:
     """Class of the polygon covering each tile's centre, or covering most (> half) of its cell."""
     polys = read_polygons(src)
+    polys = polys.assign(**{"class": polys["class"].astype(str)})
+    # the tiles of all rasters in one CRS at once (many files of one scene: one pass, not one per file)
+    crs_code, _ = pd.factorize(np.asarray([info.crs_wkt for info in infos])[tiles["raster"].to_numpy()])
     parts = []
-    for r, t in tiles.groupby("raster", sort=True):
-        p = polys.to_crs(infos[int(r)].crs)
-        p = p.assign(**{"class": p["class"].astype(str)})
+    for _, t in tiles.groupby(crs_code, sort=True):
+        p = polys.to_crs(infos[int(t["raster"].iloc[0])].crs)
         # arrays, not the group's columns: a Series would keep the group's index, and the frames below
-        # (indexed from 0) would align every later raster's geometries to nothing
+        # (indexed from 0) would align all but the first group's geometries to nothing
         cells = shapely.box(*(t[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
         if src.rule == "centre":
             pts = gpd.GeoDataFrame({"tile_id": t["tile_id"].to_numpy()}, geometry=shapely.centroid(cells), crs=p.crs)
@@ -90,7 +92,8 @@ def polygon_labels(infos: list[RasterInfo], tiles: pd.DataFrame, src: LabelSourc
         else:
             boxes = gpd.GeoDataFrame({"tile_id": t["tile_id"].to_numpy(), "cell_m2": shapely.area(cells)},
                                      geometry=cells, crs=p.crs)
-            inter = gpd.overlay(boxes, p, how="intersection", keep_geom_type=True)
+            near = p.iloc[np.unique(p.sindex.query(cells, predicate="intersects")[1])]  # polygons over these tiles
+            inter = gpd.overlay(boxes, near, how="intersection", keep_geom_type=True)
             inter["share"] = inter.area / inter["cell_m2"]
             by = inter.groupby(["tile_id", "class"], as_index=False)["share"].sum()
             best = by.sort_values("share", ascending=False).drop_duplicates("tile_id")
