@@ -202,6 +202,15 @@ def test_many_files_give_what_one_mosaic_gives(scene_pair: str, request: pytest.
     assert np.array_equal(a["cluster"].to_numpy()[i], b["cluster"].to_numpy()[j])
     np.testing.assert_allclose(a["distance"].to_numpy()[i], b["distance"].to_numpy()[j], rtol=1e-4, atol=1e-4)
 
+    ta, tb = (pyogrio.read_dataframe(r.gpkg, layer="tiles") for r in (pair.files, pair.mosaic))
+    assert len(ta) == len(a) and ta["raster"].nunique() == 64 and ta.geometry.notna().all()
+    for frame in (ta, tb):
+        frame[["minx", "miny", "maxx", "maxy"]] = frame.geometry.bounds.to_numpy()
+    ti, tj = match_tiles(ta, tb, pair.cell)
+    assert len(ti) == len(ta) == len(tb)
+    for column in ("cluster", "label", "region_id"):
+        assert np.array_equal(ta[column].to_numpy()[ti], tb[column].to_numpy()[tj]), column
+
     ra, rb = (pyogrio.read_dataframe(r.gpkg, layer="regions").sort_values("region_id").reset_index(drop=True)
               for r in (pair.files, pair.mosaic))
     numbers = [c for c in ra.columns if c.split("_")[0] in ("n", "frac", "km2") or c.endswith("_km2")]
@@ -242,7 +251,7 @@ def test_counters_say_what_became_of_every_tile(mumbai: Pair) -> None:
                  "cells_clipped"]].iloc[-1].tolist() == [1333, 576, 576, 0, 757, 757, 0, 757, 0]
 
 
-def test_validate_counts_the_tiles_a_run_makes(mumbai: Pair, monkeypatch, capsys) -> None:
+def test_validate_counts_the_tiles_a_run_makes(mumbai: Pair) -> None:
     """validate builds tiles as the tile stage does; it knows the skips of plain files, not of alpha."""
     files, mosaic = (validate(r.cfg) for r in (mumbai.files, mumbai.mosaic))
     assert files.tiles == 576 and [r.skips for r in files.rasters] == [0] * 64
@@ -250,11 +259,11 @@ def test_validate_counts_the_tiles_a_run_makes(mumbai: Pair, monkeypatch, capsys
                for r in files.rasters)  # UTM squares, measured in an equal-area CRS
     assert mosaic.tiles == 1333 and mosaic.rasters[0].skips is None and mosaic.rasters[0].outside == 757
     assert mosaic.rasters[0].regions_met == 64
-    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(mumbai.files.config_path))
-    assert code == 0 and "total: 576 tiles for k=6; 0 will be skipped at raster edges\n" in out, out
-    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(mumbai.mosaic.config_path))
-    assert code == 0 and "-> 1333 tiles; meets 64 region(s), 5.75 km2; skips known only once read " \
-                         "(nodata, mask or alpha); 757 outside every region" in out, out
+    out = "\n".join(files.lines())  # what `settlements validate` prints
+    assert out.endswith("total: 576 tiles for k=6; 0 will be skipped at raster edges"), out
+    out = "\n".join(mosaic.lines())
+    assert "-> 1333 tiles; meets 64 region(s), 5.75 km2; skips known only once read (nodata, mask or alpha); " \
+           "757 outside every region" in out, out
 
 
 def test_validate_predicts_the_edge_skips_of_a_run(tmp_path: Path, monkeypatch, capsys) -> None:
