@@ -22,7 +22,7 @@ import rasterio.features
 import rasterio.transform
 import shapely
 import shapely.geometry
-from pyproj import CRS, Geod
+from pyproj import CRS, Geod, Transformer
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
@@ -217,19 +217,23 @@ def check_readable(src: rasterio.io.DatasetReader, bands: tuple[int, ...]) -> No
         read_checked(src, bands, window, masks=True)
 
 
-def ground_pixel_size(src: rasterio.io.DatasetReader) -> tuple[float, float]:
-    """Pixel width and height in metres, at the raster's centre for geographic CRSs."""
-    crs = CRS.from_user_input(src.crs)
-    res_x, res_y = abs(src.transform.a), abs(src.transform.e)
-    if crs.is_geographic:
-        t = src.transform
-        cx, cy = t.c + t.a * src.width / 2, t.f + t.e * src.height / 2
-        geod = Geod(ellps="WGS84")
-        _, _, w = geod.inv(cx, cy, cx + res_x, cy)
-        _, _, h = geod.inv(cx, cy, cx, cy + res_y if cy < 89 else cy - res_y)
-        return float(w), float(h)
-    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return res_x * factor, res_y * factor
+def ground_pixel_size(crs: CRS, transform: rasterio.Affine, width: int, height: int) -> tuple[float, float]:
+    """Ground metres of one pixel along x and y at the raster's centre, on its ellipsoid, in any CRS.
+
+    Map units are not ground metres: EPSG:3857 stretches them by 1/cos(latitude), UTM far from its
+    central meridian and polar stereographic away from their true-scale lines by a few per cent or
+    more. Half a pixel is stepped each way from the centre along each axis, the ends are moved to
+    lon/lat and measured geodesically, so ``tile_size: 240m`` is 240 m on the ground everywhere.
+    """
+    col, row = width / 2, height / 2
+    cols = np.array([col - 0.5, col + 0.5, col, col])
+    rows = np.array([row, row, row - 0.5, row + 0.5])
+    xs, ys = rasterio.transform.xy(transform, rows, cols, offset="ul")
+    geodetic = crs.geodetic_crs or CRS.from_epsg(4326)
+    lon, lat = Transformer.from_crs(crs, geodetic, always_xy=True).transform(xs, ys, errcheck=False)
+    geod = crs.get_geod() or Geod(ellps="WGS84")
+    _, _, (w, h) = geod.inv(lon[0::2], lat[0::2], lon[1::2], lat[1::2])
+    return float(w), float(h)
 
 
 def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
@@ -260,7 +264,9 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
         if not all(math.isfinite(v) for v in tuple(src.transform)[:6]) or src.width < 1 or src.height < 1:
             raise RasterError(f"{path}: raster has an unusable geotransform or size")
         check_readable(src, tuple(spec.bands))
-        pw, ph = ground_pixel_size(src)
+        pw, ph = ground_pixel_size(CRS.from_user_input(src.crs), src.transform, src.width, src.height)
+        if not (math.isfinite(pw) and math.isfinite(ph) and pw > 0 and ph > 0):
+            raise RasterError(f"{path}: cannot measure its pixels on the ground (is the CRS right for where it lies?)")
         nodata = spec.nodata if spec.nodata is not None else src.nodata
         return RasterInfo(
             path=path,

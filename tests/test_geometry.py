@@ -278,3 +278,51 @@ def test_valid_footprint_traces_imagery_not_the_extent(tmp_path) -> None:
     assert shapely.symmetric_difference(coarse, fp).area < 2 * (100 * 4 + 352) * 6 * res * res
     plain = inspect_raster(src_path, RasterInput(path=src_path, bands=[3, 2, 1]))
     assert valid_footprint(plain).equals(shapely.box(*bounds))  # no mask, alpha or nodata: the extent
+
+
+# ------------------------------------------------------------------------------ ground metres
+
+def warped(tmp: Path, src_path: Path, crs: str, name: str) -> Path:
+    """A real scene reprojected into ``crs`` as gdalwarp would (rasterio.warp; bands 1-3, nearest)."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(src_path) as src:
+        transform, w, h = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        prof = {"driver": "GTiff", "dtype": src.dtypes[0], "count": 3, "crs": crs, "transform": transform,
+                "width": w, "height": h}
+        out = tmp / f"{name}.tif"
+        with rasterio.open(out, "w", **prof) as dst:
+            for b in (1, 2, 3):
+                reproject(rasterio.band(src, b), rasterio.band(dst, b), resampling=Resampling.nearest)
+    return out
+
+
+GROUND_CASES = {  # scene, CRS, tile side in metres; how far map units are from ground metres at the scene
+    "web_mercator": ("amsterdam_s2/OudeKerk.tif", "EPSG:3857", 1000.0),  # 52.4 N: a map unit is 0.61 m
+    "polar_stereographic": ("amsterdam_s2/OudeKerk.tif", "EPSG:3413", 1000.0),  # true scale at 70 N: 8 % off
+    "utm_far_from_its_meridian": ("olinda_brazil/L7_ETMs.tif", "EPSG:32728", 2000.0),  # 20 degrees off: 6 %
+    "lonlat": ("amsterdam_s2/OudeKerk.tif", "EPSG:4326", 1000.0),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUND_CASES))
+def test_tile_size_in_metres_is_ground_metres_in_any_crs(tmp_path, case) -> None:
+    """A tile of ``side`` metres at the raster's centre is that long on the ellipsoid, side by side, and its area
+    is side² (Olinda's 28.5 m pixels take 2 km tiles, so rounding to whole pixels stays within 1 %)."""
+    from settlements.config import RasterInput
+    from settlements.rasters import inspect_raster
+    from settlements.tiling import length_to_pixels
+
+    rel, crs, side = GROUND_CASES[case]
+    path = warped(tmp_path, scene(*rel.split("/")), crs, case)
+    info = inspect_raster(path, RasterInput(path=path, bands=[1, 2, 3]))
+    tw, th = length_to_pixels(side, "m", info.pixel_w_m, info.pixel_h_m)
+    assert min(tw, th) >= 50
+    c, r = info.width / 2, info.height / 2
+    corners = [(c - tw / 2, r - th / 2), (c + tw / 2, r - th / 2), (c + tw / 2, r + th / 2), (c - tw / 2, r + th / 2)]
+    xs, ys = zip(*(info.affine * p for p in corners), strict=True)
+    lon, lat = Transformer.from_crs(info.crs, 4326, always_xy=True).transform(xs, ys)
+    _, _, sides = GEOD.inv(lon, lat, np.roll(lon, -1), np.roll(lat, -1))
+    np.testing.assert_allclose(sides, side, rtol=0.01)
+    tile = lonlat(shapely.Polygon(list(zip(xs, ys, strict=True))), info.crs)
+    assert geodesic_km2(tile) == pytest.approx((side / 1000) ** 2, rel=0.02)
