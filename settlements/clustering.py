@@ -21,6 +21,23 @@ from .errors import ClusteringError
 
 log = logging.getLogger(__name__)
 
+#: Share of all tiles in one cluster above which a run warns: the embeddings then barely tell tiles apart.
+DOMINANT_SHARE = 0.9
+
+
+def dominance_warning(sizes: np.ndarray) -> str | None:
+    """One line when one cluster holds nearly every tile (flat or saturated tiles, a bad scaling, ...)."""
+    total = int(np.sum(sizes))
+    if total == 0 or len(sizes) < 2:
+        return None
+    top = int(np.argmax(sizes))
+    share = sizes[top] / total
+    if share <= DOMINANT_SHARE:
+        return None
+    return (f"clusters: cluster {top} holds {share:.0%} of the {total} tiles; the tiles barely differ to the CNN "
+            "(check rasters.scaling and look at atlas.png)")
+
+
 #: Rows a PCA basis is fitted on (``pca_dim``): plenty for a few dozen leading components.
 PCA_SAMPLE = 4096
 

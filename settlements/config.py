@@ -48,7 +48,8 @@ class Scaling(Strict):
 
     ``percentile`` stretches each band between its low/high percentiles, computed on a
     decimated read of the whole raster (a sample, never the full-resolution raster).
-    ``range`` maps fixed ``min``/``max`` to 0/1. ``dtype`` divides by the dtype's maximum.
+    ``range`` maps fixed ``min``/``max`` to 0/1 (one value for every band, or a list with one per
+    band). ``dtype`` divides by an integer dtype's maximum (an error on float rasters).
     """
 
     method: Literal["percentile", "range", "dtype"] = "percentile"
@@ -67,6 +68,10 @@ class Scaling(Strict):
         return self
 
 
+def _values(v: float | list[float] | None) -> list[float]:
+    return [] if v is None else list(v) if isinstance(v, list) else [v]
+
+
 class RasterInput(Strict):
     """One input raster, or a glob of several that share band layout and scaling."""
 
@@ -81,6 +86,25 @@ class RasterInput(Strict):
         if len(v) not in (1, 3):
             raise ValueError(f"give 3 band indexes (or 1 for greyscale), got {len(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_bound_per_band(self) -> RasterInput:
+        """``range`` bounds: a number for every band or a list with one per band, each min below its max."""
+        s = self.scaling
+        if s.method != "range":
+            return self
+        n = len(self.bands)
+        bounds = {}
+        for key in ("min", "max"):
+            values = _values(getattr(s, key))
+            if len(values) not in (1, n) or (len(values) == 1 and isinstance(getattr(s, key), list) and n > 1):
+                raise ValueError(f"scaling.{key}: {len(values)} value(s) for {n} band(s) {self.bands}; "
+                                 "give one per band (or a single number for all)")
+            bounds[key] = values * (n // len(values))
+        for band, lo, hi in zip(self.bands, bounds["min"], bounds["max"], strict=True):
+            if not lo < hi:
+                raise ValueError(f"scaling: band {band}: min {lo:g} must be below max {hi:g}")
+        return self
 
 
 class Regions(Strict):

@@ -26,7 +26,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from . import __version__
-from .clustering import KMeansClusterer
+from .clustering import KMeansClusterer, dominance_warning
 from .config import PipelineConfig
 from .embedding.assemble import embed_counts, embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
@@ -59,7 +59,16 @@ from .history import (
     tile_changes,
 )
 from .labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
-from .rasters import OpenRasters, RasterInfo, compute_scaling, expand_inputs, inspect_raster, read_tile, valid_footprint
+from .rasters import (
+    OpenRasters,
+    RasterInfo,
+    clipping_warning,
+    compute_scaling,
+    expand_inputs,
+    inspect_raster,
+    read_tile,
+    valid_footprint,
+)
 from .regions import (
     area_m2,
     cell_region_shares,
@@ -321,6 +330,15 @@ def load_infos(ws: Workspace) -> list[RasterInfo]:
 
 # ---------------------------------------------------------------------------------------- embed
 
+def no_tile_message(max_invalid_fraction: float) -> str:
+    """Why no tile was embedded, with advice only where it can help."""
+    if max_invalid_fraction >= 1:  # every tile qualifies: the CNN gave no usable features for any
+        return ("tiling.max_invalid_fraction: no tile could be embedded although every tile qualifies "
+                "(max_invalid_fraction 1); the pixels or their scaling give the CNN nothing (check rasters.scaling)")
+    return (f"tiling.max_invalid_fraction: no tile has at least {1 - max_invalid_fraction:.0%} valid pixels in any "
+            f"raster (most pixels are nodata, masked or non-finite); raise max_invalid_fraction (now "
+            f"{max_invalid_fraction:g}, at most 1) or use smaller tiles")
+
 def inference_settings(cfg: PipelineConfig) -> InferenceSettings:
     """Inference settings with the precision resolved for this machine's device.
 
@@ -374,8 +392,7 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
         (executor or LocalExecutor()).embed(jobs, backbone, settings, cache, bar)
     meta, source = embedded_table(tiles, keys, cache, min_valid)
     if len(source) == 0:
-        raise TilingError(f"no tile has at least {min_valid:.0%} valid pixels in any raster "
-                          "(all nodata? raise tiling.max_invalid_fraction)")
+        raise TilingError(no_tile_message(cfg.tiling.max_invalid_fraction))
     write_embeddings(ws.embeddings, source, keys, cache, backbone.dim)
     write_table(ws.embedded, meta)
     counts = embed_counts(meta, np.concatenate(read) if read else np.empty(0, np.int64))
@@ -474,6 +491,14 @@ def _tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], la
     return t, layer
 
 
+def result_warnings(infos: list[RasterInfo], sizes: np.ndarray) -> list[str]:
+    """Signs of a result not to trust (most pixels clipped, one cluster holding nearly all); logged as one line."""
+    found = [w for w in [*(clipping_warning(i) for i in infos), dominance_warning(sizes)] if w]
+    if found:
+        log.warning("result: %s", "; ".join(found))
+    return found
+
+
 def _versions() -> dict[str, str]:
     import faiss
     import pyogrio
@@ -540,6 +565,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         "size": sizes.astype(np.int64),
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
+    warnings = result_warnings(infos, sizes)
     previous = read_previous(gpkg)
     cluster_info = read_json(ws.cluster_meta, "cluster")
     before = previous_labels(labels, cluster_info.get("matching"))
@@ -569,6 +595,7 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         **{key: skips[key] for key in ("tiles_skipped", "tiles_skipped_nodata", "tiles_skipped_invalid")},
         "tiles_outside_regions": int((~t["tile_id"].isin(shares["tile_id"])).sum()),
         "cells_clipped": int(read_json(ws.rasters, "tile").get("counts", {}).get("cells_clipped", -1)),
+        "warnings": json.dumps(warnings),
         **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
     }])
     runs = run_row

@@ -53,6 +53,7 @@ class RasterInfo:
     fingerprint: str
     scale_low: tuple[float, ...] = field(default=())
     scale_high: tuple[float, ...] = field(default=())
+    clipped: float = 0.0  # share of valid pixels beyond the scaling bounds (from the scaling sample)
 
     @property
     def crs(self) -> CRS:
@@ -285,19 +286,22 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
 
 def valid_mask(src: rasterio.io.DatasetReader, bands: tuple[int, ...], data: np.ndarray,
                window: Window, nodata: float | None) -> np.ndarray:
-    """True where every selected band holds real imagery (not nodata, alpha 0, mask 0 or NaN)."""
+    """True where every selected band holds real imagery (not nodata, alpha 0, mask 0, NaN or inf)."""
     no_masks = all(src.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
     # no mask, alpha or nodata: nothing to read
     return valid_pixels(None if no_masks else read_checked(src, bands, window, masks=True), data, nodata)
 
 
 def valid_pixels(masks: np.ndarray | None, data: np.ndarray, nodata: float | None) -> np.ndarray:
-    """True where every band is valid: GDAL mask > 0 (None: no masks), not ``nodata``, not NaN."""
+    """True where every band is valid: GDAL mask > 0 (None: no masks), not ``nodata``, finite.
+
+    NaN and +-inf are never imagery: they would poison percentiles and scale to nothing.
+    """
     valid = np.ones(data.shape[1:], dtype=bool) if masks is None else np.all(masks > 0, axis=0)
     if nodata is not None:
         valid &= ~np.any(data == nodata, axis=0)
     if data.dtype.kind == "f":
-        valid &= ~np.any(np.isnan(data), axis=0)
+        valid &= np.all(np.isfinite(data), axis=0)
     return valid
 
 
@@ -346,7 +350,7 @@ def check_has_valid_pixels(info: RasterInfo) -> None:
             data = read_checked(src, info.bands, w)
             if valid_mask(src, info.bands, data, w, info.nodata).any():
                 return
-    raise RasterError(f"{info.path}: raster holds no valid pixels (all nodata or masked)")
+    raise RasterError(f"{info.path}: raster holds no valid pixels (all nodata, masked or non-finite)")
 
 
 def _all_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], nodata: float | None) -> np.ndarray:
@@ -357,29 +361,65 @@ def _all_valid_pixels(src: rasterio.io.DatasetReader, bands: tuple[int, ...], no
     return np.concatenate(chunks, axis=0)
 
 
+def _valid_sample(info: RasterInfo, target_pixels: int) -> np.ndarray:
+    """Valid pixel values (n x bands) for scaling statistics: a sample, or a full scan where it finds none."""
+    with open_raster(info.path) as src:
+        px = sample_valid_pixels(src, info.bands, info.nodata, target_pixels)
+    if len(px) == 0:
+        check_has_valid_pixels(info)  # the sample missed them: scan, or fail with the clear error
+        with open_raster(info.path) as src:
+            px = _all_valid_pixels(src, info.bands, info.nodata)
+    return px
+
+
+#: Share of valid pixels beyond the scaling bounds above which a run warns: the CNN then sees flat tiles.
+CLIPPED_WARN = 0.5
+
+
 def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
-    """Fill the per-band low/high values that map raw pixels onto [0, 1]."""
-    n = len(info.bands)
+    """Fill the per-band low/high values that map raw pixels onto [0, 1], and the share of pixels clipped.
+
+    Statistics come from valid pixels only (finite, not nodata or masked). A scaling that cannot
+    give the CNN an image is an error naming the band: ``dtype`` on a float raster (floats have no
+    range of their own), a band whose percentiles coincide (constant), bounds with min >= max.
+    """
     s = spec.scaling
-    if s.method != "percentile":
-        check_has_valid_pixels(info)
+    where = f"{info.path}: rasters.scaling"
+    if s.method == "dtype" and np.dtype(info.dtype).kind == "f":
+        raise RasterError(f"{where}: method 'dtype' needs an integer raster, this one is {info.dtype} "
+                          "(use method 'percentile', or 'range' with the data's min and max)")
+    px = _valid_sample(info, s.sample_pixels)
+    n = len(info.bands)
     if s.method == "range":
         lo = np.broadcast_to(np.asarray(s.min, dtype=float), (n,))
         hi = np.broadcast_to(np.asarray(s.max, dtype=float), (n,))
     elif s.method == "dtype":
-        top = float(np.iinfo(info.dtype).max) if np.dtype(info.dtype).kind in "ui" else 1.0
-        lo, hi = np.zeros(n), np.full(n, top)
+        lo, hi = np.zeros(n), np.full(n, float(np.iinfo(info.dtype).max))
     else:
-        with open_raster(info.path) as src:
-            px = sample_valid_pixels(src, info.bands, info.nodata, s.sample_pixels)
-        if len(px) == 0:
-            check_has_valid_pixels(info)  # the sample missed them: scan, or fail with the clear error
-            with open_raster(info.path) as src:
-                px = _all_valid_pixels(src, info.bands, info.nodata)
         lo = np.percentile(px, s.low, axis=0)
         hi = np.percentile(px, s.high, axis=0)
-    hi = np.where(hi > lo, hi, lo + 1e-6)
-    return _replace(info, scale_low=tuple(float(v) for v in lo), scale_high=tuple(float(v) for v in hi))
+    for band, a, b in zip(info.bands, lo, hi, strict=True):
+        if not b > a:
+            what = (f"its percentiles {s.low:g} and {s.high:g} are both {a:g} (a constant band?); "
+                    "use method 'range' with min and max" if s.method == "percentile"
+                    else f"min {a:g} is not below max {b:g}")
+            raise RasterError(f"{where}: band {band}: {what}")
+    clipped = float(np.mean(np.any((px < lo) | (px > hi), axis=1))) if len(px) else 0.0
+    return _replace(info, scale_low=tuple(float(v) for v in lo), scale_high=tuple(float(v) for v in hi),
+                    clipped=clipped)
+
+
+def clipping_warning(info: RasterInfo) -> str | None:
+    """One line when most valid pixels lie beyond the scaling bounds (they all map to 0 or 1)."""
+    if info.clipped <= CLIPPED_WARN:
+        return None
+    return (f"{info.path.name}: {info.clipped:.0%} of the valid pixels lie outside the scaling range "
+            f"({_bounds_text(info)}) and are clipped; check rasters.scaling")
+
+
+def _bounds_text(info: RasterInfo) -> str:
+    return ", ".join(f"band {b}: {lo:g}..{hi:g}"
+                     for b, lo, hi in zip(info.bands, info.scale_low, info.scale_high, strict=True))
 
 
 def _replace(info: RasterInfo, **kw: object) -> RasterInfo:

@@ -134,6 +134,16 @@ def equal_area_crs(regions: gpd.GeoDataFrame) -> CRS:
     return CRS.from_proj4(f"+proj=laea +lat_0={lat_c:.6f} +lon_0={lon_c:.6f} +datum=WGS84 +units=m +no_defs")
 
 
+def format_area(km2: float) -> str:
+    """An area as people read it: m² below a hectare, ha below a km², km² above (0.003 km² is 3,000 m²)."""
+    m2 = km2 * 1e6
+    if m2 < 1e4:
+        return f"{m2:,.0f} m²"
+    if m2 < 1e6:
+        return f"{m2 / 1e4:,.2f} ha"
+    return f"{km2:,.2f} km²"
+
+
 def _max_segment(crs: CRS) -> float:
     """Longest edge kept straight before reprojecting: 0.01 degree or 1 km in ``crs`` units.
 

@@ -19,8 +19,8 @@ from .config import PipelineConfig
 from .embedding.backbones import check_backbone, resolve_weights
 from .errors import ClusteringError, RegionError, WeightsError
 from .pipeline import EarlierRasters, check_inputs, raster_grid, raster_tiles
-from .rasters import RasterInfo, compute_scaling, expand_inputs, only_imagery
-from .regions import area_m2, equal_area_crs
+from .rasters import RasterInfo, clipping_warning, compute_scaling, expand_inputs, only_imagery
+from .regions import area_m2, equal_area_crs, format_area
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class RasterCheck:
     bands: tuple[int, ...]
     dtype: str
     tile_px: tuple[int, int]
+    tile_m: tuple[float, float]  # the tile in ground metres, at the raster's centre
     tiles: int
     regions_met: int
     overlap_km2: float
@@ -52,6 +53,7 @@ class ValidationReport:
     rasters: list[RasterCheck] = field(default_factory=list)
     k: int = 0
     max_invalid: float = 0.5
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tiles(self) -> int:
@@ -59,7 +61,7 @@ class ValidationReport:
 
     def lines(self) -> list[str]:
         out = [f"{self.config}: ok",
-               f"  regions: {self.regions} ({self.regions_km2:,.1f} km2)",
+               f"  regions: {self.regions} ({format_area(self.regions_km2)})",
                f"  weights: {self.weights}"]
         for r in self.rasters:
             skips = (f"{r.skips} to skip (over {self.max_invalid:.0%} beyond the raster edge)" if r.skips is not None
@@ -67,13 +69,15 @@ class ValidationReport:
             extra = "".join([f"; {r.outside} outside every region" if r.outside else "",
                              f"; {r.clipped} grid cells outside the regions not tiled" if r.clipped else ""])
             out.append(f"  {r.path}: {r.crs}, {r.size[0]} x {r.size[1]} px, bands {list(r.bands)} {r.dtype}, "
-                       f"tile {r.tile_px[0]} x {r.tile_px[1]} px -> {r.tiles} tiles; "
-                       f"meets {r.regions_met} region(s), {r.overlap_km2:,.2f} km2; {skips}{extra}")
+                       f"tile {r.tile_px[0]} x {r.tile_px[1]} px ({r.tile_m[0]:,.1f} x {r.tile_m[1]:,.1f} m on the "
+                       f"ground) -> {r.tiles} tiles; meets {r.regions_met} region(s), {format_area(r.overlap_km2)}; "
+                       f"{skips}{extra}")
         known = sum(r.skips or 0 for r in self.rasters)
         unknown = sum(r.skips is None for r in self.rasters)
         tail = (f"; {unknown} raster(s) with nodata, masks or alpha skip more, known only once read" if unknown
                 else "")
         out.append(f"  total: {self.tiles} tiles for k={self.k}; {known} will be skipped at raster edges{tail}")
+        out.extend(f"  warning: {w}" for w in self.warnings)
         return out
 
 
@@ -112,18 +116,20 @@ def validate(cfg: PipelineConfig) -> ValidationReport:
     ea = equal_area_crs(regions)
     grids = [raster_grid(info, cfg) for info in infos]
     specs = [spec for _, spec in expand_inputs(cfg.rasters)]
-    for info, spec in zip(infos, specs, strict=True):
-        compute_scaling(info, spec)  # reads the scaling sample: all-nodata and damaged blocks show here
+    # reads the scaling sample: all-nodata and damaged blocks, and scalings that cannot work, show here
+    scaled = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
     report = ValidationReport(config=str(cfg.source), regions=len(regions),
                               regions_km2=float(area_m2(regions, ea).sum() / 1e6),
                               weights=_weights_note(cfg), k=cfg.clustering.k,
-                              max_invalid=cfg.tiling.max_invalid_fraction)
+                              max_invalid=cfg.tiling.max_invalid_fraction,
+                              warnings=[w for w in map(clipping_warning, scaled) if w])
     earlier = EarlierRasters(infos)
     for r, (info, grid) in enumerate(zip(infos, grids, strict=True)):
         rt = raster_tiles(cfg, earlier, r, grid, regions, ea)
         report.rasters.append(RasterCheck(
             path=str(info.path), crs=info.crs.to_string(), size=(info.width, info.height), bands=info.bands,
-            dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h), tiles=len(rt.table),
+            dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h),
+            tile_m=(grid.tile_w * info.pixel_w_m, grid.tile_h * info.pixel_h_m), tiles=len(rt.table),
             regions_met=int(rt.shares["region"].nunique()), overlap_km2=float(rt.shares["area_m2"].sum() / 1e6),
             skips=edge_skips(info, rt.table, 1.0 - cfg.tiling.max_invalid_fraction),
             outside=int(len(rt.table) - rt.shares["cell"].nunique()), clipped=rt.clipped))

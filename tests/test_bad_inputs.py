@@ -156,7 +156,47 @@ def test_all_nodata_raster(tmp_path, monkeypatch, capsys, olinda_tif, method) ->
         dst.write_mask(np.zeros((dst.height, dst.width), dtype=np.uint8))  # real pixels, all masked
     scaling = {"method": method} | ({"min": 0, "max": 255} if method == "range" else {})
     expect_error(tmp_path, monkeypatch, capsys, raster_cfg(tmp_path, tif, [1, 2, 3], raster={"scaling": scaling}),
-                 r"masked\.tif: raster holds no valid pixels \(all nodata or masked\)")
+                 r"masked\.tif: raster holds no valid pixels \(all nodata, masked or non-finite\)")
+
+
+def test_dtype_scaling_of_a_float_raster(tmp_path, monkeypatch, capsys, olinda_tif) -> None:
+    """float64 values 1..2041: 'dtype' would clip every pixel to white (one cluster, empty atlas)."""
+    with rasterio.open(olinda_tif) as src:
+        data, prof = src.read([3, 2, 1]).astype(np.float64) * 8 + 1, src.profile | {"count": 3, "dtype": "float64"}
+    with rasterio.open(tmp_path / "wv.tif", "w", **prof) as dst:
+        dst.write(data)
+    for command in ("run", "validate"):
+        expect_error(tmp_path, monkeypatch, capsys,
+                     raster_cfg(tmp_path, tmp_path / "wv.tif", [1, 2, 3], raster={"scaling": {"method": "dtype"}}),
+                     r"wv\.tif: rasters\.scaling: method 'dtype' needs an integer raster, this one is float64 "
+                     r"\(use method 'percentile', or 'range'", command=command)
+
+
+@pytest.mark.parametrize("max_invalid", [0.5, 1.0])
+def test_constant_band(tmp_path, monkeypatch, capsys, olinda_tif, max_invalid) -> None:
+    """A uint16 band holding one value: named as such, never 'no tile has at least 0% valid pixels'."""
+    with rasterio.open(olinda_tif) as src:
+        data, prof = src.read([3, 2, 1]).astype(np.uint16), src.profile | {"count": 3, "dtype": "uint16"}
+    data[1] = 1000
+    with rasterio.open(tmp_path / "flat.tif", "w", **prof) as dst:
+        dst.write(data)
+    cfg = raster_cfg(tmp_path, tmp_path / "flat.tif", [1, 2, 3], tiling={"max_invalid_fraction": max_invalid})
+    expect_error(tmp_path, monkeypatch, capsys, cfg, r"flat\.tif: rasters\.scaling: band 2: its percentiles 2 and 98 "
+                 r"are both 1000 \(a constant band\?\); use method 'range' with min and max")
+
+
+@pytest.mark.parametrize(("scaling", "pattern"), [
+    ({"method": "range", "min": 255, "max": 0}, r"rasters\.0: scaling: band 3: min 255 must be below max 0"),
+    ({"method": "range", "min": [0, 10, 0], "max": [255, 5, 255]},
+     r"rasters\.0: scaling: band 2: min 10 must be below max 5"),
+    ({"method": "range", "min": [0, 0], "max": 255},
+     r"rasters\.0: scaling\.min: 2 value\(s\) for 3 band\(s\) \[3, 2, 1\]; give one per band"),
+    ({"method": "range", "min": 0, "max": [255, 255, 255, 255]},
+     r"rasters\.0: scaling\.max: 4 value\(s\) for 3 band\(s\) \[3, 2, 1\]; give one per band"),
+])
+def test_inverted_or_misshapen_range(tmp_path, monkeypatch, capsys, olinda_tif, scaling, pattern) -> None:
+    expect_error(tmp_path, monkeypatch, capsys, raster_cfg(tmp_path, olinda_tif, raster={"scaling": scaling}),
+                 r"bad\.yaml: invalid config: " + pattern)
 
 
 def test_rotated_raster(tmp_path, monkeypatch, capsys, olinda_tif) -> None:
@@ -401,8 +441,8 @@ def test_validate_reports_inputs_and_tile_counts(tmp_path, monkeypatch, capsys) 
     assert f"{cfg}: ok" in out
     assert "regions: 470 (" in out
     # 349 x 352 px in 32 px tiles: 11 x 11 cells
-    assert re.search(r"L7_ETMs\.tif: EPSG:31985, 349 x 352 px, bands \[3, 2, 1\] uint8, tile 32 x 32 px -> "
-                     r"121 tiles; meets 470 region\(s\)", out), out
+    assert re.search(r"L7_ETMs\.tif: EPSG:31985, 349 x 352 px, bands \[3, 2, 1\] uint8, tile 32 x 32 px "
+                     r"\(911\.9 x 911\.9 m on the ground\) -> 121 tiles; meets 470 region\(s\)", out), out
     assert snapshot(tmp_path) == before and not (tmp_path / "work").exists()
     n = stage_tile(load_config(cfg))["tiles"]  # the tile stage agrees with the count
     assert n == 121

@@ -326,3 +326,26 @@ def test_tile_size_in_metres_is_ground_metres_in_any_crs(tmp_path, case) -> None
     np.testing.assert_allclose(sides, side, rtol=0.01)
     tile = lonlat(shapely.Polygon(list(zip(xs, ys, strict=True))), info.crs)
     assert geodesic_km2(tile) == pytest.approx((side / 1000) ** 2, rel=0.02)
+
+
+def test_validate_prints_the_tile_in_ground_metres(tmp_path, monkeypatch, capsys) -> None:
+    """EPSG:3857 at 52 N: 1 km is 61 ground pixels of 16.4 map units, and validate says 1,000 m."""
+    import re
+
+    from .conftest import run_cli
+
+    path = warped(tmp_path, scene("amsterdam_s2", "OudeKerk.tif"), "EPSG:3857", "mercator")
+    with rasterio.open(path) as src:
+        b = src.bounds
+    region = f"POLYGON (({b.left} {b.bottom}, {b.right} {b.bottom}, {b.right} {b.top}, {b.left} {b.top}, " \
+             f"{b.left} {b.bottom}))"
+    cfg = write_pipeline(tmp_path, "merc", None, rasters=[{"path": str(path), "bands": [1, 2, 3]}],
+                         regions=[{"wkt": region, "crs": "EPSG:3857"}], tiling={"tile_size": "1km"},
+                         clustering={"k": 2})
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(cfg))
+    assert code == 0, out
+    m = re.search(r"tile (\d+) x (\d+) px \(([\d,.]+) x ([\d,.]+) m on the ground\)", out)
+    assert m, out
+    px, metres = int(m.group(1)), float(m.group(3).replace(",", ""))
+    assert metres == pytest.approx(1000, rel=0.01)
+    assert px * src.res[0] == pytest.approx(1000 / np.cos(np.radians(52.37)), rel=0.02)  # map units, not metres

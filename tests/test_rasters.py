@@ -96,3 +96,57 @@ def test_raw_reads_store_bands_either_way_with_the_same_values(tmp_path: Path, i
     assert valid_b.any()
     if window.row_off < 0:  # rows above the raster: zeros, invalid
         assert not valid_b[:6].any() and not by_pixel[:, :6].any()
+
+
+def _non_finite_copy(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """Olinda's real pixels as float32 with 5 % +inf, 2 % NaN and 2 % -inf scattered over them."""
+    src_path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(src_path) as src:
+        data, prof = src.read([3, 2, 1]).astype(np.float32), src.profile | {"count": 3, "dtype": "float32"}
+    rng = np.random.default_rng(0)
+    u = rng.random(data.shape[1:])
+    band = rng.integers(0, 3, data.shape[1:])
+    for lo, hi, value in ((0.0, 0.05, np.inf), (0.05, 0.07, np.nan), (0.07, 0.09, -np.inf)):
+        rows, cols = np.nonzero((u >= lo) & (u < hi))
+        data[band[rows, cols], rows, cols] = value
+    path = tmp_path / "nonfinite.tif"
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+    return path, data
+
+
+def test_non_finite_pixels_are_invalid_and_left_out_of_percentiles(tmp_path: Path) -> None:
+    """+inf made the 98th percentile NaN (high collapsed onto low); -inf made low -inf. Both are no imagery."""
+    from settlements.rasters import valid_footprint
+
+    path, data = _non_finite_copy(tmp_path)
+    finite = np.isfinite(data).all(axis=0)
+    assert 0.08 < 1 - finite.mean() < 0.1
+    spec = RasterInput(path=path, bands=[1, 2, 3], scaling=Scaling(method="percentile", low=2, high=98))
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    px = data[:, finite].T
+    np.testing.assert_allclose(info.scale_low, np.percentile(px, 2, axis=0))
+    np.testing.assert_allclose(info.scale_high, np.percentile(px, 98, axis=0))
+    assert all(np.isfinite(info.scale_low)) and all(h > lo + 10 for lo, h in zip(info.scale_low, info.scale_high,
+                                                                               strict=True))
+    with rasterio.open(path) as src:
+        tile, valid = read_tile(src, info, Window(0, 0, src.width, src.height))
+    assert (valid == finite).all()
+    assert np.isfinite(tile).all() and 0 <= tile.min() and tile.max() <= 1
+    res = abs(info.transform[0])
+    assert valid_footprint(info).area == pytest.approx(finite.sum() * res * res, rel=1e-9)
+
+
+def test_scaling_reports_the_share_of_clipped_pixels() -> None:
+    path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(path) as src:
+        data = src.read([3, 2, 1])
+    wide = RasterInput(path=path, bands=[3, 2, 1], scaling=Scaling(method="range", min=0, max=255))
+    narrow = RasterInput(path=path, bands=[3, 2, 1], scaling=Scaling(method="range", min=0, max=10))
+    assert compute_scaling(inspect_raster(path, wide), wide).clipped == 0.0
+    info = compute_scaling(inspect_raster(path, narrow), narrow)
+    assert info.clipped == pytest.approx(float((data > 10).any(axis=0).mean()))
+    assert info.clipped > 0.9
+    from settlements.rasters import clipping_warning
+
+    assert clipping_warning(info) is not None and "L7_ETMs.tif" in clipping_warning(info)
