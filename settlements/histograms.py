@@ -9,12 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .palette import slug
+from .palette import column_keys
 
 
 def region_histograms(tiles: pd.DataFrame, shares: pd.DataFrame, regions: pd.DataFrame,
                       labels: list[str], k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Wide per-region table and long (region, kind, class) table.
+
+    Label columns are named by :func:`~settlements.palette.column_keys` (unique, never a table column);
+    the long table's ``class`` holds the label's own text.
 
     ``tiles``: tile_id, kept, valid_cell, cluster, label. ``shares``: tile_id, region, area_m2.
     ``regions``: region (index), region_id, region_name, area_m2.
@@ -39,8 +42,9 @@ def region_histograms(tiles: pd.DataFrame, shares: pd.DataFrame, regions: pd.Dat
 
     long_parts = []
     wide: dict[str, pd.Series] = {}
+    keys = column_keys(labels)
     for kind, column, classes, name in (
-        ("label", "label", labels, lambda c: slug(str(c))),
+        ("label", "label", labels, lambda c: keys[c]),
         ("cluster", "cluster", list(range(k)), lambda c: f"c{c}"),
     ):
         counts = mapped.groupby(["region", column])["tile_id"].nunique().unstack(fill_value=0)

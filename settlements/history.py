@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import geopandas as gpd
 import numpy as np
@@ -24,7 +25,7 @@ from .config import PipelineConfig
 from .export.geopackage import LayerStyle
 from .export.styles import categorized_qml
 from .labels import ClusterLabels, read_labels, write_labels
-from .palette import default_cluster_name, slug
+from .palette import column_keys, default_cluster_name
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,10 @@ def region_changes(previous: PreviousRun | None, long: pd.DataFrame, regions: gp
     out["largest_gain_dfrac"] = np.where(has, g, np.nan)
     out["largest_loss"] = [names[loss[i]] if has[i] and lo[i] < -1e-9 else None for i in rows]
     out["largest_loss_dfrac"] = np.where(has, lo, np.nan)
+    keys = column_keys(names)  # the current labels first: their keys are those of the regions layer
     for j, name in enumerate(names):
-        out[f"dfrac_{slug(name)}"] = dfrac[:, j]
-        out[f"dkm2_{slug(name)}"] = dkm2[:, j]
+        out[f"dfrac_{keys[name]}"] = dfrac[:, j]
+        out[f"dkm2_{keys[name]}"] = dkm2[:, j]
     return gpd.GeoDataFrame(out, geometry=regions.geometry.values, crs=regions.crs)
 
 
@@ -263,8 +265,8 @@ def change_styles(labels: ClusterLabels) -> list[LayerStyle]:
     palette = labels.palette
     tip = ("<b>[% region_name %]</b><br>since run [% previous_run %]: [% round(changed_share * 100, 1) %] % "
            "of the mapped area changed label<br>" + "<br>".join(
-               f"{lb}: [% round(\"dfrac_{slug(lb)}\" * 100, 1) %] points, [% round(\"dkm2_{slug(lb)}\", 3) %] km²"
-               for lb in palette.labels))
+               f"{escape(lb)}: [% round(\"dfrac_{palette.key(lb)}\" * 100, 1) %] points, "
+               f"[% round(\"dkm2_{palette.key(lb)}\", 3) %] km²" for lb in palette.labels))
     return [
         LayerStyle("changes", "settlements largest gain",
                    categorized_qml("largest_gain", palette,

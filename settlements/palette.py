@@ -7,7 +7,11 @@ Vector styles, the raster colour table and every plot take their colours from a
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import count
 
 UNLABELLED = "unlabelled"
 NO_DATA = "no data"
@@ -61,9 +65,39 @@ def hex_to_rgb(colour: str) -> tuple[int, int, int]:
 
 
 def slug(label: str) -> str:
-    """A label as a column-name fragment: 'informal settlement' -> 'informal_settlement'."""
-    s = re.sub(r"[^0-9a-zA-Z]+", "_", label.strip().lower()).strip("_")
-    return s or "label"
+    """A label in plain ASCII for a column name: 'informal settlement' -> 'informal_settlement', 'Café' -> 'cafe';
+    empty where nothing Latin is left ('水')."""
+    ascii_text = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    return re.sub(r"[^0-9a-zA-Z]+", "_", ascii_text.strip().lower()).strip("_")
+
+
+#: Keys a label may not take: they would be the regions table's own n_tiles / n_skipped, or the
+#: per-cluster columns n_c0, frac_c0, ... (and p_c0 of predictions).
+_RESERVED_KEY = re.compile(r"^(tiles|skipped|c\d+)$")
+
+
+def column_keys(labels: Sequence[str]) -> dict[str, str]:
+    """The column key of each label (``n_<key>``, ``frac_<key>``, ``km2_<key>``, ``dfrac_<key>``, ``p_<key>``).
+
+    The one place label columns are named. Keys are the label's ASCII slug, ``l<n>`` for a label with
+    nothing Latin in it (n its 1-based place in ``labels``), with ``_2``, ``_3``, ... where a key is
+    taken by an earlier label or reserved: 'Water' and 'water' become ``water`` and ``water_2``, a label
+    'tiles' ``tiles_2``, 'c0' ``c0_2``. A label's key depends only on the labels before it, so the keys
+    of a list stay the same when labels are appended. The label's own text lives in field aliases and
+    in the ``histogram`` table.
+    """
+    keys: dict[str, str] = {}
+    used: set[str] = set()
+    for place, label in enumerate(labels, start=1):
+        if label in keys:
+            continue
+        base = slug(label) or f"l{place}"
+        key = base
+        if key in used or _RESERVED_KEY.match(key):
+            key = next(f"{base}_{n}" for n in count(2) if f"{base}_{n}" not in used)
+        keys[label] = key
+        used.add(key)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -72,6 +106,14 @@ class Palette:
 
     labels: tuple[str, ...]
     colours: tuple[str, ...]
+
+    @cached_property
+    def keys(self) -> dict[str, str]:
+        """Label -> column key (see :func:`column_keys`)."""
+        return column_keys(self.labels)
+
+    def key(self, label: str) -> str:
+        return self.keys[label]
 
     def colour(self, label: str) -> str:
         if label == NO_DATA:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from settlements.cli import main
 from settlements.config import LabelSource, load_config
 from settlements.errors import ConfigError
-from settlements.palette import slug
+from settlements.palette import column_keys
 from settlements.pipeline import load_infos, run, workspace
 from settlements.supervised.evaluation import block_folds, class_scores, cluster_quality, majority_mapping
 from settlements.supervised.finetune import FineTuner, TileImages, augment
@@ -213,6 +213,7 @@ def test_prediction_feeds_a_styled_geopackage(trained: Trained) -> None:
     tiles = pyogrio.read_dataframe(gpkg, layer="predicted_tiles")
     regions = pyogrio.read_dataframe(gpkg, layer="predicted_regions")
     classes = ["built-up", "vegetation", "water"]
+    slug = column_keys(classes).__getitem__
     probs = tiles[[f"p_{slug(c)}" for c in classes]].to_numpy()
     assert len(tiles) == 484 and set(tiles["model"]) == {"fine_tuned"}
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ..palette import Palette, slug  # noqa: E402
+from ..palette import Palette  # noqa: E402
 from ..store import atomic_path  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
     x = np.arange(len(labels))
     for ax, (_, reg) in zip(axes.ravel(), top.iterrows(), strict=False):
         ax.axis("on")
-        fr = [reg.get(f"frac_{slug(lb)}", 0.0) for lb in labels]
+        fr = [reg.get(f"frac_{palette.key(lb)}", 0.0) for lb in labels]
         ax.bar(x, fr, color=[palette.colour(lb) for lb in labels], edgecolor="#404040", linewidth=0.4)
         ax.set_xticks([])
         ax.set_ylim(0, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape, quoteattr
 
-from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb, slug
+from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb
 from .geopackage import LayerStyle
 
 QGIS_VERSION = "3.22.0"
@@ -106,7 +106,7 @@ def _outline_renderer(outline_width: float) -> str:
 def pie_diagram(palette: Palette, size_mm: float = 7.0) -> str:
     """A pie per region of the label fractions (``frac_<label>``), in the palette's colours."""
     attrs = "\n      ".join(
-        f'<attribute field={quoteattr(chr(34) + "frac_" + slug(lb) + chr(34))} color="{c}" colorOpacity="1" '
+        f'<attribute field={quoteattr(chr(34) + "frac_" + palette.key(lb) + chr(34))} color="{c}" colorOpacity="1" '
         f"label={quoteattr(lb)}/>" for lb, c in palette.items())
     return f"""<SingleCategoryDiagramRenderer diagramType="Pie" attributeLegend="1">
     <DiagramCategory enabled="1" width="{size_mm}" height="{size_mm}" sizeType="MM" penWidth="0.1"
@@ -150,7 +150,7 @@ def region_aliases(palette: Palette, k: int) -> dict[str, str]:
     """Readable names for every regions column, label and cluster columns included."""
     out = dict(REGIONS_ALIASES)
     for lb in palette.labels:
-        s = slug(lb)
+        s = palette.key(lb)
         out |= {f"n_{s}": f"Tiles: {lb}", f"frac_{s}": f"Share: {lb}", f"km2_{s}": f"Area (km²): {lb}"}
     for c in range(k):
         out |= {f"n_c{c}": f"Tiles: cluster {c}", f"frac_c{c}": f"Share: cluster {c}",
@@ -162,8 +162,8 @@ def region_map_tip(palette: Palette) -> str:
     """HTML map tip: region name, dominant label, then each label's share and km² of the mapped area."""
     rows = "".join(
         f'<tr><td><span style="color:{c}">&#9632;</span> {escape(lb)}</td>'
-        f'<td align="right">[% format_number(coalesce("frac_{slug(lb)}", 0) * 100, 1) %] %</td>'
-        f'<td align="right">[% format_number(coalesce("km2_{slug(lb)}", 0), 3) %] km²</td></tr>'
+        f'<td align="right">[% format_number(coalesce("frac_{palette.key(lb)}", 0) * 100, 1) %] %</td>'
+        f'<td align="right">[% format_number(coalesce("km2_{palette.key(lb)}", 0), 3) %] km²</td></tr>'
         for lb, c in palette.items())
     return ('<b>[% "region_name" %]</b> ([% "region_id" %])<br>dominant: [% coalesce("dominant_label", \'no data\') %]'
             '<br>mapped [% format_number("mapped_km2", 3) %] of [% format_number("area_km2", 3) %] km²'

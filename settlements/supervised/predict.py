@@ -25,7 +25,7 @@ from ..export.geopackage import LayerStyle, write_geopackage
 from ..export.raster import code_grid, tile_cells, write_cluster_map
 from ..export.styles import categorized_qml
 from ..histograms import region_histograms
-from ..palette import build_palette, slug
+from ..palette import build_palette
 from ..pipeline import load_infos, workspace
 from ..reprocess import pipeline_lock
 from ..store import read_table
@@ -97,10 +97,10 @@ def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
     top_share = top_share.merge(regions[["region", "region_id"]], on="region")[["tile_id", "region_id"]]
     t = tiles.assign(**{"class": classes[best], "probability": proba.max(axis=1).astype(np.float64)})
     for j, c in enumerate(classes):
-        t[f"p_{slug(c)}"] = proba[:, j].astype(np.float64)
+        t[f"p_{palette.key(c)}"] = proba[:, j].astype(np.float64)
     t = t.merge(top_share, on="tile_id", how="left")
     infos = load_infos(ws)
-    cols = ["tile_id", "class", "probability", *[f"p_{slug(c)}" for c in classes], "region_id", "row", "col"]
+    cols = ["tile_id", "class", "probability", *[f"p_{palette.key(c)}" for c in classes], "region_id", "row", "col"]
     parts = []
     for r, info in enumerate(infos):
         k = t[t["raster"] == r]
@@ -110,7 +110,7 @@ def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
                                       crs=info.crs).to_crs(cfg.output.crs))  # arrays: no index to align
     tiles_layer = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=cfg.output.crs)
     tip = "<b>[% region_name %]</b><br>dominant: [% dominant_class %]<br>" + "<br>".join(
-        f"{c}: [% round(\"frac_{slug(c)}\" * 100, 1) %] %" for c in classes)
+        f"{c}: [% round(\"frac_{palette.key(c)}\" * 100, 1) %] %" for c in classes)
     styles = [
         LayerStyle("predicted_tiles", "settlements predicted class",
                    categorized_qml("class", palette, aliases={"class": "Predicted class",
