@@ -72,9 +72,14 @@ def load_regions(spec: Regions, where: str = "regions") -> gpd.GeoDataFrame:
         names = gdf[spec.name_field].where(gdf[spec.name_field].notna(), ids).astype(str) if spec.name_field else ids
         gdf = gpd.GeoDataFrame({"region_id": ids.values, "region_name": names.values},
                                geometry=gdf.geometry.values, crs=gdf.crs)
-    gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)].reset_index(drop=True)
-    if len(gdf) == 0:
+    empty = (gdf.geometry.isna() | gdf.geometry.is_empty).to_numpy()
+    if empty.all():
         raise RegionError(f"{name}: every region geometry is empty")
+    if empty.any():
+        ids = gdf.loc[empty, "region_id"].astype(str).tolist()
+        log.warning("%s: %d region(s) without geometry (NULL or empty) left out of every number: %s%s", name,
+                    len(ids), ", ".join(ids[:10]), f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    gdf = gdf[~empty].reset_index(drop=True)
     invalid = ~gdf.geometry.is_valid
     if invalid.any():
         log.warning("%s: repaired %d invalid polygon(s) with make_valid: %s", name, int(invalid.sum()),
@@ -102,13 +107,25 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
 
 
 def load_all_regions(specs: list[Regions]) -> gpd.GeoDataFrame:
-    """Regions from several sources in one frame (CRS of the first); ids prefixed by source when several."""
+    """Regions from several sources in one frame (CRS of the first); ids prefixed by source when several.
+
+    A region id met twice (the same file listed twice, two files of one name holding the same ids)
+    would count its ground twice: an error naming both sources.
+    """
     frames: list[gpd.GeoDataFrame] = []
+    first_seen: dict[str, str] = {}
     for i, spec in enumerate(specs):
-        gdf = load_regions(spec, where=f"regions[{i}]" if len(specs) > 1 else "regions")
+        where = f"regions[{i}]" if len(specs) > 1 else "regions"
+        gdf = load_regions(spec, where=where)
         source = Path(spec.path).stem if spec.path is not None else f"wkt{i}"
         if len(specs) > 1:
             gdf["region_id"] = source + ":" + gdf["region_id"]
+        here = f"{where} ({spec.path if spec.path is not None else 'wkt'})"
+        clash = [rid for rid in gdf["region_id"] if rid in first_seen]
+        if clash:
+            raise RegionError(f"{here}: region id {clash[0]!r} is also in {first_seen[clash[0]]} ({len(clash)} ids "
+                              "met twice; list each region source once, or rename one of two files of one name)")
+        first_seen.update(dict.fromkeys(gdf["region_id"], here))
         gdf.insert(2, "source", source)
         frames.append(gdf if not frames else gdf.to_crs(frames[0].crs))
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)

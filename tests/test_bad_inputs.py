@@ -263,6 +263,47 @@ def test_region_id_field_missing(tmp_path, monkeypatch, capsys) -> None:
                  r"olinda1\.shp: field 'TRACT' not found \(fields: .*CD_GEOCODI")
 
 
+@pytest.mark.parametrize("how", ["same_file_twice", "two_files_of_one_name"])
+def test_a_region_listed_twice(tmp_path, monkeypatch, capsys, how) -> None:
+    """The same tracts twice gave 940 rows with 470 ids and doubled changes: an error naming both sources."""
+    tracts = scene("olinda_brazil", "olinda1.shp")
+    other = tracts
+    if how == "two_files_of_one_name":
+        (tmp_path / "copy").mkdir()
+        other = tmp_path / "copy" / "olinda1.gpkg"
+        pyogrio.write_dataframe(pyogrio.read_dataframe(tracts).iloc[:5], other)
+    cfg = bad(tmp_path, regions=[{"path": str(tracts), "id_field": "CD_GEOCODI"},
+                                 {"path": str(other), "id_field": "CD_GEOCODI"}])
+    n = 470 if how == "same_file_twice" else 5
+    for command in ("run", "validate"):
+        expect_error(tmp_path, monkeypatch, capsys, cfg,
+                     rf"regions\[1\] \({re.escape(str(other))}\): region id 'olinda1:\d+' is also in regions\[0\] "
+                     rf"\({re.escape(str(tracts))}\) \({n} ids met twice; list each region source once",
+                     command=command)
+
+
+def test_regions_without_geometry_are_reported_and_left_out(tmp_path, monkeypatch, capsys, caplog) -> None:
+    """Two NULL and one empty geometry among the 470 tracts: one warning with the count and ids (they were
+    dropped without a word), and the other 467 regions are counted."""
+    import geopandas as gpd
+
+    tracts = gpd.read_file(scene("olinda_brazil", "olinda1.shp"))
+    ids = tracts["CD_GEOCODI"].iloc[[3, 40, 200]].tolist()
+    geoms = tracts.geometry.values.copy()
+    geoms[[3, 40]] = None
+    geoms[200] = shapely.Polygon()
+    tracts.set_geometry(geoms).to_file(tmp_path / "holes.gpkg")
+    cfg = bad(tmp_path, regions=[{"path": str(tmp_path / "holes.gpkg"), "id_field": "CD_GEOCODI"}])
+    monkeypatch.setattr(sys, "argv", ["settlements", "tile", str(cfg)])
+    with caplog.at_level(logging.WARNING, logger="settlements"):
+        main()
+    ours = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(ours) == 1 and "holes.gpkg: 3 region(s) without geometry (NULL or empty) left out" in ours[0]
+    assert all(i in ours[0] for i in ids)
+    regions = gpd.read_parquet(tmp_path / "work" / "bad" / "regions.parquet")
+    assert len(regions) == 467 and not set(ids) & set(regions["region_id"])
+
+
 def test_regions_are_lines(tmp_path, monkeypatch, capsys) -> None:
     expect_error(tmp_path, monkeypatch, capsys,
                  regions_cfg(tmp_path, wkt="LINESTRING (-34.9 -8.0, -34.8 -8.05)", crs="EPSG:4326"),
