@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyogrio
 import pytest
 import rasterio
@@ -24,8 +25,8 @@ SCENES = ["olinda", "swellendam"]
 
 def test_code_grid_paints_one_pixel_per_cell_and_coarser_cells_over_several() -> None:
     crs = CRS.from_epsg(32633)
-    fine = Cells(crs, np.array([[0, 90, 10, 100], [10, 90, 16, 100], [0, 80, 10, 90]], float),
-                 np.array([1, 2, 3], np.uint8))  # the middle cell is a narrow edge cell (6 of 10 units)
+    fine = Cells(crs, np.array([[0, 90, 10, 100], [0, 80, 10, 90], [10, 90, 20, 100]], float),
+                 np.array([1, 3, 2], np.uint8))
     coarse = Cells(crs, np.array([[20, 80, 40, 100]], float), np.array([4], np.uint8))
     grid = code_grid([fine, coarse])
     assert grid.transform.a == 10 and grid.transform.e == -10 and (grid.transform.c, grid.transform.f) == (0, 100)
@@ -41,6 +42,21 @@ def test_code_grid_overlapping_rasters_show_the_first_listed() -> None:
     coarse = Cells(crs, np.array([[10, 80, 30, 100]], float), np.array([4], np.uint8))
     np.testing.assert_array_equal(code_grid([fine, coarse]).codes, [[1, 2, 3], [NO_DATA_CODE, 4, 4]])
     np.testing.assert_array_equal(code_grid([coarse, fine]).codes, [[1, 4, 4], [NO_DATA_CODE, 4, 4]])
+
+
+def test_narrow_edge_cells_end_at_the_raster_edge() -> None:
+    """A raster 16 units wide in 10-unit cells: the edge cell is 6 wide. It was drawn 10 wide, 4 units
+    past the imagery; now the grid is cut into 2-unit pixels and the map ends at 16."""
+    crs = CRS.from_epsg(32633)
+    fine = Cells(crs, np.array([[0, 90, 10, 100], [10, 90, 16, 100], [0, 80, 10, 90]], float),
+                 np.array([1, 2, 3], np.uint8))
+    grid = code_grid([fine])
+    assert (grid.transform.a, grid.transform.e) == (2, -10)
+    assert grid.codes.shape[1] * grid.transform.a == 16
+    np.testing.assert_array_equal(grid.codes, [[1] * 5 + [2] * 3, [3] * 5 + [NO_DATA_CODE] * 3])
+    # too many pixels to draw the edge exactly: rounded inwards, never past the imagery
+    coarse = code_grid([fine], max_pixels=4)
+    assert coarse.codes.shape[1] * coarse.transform.a <= 16
 
 
 @pytest.fixture(params=SCENES)
@@ -61,7 +77,13 @@ def test_cluster_map_is_a_valid_cog_with_palette_rat_and_mode_overviews(ran: Ran
         assert src.tags()["OVERVIEW_RESAMPLING"] == "MODE"
         cmap = src.colormap(1)
         codes = src.read(1)
-    assert int((codes > 0).sum()) == ran.report.embedding["tiles_kept"]  # one pixel per kept tile
+        transform = src.transform
+    # every kept tile's cell, and nothing else, is painted: pixel area times pixels is the kept cells' area
+    tiles = pd.read_parquet(ran.work / "tiles.parquet").merge(pd.read_parquet(ran.work / "embedded.parquet"),
+                                                              on="tile_id")
+    kept = tiles[tiles["kept"]]
+    cells = ((kept["maxx"] - kept["minx"]) * (kept["maxy"] - kept["miny"])).sum()
+    assert int((codes > 0).sum()) * abs(transform.a * transform.e) == pytest.approx(cells, rel=1e-9)
     rat = ET.parse(f"{path}.aux.xml").getroot().find(".//GDALRasterAttributeTable")
     rows = [[f.text for f in row.findall("F")] for row in rat.findall("Row")]
     assert [r[1] for r in rows] == list(palette)
@@ -94,3 +116,14 @@ def test_gdal_tools_read_every_output_without_warnings(ran: Ran) -> None:
     assert "LAYOUT=COG" in info and "ColorInterp=Palette" in info and "Overviews:" in info
     labels = pyogrio.read_dataframe(ran.gpkg, layer="clusters")["label"]
     assert all(f": {name}" in info for name in labels)  # category names
+
+
+def test_cluster_map_never_reaches_past_the_imagery(olinda: Ran) -> None:
+    """Olinda is 349 px wide in 8 px cells: the last column is 5 px. The map ended 3 px (85 m) past the
+    scene's right edge; it now ends at the edge, and is the scene's extent exactly."""
+    with rasterio.open(olinda.report.outputs["cluster_map"]) as cog, \
+            rasterio.open(olinda.cfg.rasters[0].path) as scene:
+        assert scene.width % 8 != 0
+        np.testing.assert_allclose(tuple(cog.bounds), tuple(scene.bounds), rtol=0, atol=1e-6)
+        codes = cog.read(1)
+        assert (codes[:, -1] > 0).any()  # the narrow edge cells are drawn

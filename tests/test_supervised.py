@@ -236,8 +236,8 @@ def test_prediction_feeds_a_styled_geopackage(trained: Trained) -> None:
 
 
 def test_prediction_is_also_a_paletted_cog_of_the_predicted_classes(trained: Trained) -> None:
-    """One pixel per 16 px tile cell, each carrying its tile's predicted class code, with the palette, attribute
-    table and .qml the cluster map carries."""
+    """Each 16 px tile cell painted with its tile's predicted class code (edge cells at their true width), with
+    the palette, attribute table and .qml the cluster map carries."""
     from rio_cogeo.cogeo import cog_validate
 
     from settlements.palette import NO_DATA_CODE
@@ -250,6 +250,8 @@ def test_prediction_is_also_a_paletted_cog_of_the_predicted_classes(trained: Tra
         codes = src.read(1)
         cmap = src.colormap(1)
         assert src.nodata == NO_DATA_CODE and src.crs.to_epsg() == 31985
+        pixel_area = abs(src.transform.a * src.transform.e)
+        cells = tiles.to_crs(src.crs).geometry.area.sum()
         # each tile's centre, in the raster's CRS, falls on a pixel of that tile's class
         centres = tiles.to_crs(src.crs).geometry.centroid
         rows, cols = rasterio.transform.rowcol(src.transform, centres.x, centres.y)
@@ -257,7 +259,9 @@ def test_prediction_is_also_a_paletted_cog_of_the_predicted_classes(trained: Tra
     code_of = {row.findall("F")[1].text: int(row.findall("F")[0].text) for row in rat.findall("Row")}
     assert set(code_of) == {"built-up", "vegetation", "water"}
     np.testing.assert_array_equal(codes[rows, cols], tiles["class"].map(code_of).to_numpy())
-    assert int((codes != NO_DATA_CODE).sum()) == len(tiles) == 484
+    # the tiles' cells and nothing else are painted (349 x 352 px in 16 px cells: 13 px edge cells end at the edge)
+    assert len(tiles) == 484
+    assert int((codes != NO_DATA_CODE).sum()) * pixel_area == pytest.approx(cells, rel=1e-6)
     assert cmap[NO_DATA_CODE][3] == 0
     qml = path.with_suffix(".qml").read_text()
     assert all(f'label="{name}"' in qml for name in code_of)

@@ -1,7 +1,9 @@
 """The cluster map: a Cloud-Optimised GeoTIFF of label codes, one pixel per tile cell.
 
 Each kept tile's stride cell is painted with its label's palette code (1..n); pixels with no
-valid tile are 0, the nodata value. The file carries the palette as a GDAL colour table, a raster
+valid tile are 0, the nodata value. One pixel per cell where the raster is a whole number of
+strides; else each cell is cut into a few pixels so that the narrower edge cells end at the
+raster's edge. The file carries the palette as a GDAL colour table, a raster
 attribute table and category names in its ``.aux.xml`` (GDAL's sidecar for them), and a ``.qml``
 sidecar so QGIS opens it paletted with the class names. Overviews use mode resampling, so a
 zoomed-out view shows the commonest class, never an average of codes.
@@ -10,6 +12,7 @@ zoomed-out view shows the commonest class, never an average of codes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -53,6 +56,11 @@ class CodeGrid:
     crs: CRS
 
 
+#: Most pixels a cluster map may have. Edge cells narrower than a stride are drawn at their true width
+#: by cutting every cell into m x m pixels; only where that would exceed this are edges rounded (inwards).
+MAX_MAP_PIXELS = 1 << 26
+
+
 def tile_cells(tiles: pd.DataFrame, crss: list[CRS], palette: Palette) -> list[Cells]:
     """Kept tiles (columns raster, kept, label, minx, miny, maxx, maxy) as coded cells per raster."""
     kept = tiles[tiles["kept"].astype(bool)]
@@ -64,48 +72,79 @@ def tile_cells(tiles: pd.DataFrame, crss: list[CRS], palette: Palette) -> list[C
     return parts
 
 
-def _in_crs(cells: Cells, crs: CRS) -> np.ndarray:
-    """Cell bounds in ``crs`` (the envelope of each reprojected cell when the CRS differs)."""
-    if cells.crs == crs:
-        return np.asarray(cells.bounds, dtype=np.float64)
-    tr = Transformer.from_crs(cells.crs, crs, always_xy=True)
-    b = np.asarray(cells.bounds, dtype=np.float64)
+def _in_crs(bounds: np.ndarray, src: CRS, crs: CRS) -> np.ndarray:
+    """Boxes (n, 4) in ``crs`` (the envelope of each reprojected box when the CRS differs)."""
+    b = np.asarray(bounds, dtype=np.float64)
+    if src == crs:
+        return b
+    tr = Transformer.from_crs(src, crs, always_xy=True)
     xs = np.stack([b[:, 0], b[:, 2], b[:, 2], b[:, 0]], axis=1)
     ys = np.stack([b[:, 1], b[:, 1], b[:, 3], b[:, 3]], axis=1)
     x, y = tr.transform(xs, ys)
     return np.stack([x.min(1), y.min(1), x.max(1), y.max(1)], axis=1)
 
 
-def code_grid(parts: list[Cells]) -> CodeGrid:
-    """Paint every cell onto one grid in the first raster's CRS at the finest cell size.
+def _subdivision(edges: np.ndarray, limit: int) -> int:
+    """The fewest pixels per cell (at most ``limit``) that put every edge (in cells) on a pixel boundary."""
+    for m in range(1, limit + 1):
+        scaled = edges * m
+        if np.all(np.abs(scaled - np.rint(scaled)) < 1e-6):
+            return m
+    return limit
 
-    For one raster (the usual case) the grid is its stride-cell grid, one pixel per cell exactly;
-    edge cells narrower than a stride still get their pixel. Where rasters overlap, the one listed
-    first wins, as in the histograms: parts are painted last to first.
+
+def code_grid(parts: list[Cells], max_pixels: int = MAX_MAP_PIXELS) -> CodeGrid:
+    """Paint every cell onto one grid in the first raster's CRS, never past the imagery.
+
+    The grid's cell is the finest full stride cell. A raster whose size is no multiple of the stride
+    has narrower cells at its right and bottom edges: the grid is then cut into m x m pixels per cell
+    so that those cells end exactly at the raster's edge (no coloured sliver past the imagery). Each
+    raster's cells are also kept inside the extent of its cells, in case edges had to be rounded.
+    Where rasters overlap, the one listed first wins, as in the histograms: parts are painted last to first.
     """
     crs = parts[0].crs
-    parts = [p for p in parts if len(p.codes)]
-    boxes = [_in_crs(p, crs) for p in parts]
-    if not boxes:
+    drawn = [p for p in parts if len(p.codes)]
+    if not drawn:
         raise OutputError("cluster map: no kept tile to draw")
+    boxes = [_in_crs(p.bounds, p.crs, crs) for p in drawn]
     res_x = min(float((b[:, 2] - b[:, 0]).max()) for b in boxes)
     res_y = min(float((b[:, 3] - b[:, 1]).max()) for b in boxes)
     allb = np.concatenate(boxes)
     x0, y0 = float(allb[:, 0].min()), float(allb[:, 3].max())
-    c0 = np.rint((allb[:, 0] - x0) / res_x).astype(np.int64)
-    c1 = np.maximum(c0 + 1, np.rint((allb[:, 2] - x0) / res_x).astype(np.int64))
-    r0 = np.rint((y0 - allb[:, 3]) / res_y).astype(np.int64)
-    r1 = np.maximum(r0 + 1, np.rint((y0 - allb[:, 1]) / res_y).astype(np.int64))
-    grid = np.full((int(r1.max()), int(c1.max())), NO_DATA_CODE, dtype=np.uint8)
+    ex = (allb[:, [0, 2]] - x0) / res_x  # cell edges, in cells from the origin
+    ey = (y0 - allb[:, [3, 1]]) / res_y
+    limit = max(1, math.isqrt(max_pixels // max(1, math.ceil(ex.max()) * math.ceil(ey.max()))))
+    mx, my = _subdivision(ex, limit), _subdivision(ey, limit)
+    c = np.rint(ex * mx).astype(np.int64)
+    r = np.rint(ey * my).astype(np.int64)
+    start = 0
+    for b in boxes:  # each raster's cells stay inside its cells' extent (rounding may not push them out)
+        stop = start + len(b)
+        sl = slice(start, stop)
+        left, right = ex[sl, 0].min() * mx, ex[sl, 1].max() * mx
+        top, bottom = ey[sl, 0].min() * my, ey[sl, 1].max() * my
+        c[sl] = np.clip(c[sl], math.ceil(left - 1e-6), math.floor(right + 1e-6))
+        r[sl] = np.clip(r[sl], math.ceil(top - 1e-6), math.floor(bottom + 1e-6))
+        start = stop
+    grid = np.full((int(r[:, 1].max()), int(c[:, 1].max())), NO_DATA_CODE, dtype=np.uint8)
     starts = np.cumsum([0, *(len(b) for b in boxes)])
-    for p in reversed(range(len(parts))):
+    for p in reversed(range(len(drawn))):  # where rasters overlap the first listed wins, as in the histograms
         sl = slice(int(starts[p]), int(starts[p + 1]))
-        codes = parts[p].codes.astype(np.uint8)
-        single = (c1[sl] - c0[sl] == 1) & (r1[sl] - r0[sl] == 1)
-        grid[r0[sl][single], c0[sl][single]] = codes[single]
-        for i in np.flatnonzero(~single):  # cells of a coarser raster span several pixels
-            grid[r0[sl][i]:r1[sl][i], c0[sl][i]:c1[sl][i]] = codes[i]
-    return CodeGrid(grid, Affine(res_x, 0, x0, 0, -res_y, y0), crs)
+        _paint(grid, c[sl], r[sl], drawn[p].codes.astype(np.uint8), mx, my)
+    return CodeGrid(grid, Affine(res_x / mx, 0, x0, 0, -res_y / my, y0), crs)
+
+
+def _paint(grid: np.ndarray, c: np.ndarray, r: np.ndarray, codes: np.ndarray, mx: int, my: int) -> None:
+    """Cells (column and row spans in pixels) painted with their codes: full m x m cells all at once, in
+    chunks; edge cells and cells of coarser rasters one by one."""
+    whole = (c[:, 1] - c[:, 0] == mx) & (r[:, 1] - r[:, 0] == my)
+    full = np.flatnonzero(whole)
+    for chunk in np.array_split(full, len(full) * mx * my // 4_000_000 + 1):
+        rows = r[chunk, 0, None, None] + np.arange(my)[None, :, None]
+        cols = c[chunk, 0, None, None] + np.arange(mx)[None, None, :]
+        grid[rows, cols] = codes[chunk, None, None]
+    for i in np.flatnonzero(~whole & (c[:, 1] > c[:, 0]) & (r[:, 1] > r[:, 0])):
+        grid[r[i, 0]:r[i, 1], c[i, 0]:c[i, 1]] = codes[i]
 
 
 def _block_size(width: int, height: int) -> int:
