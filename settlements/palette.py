@@ -6,6 +6,7 @@ Vector styles, the raster colour table and every plot take their colours from a
 
 from __future__ import annotations
 
+import colorsys
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -42,11 +43,12 @@ KNOWN_COLOURS = {
     UNLABELLED: UNLABELLED_COLOUR,
 }
 
-#: Colours given to clusters not yet named (ColorBrewer Set3 + Paired, distinct from the above).
+#: Colours of clusters with no colour of their own, by cluster id (ColorBrewer Set3 + Paired, none of
+#: them a known colour above).
 AUTO_COLOURS = [
     "#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5",
     "#bc80bd", "#ccebc5", "#ffed6f", "#a6cee3", "#1f78b4", "#b2df8a", "#33a02c", "#fb9a99",
-    "#e31a1c", "#fdbf6f", "#ff7f00", "#cab2d6", "#6a3d9a", "#b15928", "#d9d9d9", "#66c2a5",
+    "#cb181d", "#fdbf6f", "#ff7f00", "#cab2d6", "#6a3d9a", "#b15928", "#d9d9d9", "#66c2a5",
 ]
 
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -142,28 +144,36 @@ class Palette:
         return {NO_DATA_CODE: NO_DATA, **{self.code(label): label for label in self.labels}}
 
 
+def auto_colour(cluster: int) -> str:
+    """The colour of a cluster nobody coloured: fixed by its id alone, so naming other clusters never moves it.
+
+    The first 24 ids take :data:`AUTO_COLOURS`; later ones a golden-angle hue walk (distinct, stable).
+    """
+    if cluster < len(AUTO_COLOURS):
+        return AUTO_COLOURS[cluster]
+    hue = (cluster * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.55, 0.85)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+
 def build_palette(names: dict[int, str], colours: dict[int, str | None]) -> Palette:
     """One colour per distinct label, from cluster-level names and optional colours.
 
-    A label's colour is the first explicit colour given for any of its clusters (lowest id),
-    else the known colour for that name, else the next unused automatic colour.
+    A label's colour is the first explicit colour given for any of its clusters (lowest id), else the
+    known colour for that name, else the automatic colour of its lowest cluster id: a cluster's colour
+    depends on its own id and name only, so naming clusters 0 and 1 leaves cluster 5 as it was.
     """
     labels: list[str] = []
     chosen: dict[str, str] = {}
+    first: dict[str, int] = {}
     for cid in sorted(names):
         label = names[cid]
         if label not in labels:
             labels.append(label)
+            first[label] = cid
         colour = colours.get(cid)
         if colour and label not in chosen:
             chosen[label] = colour.lower()
-    used = set(chosen.values())
-    auto = iter(c for c in AUTO_COLOURS if c not in used)
-    out = []
-    for label in labels:
-        colour = chosen.get(label) or KNOWN_COLOURS.get(label.strip().lower())
-        if colour is None:
-            colour = next(auto, "#999999")
-        used.add(colour)
-        out.append(colour)
+    out = [chosen.get(label) or KNOWN_COLOURS.get(label.strip().lower()) or auto_colour(first[label])
+           for label in labels]
     return Palette(tuple(labels), tuple(out))
