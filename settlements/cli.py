@@ -192,7 +192,8 @@ def labels_template(
     k = cfg.clustering.k
     labels = read_labels(cfg.labels_path, k) if cfg.labels_path.exists() else default_labels(k)
     assignments = pd.read_parquet(workspace(cfg).assignments)
-    write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments))
+    write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments),
+                 out_dir=cfg.output_dir)
     typer.echo(f"wrote {cfg.labels_path}")
 
 

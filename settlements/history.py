@@ -62,7 +62,8 @@ def relabel_after_refit(cfg: PipelineConfig, matching: dict[str, Any], sizes: np
     kept = set(matching["kept"])
     names = {i: old.names[i] if i in kept else default_cluster_name(i) for i in range(k)}
     colours = {i: old.colours.get(i) if i in kept else None for i in range(k)}
-    write_labels(cfg.labels_path, cfg.name, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())), anchors)
+    write_labels(cfg.labels_path, cfg.name, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())), anchors,
+                 out_dir=cfg.output_dir)
 
 
 #: Anchor tiles written per cluster into the labels file.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 HEADER = """\
 # Cluster names for pipeline '{name}'.
-# Look at outputs/{name}/atlas.png, then give each cluster a name (clusters may share one,
+# Look at {atlas}, then give each cluster a name (clusters may share one,
 # e.g. two clusters both 'vegetation') and optionally a colour ('#rrggbb'; null = palette default).
 # 'size' is the number of tiles in the cluster at the run that wrote this file (for reference).
 # 'anchors' are tiles typical of each cluster at that run (tile_id, nearest the centroid): a run that
@@ -110,9 +111,24 @@ _LabelsDumper.add_representer(
     _TileIds, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
 
 
+def atlas_hint(labels_path: Path, out_dir: Path | None) -> str:
+    """Where the atlas is, as the labels file's header names it: relative to the file where possible."""
+    if out_dir is None:
+        return "atlas.png in the pipeline's output folder"
+    atlas = Path(out_dir) / "atlas.png"
+    try:
+        rel = Path(os.path.relpath(atlas, Path(labels_path).resolve().parent))
+    except ValueError:  # another drive
+        return str(atlas)
+    return f"{rel.as_posix()} (from this file's folder)" if not rel.is_absolute() else str(atlas)
+
+
 def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[int, int],
-                 anchors: dict[int, list[int]] | None = None) -> None:
-    """Write the labels YAML (atomically), keeping names and colours, refreshing sizes (and anchors, if given)."""
+                 anchors: dict[int, list[int]] | None = None, out_dir: Path | None = None) -> None:
+    """Write the labels YAML (atomically), keeping names and colours, refreshing sizes (and anchors, if given).
+
+    ``out_dir``: the pipeline's output folder, so the header points at its atlas.png.
+    """
     anchors = {int(c): list(t) for c, t in (labels.anchors if anchors is None else anchors).items()}
     body: dict = {"clusters": {}}
     for cid in sorted(labels.names):
@@ -120,8 +136,8 @@ def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[i
         if anchors.get(cid):
             entry["anchors"] = _TileIds(int(t) for t in anchors[cid])
         body["clusters"][cid] = entry
-    text = HEADER.format(name=pipeline) + yaml.dump(body, Dumper=_LabelsDumper, sort_keys=False, allow_unicode=True,
-                                                    width=120)
+    text = HEADER.format(name=pipeline, atlas=atlas_hint(path, out_dir)) + yaml.dump(
+        body, Dumper=_LabelsDumper, sort_keys=False, allow_unicode=True, width=120)
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
@@ -210,7 +226,7 @@ def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapsh
     merged, changes = merge_table_edits(gpkg, current, table, exported)
     if changes:
         sizes = {cid: size for cid, (_, _, size) in table.items()}
-        write_labels(labels_path, pipeline, merged, sizes)
+        write_labels(labels_path, pipeline, merged, sizes, out_dir=gpkg.resolve().parent)
         log.warning("%s: %d label edit(s) pulled into %s", gpkg, len(changes), labels_path)
     return changes
 

@@ -547,7 +547,8 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
     labels = read_labels(cfg.labels_path, k)
     if not cfg.labels_path.exists():
-        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign))
+        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
+                     out_dir=out_dir)
         log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
     palette = labels.palette
     t, tiles_layer = _tiles_frame(cfg, ws, infos, labels, regions)

@@ -48,3 +48,30 @@ def test_bad_labels_file(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_labels(path, 3)
+
+
+def test_naming_clusters_never_moves_another_clusters_colour() -> None:
+    """Automatic colours went to labels in order, so naming clusters 0 and 1 (water takes its known colour)
+    recoloured every unnamed cluster after them: maps before and after naming could not be compared."""
+    k = 12
+    unnamed = ClusterLabels({i: f"cluster {i}" for i in range(k)}, {i: None for i in range(k)})
+    named = ClusterLabels({**unnamed.names, 0: "water", 1: "forest", 2: "town", 3: "town", 7: "slum"},
+                          {**unnamed.colours, 9: "#123456"})
+    before, after = unnamed.palette, named.palette
+    for cid in (4, 5, 6, 8, 10, 11):
+        assert after.colour(named.names[cid]) == before.colour(unnamed.names[cid]), cid
+    assert after.colour("town") == before.colour("cluster 2")  # an unknown name keeps its lowest id's colour
+    assert after.colour("slum") == before.colour("cluster 7")
+    assert after.colour("water") == KNOWN_COLOURS["water"] and after.colour("cluster 9") == "#123456"
+    assert len(set(after.colours)) == len(after.labels)  # still one colour per label
+
+
+def test_labels_header_names_the_real_output_folder(tmp_path: Path) -> None:
+    """The header said outputs/<name>/atlas.png whatever output.dir was."""
+    out = tmp_path / "elsewhere" / "maps"
+    path = tmp_path / "pipelines" / "x.labels.yaml"
+    path.parent.mkdir()
+    write_labels(path, "x", read_labels(path, 2), {0: 1, 1: 1}, out_dir=out)
+    header = path.read_text().splitlines()[1]
+    assert "../elsewhere/maps/atlas.png (from this file's folder)" in header
+    assert (path.parent / "../elsewhere/maps/atlas.png").resolve() == (out / "atlas.png").resolve()
