@@ -258,6 +258,23 @@ class Output(Strict):
     atlas_tiles: int = Field(16, ge=1, le=64)
     max_plot_regions: int = Field(24, ge=1)
 
+    @field_validator("crs")
+    @classmethod
+    def _map_crs(cls, v: str) -> str:
+        """A 2D geographic or projected CRS: what GeoPackage layers and QGIS maps are drawn in."""
+        from pyproj import CRS
+        from pyproj.exceptions import CRSError
+
+        try:
+            crs = CRS.from_user_input(v)
+        except CRSError:
+            raise ValueError(f"cannot understand CRS {v!r}") from None
+        base = crs.source_crs if crs.is_bound and crs.source_crs is not None else crs
+        if not (base.is_geographic or base.is_projected) or base.is_compound or len(base.axis_info) != 2:
+            raise ValueError(f"{v!r} is not a 2D geographic or projected CRS ({base.type_name}); give one such "
+                             "as EPSG:4326 or the regions' UTM zone")
+        return v
+
 
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")

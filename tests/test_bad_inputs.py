@@ -386,6 +386,15 @@ def test_config_file_missing(tmp_path, monkeypatch, capsys) -> None:
     expect_error(tmp_path, monkeypatch, capsys, tmp_path / "bad.yaml", r"bad\.yaml: config file not found")
 
 
+@pytest.mark.parametrize(("crs", "kind"), [("EPSG:4978", "Geocentric CRS"), ("EPSG:4979", "Geographic 3D CRS"),
+                                           ("EPSG:4326+5773", "Compound CRS"), ("EPSG:5773", "Vertical CRS")])
+def test_output_crs_that_cannot_hold_a_map(tmp_path, monkeypatch, capsys, crs, kind) -> None:
+    """Geocentric (x, y, z from the earth's centre), 3D or vertical CRSs were accepted as output.crs."""
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, output={"crs": crs}),
+                 rf"output\.crs: '{re.escape(crs)}' is not a 2D geographic or projected CRS \({kind}\)",
+                 command="validate")
+
+
 def test_unknown_output_crs(tmp_path, monkeypatch, capsys) -> None:
     expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, output={"crs": "EPSG:999999"}),
                  r"output\.crs: cannot understand CRS 'EPSG:999999'")
