@@ -145,3 +145,79 @@ def test_label_names_never_share_a_column(olinda, tmp_path, case) -> None:
         con.close()
     for label in labels:
         assert f'field="km2_{keys[label]}" index=' in qml and f'name="Area (km²): {label}"' in qml
+
+
+# ------------------------------------------------------------------------------ what the analyst reads
+
+def _figures(monkeypatch) -> list:
+    """Figures the plots module would save, kept for inspection instead."""
+    from settlements.export import plots
+
+    figs: list = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=110: figs.append(fig))
+    return figs
+
+
+def test_map_axes_read_in_plain_degrees(monkeypatch) -> None:
+    """The 230 m Kampala mosaic in lon/lat: ticks read '32.5810', not 0.0005 with an offset '+3.258e1'."""
+    import geopandas as gpd
+    import shapely
+
+    from settlements.export import plots
+    from settlements.palette import build_palette
+
+    path = scene("kampala_oam", "kampala_z19_mosaic_DERIVED.tif")
+    with rasterio.open(path) as src:
+        b, crs = src.bounds, src.crs
+    xs, ys = np.linspace(b.left, b.right, 9), np.linspace(b.bottom, b.top, 7)
+    boxes = [shapely.box(x0, y0, x1, y1) for x0, x1 in zip(xs[:-1], xs[1:], strict=True)
+             for y0, y1 in zip(ys[:-1], ys[1:], strict=True)]
+    labels = ["roofs" if i % 3 else "trees" for i in range(len(boxes))]
+    tiles = gpd.GeoDataFrame({"label": labels}, geometry=boxes, crs=crs)
+    regions = gpd.GeoDataFrame({"region_id": ["1"]}, geometry=[shapely.box(*b)], crs=crs)
+    figs = _figures(monkeypatch)
+    plots.label_map(Path("map.png"), tiles, regions, build_palette({0: "roofs", 1: "trees"}, {}), "kampala")
+    ax = figs[0].axes[0]
+    figs[0].canvas.draw()
+    for axis, (lo, hi) in ((ax.xaxis, (b.left, b.right)), (ax.yaxis, (b.bottom, b.top))):
+        assert axis.get_offset_text().get_text() == ""
+        ticks = [t.get_text().replace("−", "-") for t in axis.get_ticklabels() if t.get_text()]
+        assert len(ticks) >= 2 and all(lo - 1e-3 <= float(t) <= hi + 1e-3 for t in ticks), ticks
+    assert "longitude" in ax.get_xlabel() and "latitude" in ax.get_ylabel()
+
+
+@pytest.mark.slow
+def test_small_areas_read_in_square_metres_or_hectares(olinda, monkeypatch) -> None:
+    """Olinda's census tracts are mostly below a km²: histograms.png titles said '0.00 km2 mapped'."""
+    from settlements.export import plots
+    from settlements.palette import build_palette
+    from settlements.regions import format_area
+
+    regions = pyogrio.read_dataframe(olinda.gpkg, layer="regions", read_geometry=False)
+    clusters = pyogrio.read_dataframe(olinda.gpkg, layer="clusters", read_geometry=False)
+    palette = build_palette(dict(enumerate(clusters["label"])), {})
+    figs = _figures(monkeypatch)
+    plots.histograms(Path("h.png"), regions, palette, 200, "olinda")
+    titles = [ax.get_title() for ax in figs[0].axes if ax.get_title()]
+    mapped = regions[regions["mapped_km2"] > 0].nlargest(200, "mapped_km2")["mapped_km2"]
+    assert len(titles) == len(mapped)
+    assert [t.splitlines()[-1] for t in titles] == [f"{format_area(v)} mapped" for v in mapped]
+    units = {t.split()[-2] for t in titles}
+    assert {"ha", "m²"} <= units or {"ha", "km²"} <= units
+    assert format_area(0.003) == "3,000 m²" and format_area(0.25) == "25.00 ha" and format_area(12.3) == "12.30 km²"
+
+
+def test_validate_reads_a_small_region_in_square_metres(tmp_path, monkeypatch, capsys) -> None:
+    """A 60 m square: validate printed '(0.0 km2)'."""
+    import re
+
+    with rasterio.open(scene("olinda_brazil", "L7_ETMs.tif")) as src:
+        x, y = src.bounds.left + 3000, src.bounds.top - 3000
+    square = f"POLYGON (({x} {y}, {x + 60} {y}, {x + 60} {y + 60}, {x} {y + 60}, {x} {y}))"
+    cfg = write_pipeline(tmp_path, "tiny", "olinda", regions=[{"wkt": square, "crs": "EPSG:31985"}],
+                         clustering={"k": 2}, tiling={"tile_size": "4px"})
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(cfg))
+    assert code == 0, out
+    m = re.search(r"regions: 1 \(([\d,]+) m²\)", out)
+    assert m and float(m.group(1).replace(",", "")) == pytest.approx(3600, rel=0.01), out
+    assert re.search(r"meets 1 region\(s\), [\d,]+ m²", out), out

@@ -13,8 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from pyproj import CRS  # noqa: E402
 
 from ..palette import Palette  # noqa: E402
+from ..regions import format_area  # noqa: E402
 from ..store import atomic_path  # noqa: E402
 
 
@@ -82,7 +85,7 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
         ax.set_ylim(0, 1)
         name, rid = reg["region_name"], reg["region_id"]
         name = name if name == rid else f"{name} ({rid})"
-        ax.set_title(f"{name}\n{reg['mapped_km2']:.2f} km2 mapped", fontsize=8)
+        ax.set_title(f"{name}\n{format_area(float(reg['mapped_km2']))} mapped", fontsize=8)
     handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in palette.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(f"{title}\nshare of mapped area per label (largest {len(top)} regions)", fontsize=11)
@@ -130,6 +133,25 @@ def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, pa
     used = [lb for lb in palette.labels if (tiles["label"] == lb).any()]
     handles = [Patch(facecolor=palette.colour(lb), edgecolor="#404040", label=lb) for lb in used]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    ax.set_xlabel(str(tiles.crs.name if tiles.crs else ""), fontsize=8)
+    plain_axes(ax, CRS.from_user_input(tiles.crs) if tiles.crs else None)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plain_axes(ax: plt.Axes, crs: CRS | None) -> None:
+    """Tick labels in plain degrees or metres (no '+3.929e1' offset), axes named with their unit and the CRS."""
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        axis.set_major_formatter(fmt)
+    ax.tick_params(labelsize=7)
+    if crs is None:
+        return
+    if crs.is_geographic:
+        x, y = "longitude (°)", "latitude (°)"
+    else:
+        unit = crs.axis_info[0].unit_name if crs.axis_info else "metre"
+        unit = "m" if unit in ("metre", "meter") else unit
+        x, y = f"easting ({unit})", f"northing ({unit})"
+    ax.set_xlabel(f"{x}; {crs.name}", fontsize=8)
+    ax.set_ylabel(y, fontsize=8)
