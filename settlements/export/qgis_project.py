@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+import numpy as np
 import pyogrio
 import rasterio
-from pyproj import CRS
+from pyproj import CRS, Transformer
+from pyproj.aoi import AreaOfInterest
+from pyproj.database import query_utm_crs_info
 
 from ..palette import Palette
 from ..store import atomic_path
@@ -138,8 +141,34 @@ def _padded(b: Bounds, share: float = 0.02) -> Bounds:
     return b[0] - dx, b[1] - dy, b[2] + dx, b[3] + dy
 
 
+def view_crs(output_crs: CRS, lon: float, lat: float) -> CRS:
+    """The project's map CRS: the output CRS when it is projected; else one that keeps shapes at ``lon``,
+    ``lat`` (a lon/lat map stretches east-west by 1/cos(latitude)): the WGS 84 UTM zone there, or a
+    Lambert azimuthal equal-area CRS centred there beyond UTM's latitudes."""
+    if not output_crs.is_geographic:
+        return output_crs
+    if -80 <= lat <= 84:
+        found = query_utm_crs_info(datum_name="WGS 84", area_of_interest=AreaOfInterest(lon, lat, lon, lat))
+        if found:
+            return CRS.from_authority(found[0].auth_name, found[0].code)
+    return CRS.from_proj4(f"+proj=laea +lat_0={lat:.6f} +lon_0={lon:.6f} +datum=WGS84 +units=m +no_defs")
+
+
+def view_bounds(gpkg: Path) -> tuple[Bounds, CRS]:
+    """The tiles and every region their cells meet, as one box in the layers' CRS: what the project opens on."""
+    tiles = pyogrio.read_info(gpkg, layer="tiles", force_total_bounds=True)
+    met = pyogrio.read_dataframe(gpkg, layer="regions", columns=["n_tiles", "n_skipped"])
+    met = met[(met["n_tiles"] + met["n_skipped"]) > 0]
+    boxes = [tuple(float(v) for v in tiles["total_bounds"])]
+    if len(met):
+        boxes.append(tuple(float(v) for v in met.total_bounds))
+    b = np.asarray(boxes)
+    return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), CRS.from_user_input(tiles["crs"])
+
+
 def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k: int, title: str) -> Path:
-    """Write ``path`` (.qgz): label mix (off), regions, tiles, cluster map; view on the tiles' extent.
+    """Write ``path`` (.qgz): label mix (off), regions, tiles, cluster map; opening on the tiles and the
+    regions they meet, in a projected CRS (:func:`view_crs`).
 
     The GeoPackage and the cluster map must lie in the project's folder (they are referenced
     relatively).
@@ -154,8 +183,12 @@ def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k
         ProjectLayer("settlements_cluster_map", "cluster map", f"./{cluster_map.name}", "gdal", rcrs, rb,
                      raster_qml_body(palette)),
     ]
-    crs = layers[2].crs
-    xml = project_xml(title, layers, crs, _padded(layers[2].extent))
+    bounds, layer_crs = view_bounds(gpkg)
+    centre = Transformer.from_crs(layer_crs, 4326, always_xy=True).transform((bounds[0] + bounds[2]) / 2,
+                                                                             (bounds[1] + bounds[3]) / 2)
+    crs = view_crs(layer_crs, *centre)
+    view = Transformer.from_crs(layer_crs, crs, always_xy=True).transform_bounds(*bounds, densify_pts=21)
+    xml = project_xml(title, layers, crs, _padded(view))
     with atomic_path(path, suffix=".qgz") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(f"{path.stem}.qgs", xml)

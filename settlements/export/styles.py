@@ -63,8 +63,13 @@ def _layer_tail(aliases: dict[str, str], map_tip: str, display_field: str, extra
   <layerGeometryType>2</layerGeometryType>"""
 
 
-def categorized_renderer(field: str, palette: Palette, outline_width: float, no_data_category: bool) -> str:
-    """A categorized polygon renderer on ``field``: one category per palette label.
+#: Opacity of region fills (of 255): regions are drawn over the tiles, which must show through.
+REGION_FILL_ALPHA = 96
+
+
+def categorized_renderer(field: str, palette: Palette, outline_width: float, no_data_category: bool,
+                         fill_alpha: int = 255) -> str:
+    """A categorized polygon renderer on ``field``: one category per palette label, filled at ``fill_alpha``.
 
     With ``no_data_category`` features whose value is NULL (e.g. regions without imagery) fall in an
     outline-only "no data" category (QGIS's "all other values"), so they stay visible uncoloured.
@@ -72,7 +77,7 @@ def categorized_renderer(field: str, palette: Palette, outline_width: float, no_
     items = palette.items()
     cats = [f'<category render="true" symbol="{i}" value={quoteattr(label)} label={quoteattr(label)}/>'
             for i, (label, _) in enumerate(items)]
-    symbols = [_fill_symbol(str(i), c, outline_width) for i, (_, c) in enumerate(items)]
+    symbols = [_fill_symbol(str(i), c, outline_width, fill_alpha) for i, (_, c) in enumerate(items)]
     if no_data_category:
         cats.append(f'<category render="true" symbol="{len(items)}" value="" label={quoteattr(NO_DATA)}/>')
         symbols.append(_fill_symbol(str(len(items)), NO_DATA_COLOUR, outline_width, fill_alpha=0))
@@ -158,21 +163,32 @@ def region_aliases(palette: Palette, k: int) -> dict[str, str]:
     return out
 
 
+def area_expression(km2: str) -> str:
+    """A QGIS expression printing the km² value ``km2`` as :func:`settlements.regions.format_area` does:
+    m² below a hectare, ha below a km², km² above."""
+    x = f"coalesce({km2}, 0)"
+    return (f"CASE WHEN abs({x}) < 0.01 THEN format_number({x} * 1000000, 0) || ' m²' "
+            f"WHEN abs({x}) < 1 THEN format_number({x} * 100, 2) || ' ha' "
+            f"ELSE format_number({x}, 2) || ' km²' END")
+
+
 def region_map_tip(palette: Palette) -> str:
-    """HTML map tip: region name, dominant label, then each label's share and km² of the mapped area."""
+    """HTML map tip: region name, dominant label, then each label's share and area of the mapped area."""
     rows = "".join(
         f'<tr><td><span style="color:{c}">&#9632;</span> {escape(lb)}</td>'
         f'<td align="right">[% format_number(coalesce("frac_{palette.key(lb)}", 0) * 100, 1) %] %</td>'
-        f'<td align="right">[% format_number(coalesce("km2_{palette.key(lb)}", 0), 3) %] km²</td></tr>'
+        f'<td align="right">[% {area_expression(chr(34) + "km2_" + palette.key(lb) + chr(34))} %]</td></tr>'
         for lb, c in palette.items())
     return ('<b>[% "region_name" %]</b> ([% "region_id" %])<br>dominant: [% coalesce("dominant_label", \'no data\') %]'
-            '<br>mapped [% format_number("mapped_km2", 3) %] of [% format_number("area_km2", 3) %] km²'
+            f'<br>mapped [% {area_expression(chr(34) + "mapped_km2" + chr(34))} %] of '
+            f'[% {area_expression(chr(34) + "area_km2" + chr(34))} %]'
             f"<table>{rows}</table>")
 
 
 def regions_qml_body(palette: Palette, k: int) -> str:
-    """Regions: categorized by dominant label, label mix in the map tip."""
-    return (categorized_renderer("dominant_label", palette, 0.2, no_data_category=True) + "\n"
+    """Regions: categorized by dominant label, translucent so the tiles below show, label mix in the map tip."""
+    return (categorized_renderer("dominant_label", palette, 0.3, no_data_category=True,
+                                 fill_alpha=REGION_FILL_ALPHA) + "\n"
             + _layer_tail(region_aliases(palette, k), region_map_tip(palette), '"region_name"'))
 
 

@@ -2,9 +2,9 @@
 
     QT_QPA_PLATFORM=offscreen /usr/bin/python3 tests/qgis/probe.py SPEC.json
 
-SPEC names the GeoPackage, the cluster map, the project (.qgz), a PNG to render to, and points
-(in the project CRS) whose rendered colours to report. One QGIS start checks everything for one
-run; the pytest side asserts on the JSON.
+SPEC names the GeoPackage, the cluster map, the project (.qgz), a PNG to render to, points (in
+``points_crs``) whose rendered colours to report, and regions whose map tips to evaluate. One QGIS
+start checks everything for one run; the pytest side asserts on the JSON.
 """
 
 from __future__ import annotations
@@ -68,13 +68,13 @@ def raster_facts(layer) -> dict:
     return facts
 
 
-def sample(image, ms, points: dict) -> dict:
+def sample(image, ms, points: dict, to_map) -> dict:
     from qgis.core import QgsPointXY
 
     out = {}
     m2p = ms.mapToPixel()
     for name, (x, y) in points.items():
-        p = m2p.transform(QgsPointXY(x, y))
+        p = m2p.transform(to_map.transform(QgsPointXY(x, y)))
         px, py = int(p.x()), int(p.y())
         if 0 <= px < image.width() and 0 <= py < image.height():
             c = image.pixelColor(px, py)
@@ -84,8 +84,31 @@ def sample(image, ms, points: dict) -> dict:
     return out
 
 
+def map_tips(layer, region_ids: list) -> dict:
+    """The regions layer's map tip as QGIS fills it in for each of ``region_ids``."""
+    from qgis.core import QgsExpression, QgsExpressionContext, QgsExpressionContextUtils
+
+    out = {}
+    for feature in layer.getFeatures():
+        rid = feature["region_id"]
+        if rid in region_ids:
+            context = QgsExpressionContext(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+            context.setFeature(feature)
+            out[rid] = QgsExpression.replaceExpressionText(layer.mapTipTemplate(), context)
+    return out
+
+
 def main(spec_path: str) -> None:
-    from qgis.core import Qgis, QgsProject, QgsRasterLayer, QgsVectorLayer
+    from qgis.core import (
+        Qgis,
+        QgsCoordinateReferenceSystem,
+        QgsCoordinateTransform,
+        QgsProject,
+        QgsRasterLayer,
+        QgsRectangle,
+        QgsVectorLayer,
+    )
+    from qgis.PyQt.QtCore import QSize
 
     spec = json.loads(Path(spec_path).read_text())
     report: dict = {"qgis": Qgis.QGIS_VERSION}
@@ -94,6 +117,8 @@ def main(spec_path: str) -> None:
         layer = QgsVectorLayer(f"{gpkg}|layername={name}", name, "ogr")
         report[name] = vector_facts(layer)
         report[name]["database_styles"] = database_styles(layer)
+        if name == "regions":
+            report[name]["map_tips"] = map_tips(layer, spec.get("map_tips", []))
         del layer
     raster = QgsRasterLayer(spec["raster"], "cluster map", "gdal")
     report["raster"] = raster_facts(raster)
@@ -104,6 +129,7 @@ def main(spec_path: str) -> None:
     root = project.layerTreeRoot()
     report["project"] = {
         "read": ok, "crs": project.crs().authid(), "title": project.title(),
+        "crs_geographic": project.crs().isGeographic(), "crs_wkt": project.crs().toWkt(),
         "order": [n.name() for n in root.findLayers()],
         "checked": [lyr.name() for lyr in root.checkedLayers()],
         "layers": {lyr.name(): {"valid": lyr.isValid(), "source": lyr.source(),
@@ -119,10 +145,15 @@ def main(spec_path: str) -> None:
     report["render"] = {"width": image.width(), "height": image.height(),
                         "extent": [ms.extent().xMinimum(), ms.extent().yMinimum(),
                                    ms.extent().xMaximum(), ms.extent().yMaximum()]}
-    report["pixels"] = {"project": sample(image, ms, spec["points"])}
-    for only in ("tiles", "cluster map"):
-        ms1 = qr.map_settings(project, width, [by_name[only]])
-        report["pixels"][only] = sample(qr.render(ms1), ms1, spec["points"])
+    to_map = QgsCoordinateTransform(QgsCoordinateReferenceSystem(spec["points_crs"]), project.crs(), project)
+    # colours are sampled zoomed to the tiles (the default view may show large regions around them)
+    zoom = to_map.transformBoundingBox(QgsRectangle(*spec["zoom"]))
+    report["pixels"] = {}
+    for name, layers in (("project", None), ("tiles", [by_name["tiles"]]), ("cluster map", [by_name["cluster map"]])):
+        ms1 = qr.map_settings(project, width, layers)
+        ms1.setOutputSize(QSize(width, max(1, round(width * zoom.height() / zoom.width()))))
+        ms1.setExtent(zoom)
+        report["pixels"][name] = sample(qr.render(ms1), ms1, spec["points"], to_map)
     del by_name, ms, image
     print(json.dumps(report))
 

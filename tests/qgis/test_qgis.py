@@ -18,7 +18,6 @@ import pandas as pd
 import pyogrio
 import pytest
 import shapely
-from shapely.ops import polylabel
 
 from settlements.export.qgis_render import SYSTEM_PYTHON, qgis_available, qgis_environment
 
@@ -47,22 +46,32 @@ def homogeneous(tiles: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return tiles[np.array(ok, dtype=bool)]
 
 
-def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str]]:
-    """Named points (output CRS) -> (x, y), the render they are checked in, and the expected label."""
+def blend(over: str, under: str, alpha: int) -> str:
+    """``over`` drawn at ``alpha`` (of 255) on ``under``, as QGIS composes a translucent fill."""
+    a = alpha / 255
+    rgb = [round(a * int(over[i:i + 2], 16) + (1 - a) * int(under[i:i + 2], 16)) for i in (1, 3, 5)]
+    return "#" + "".join(f"{v:02x}" for v in rgb)
+
+
+def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str, str]]:
+    """Named points (output CRS) -> (x, y), the render they are checked in, the expected colour, and why."""
+    from settlements.export.styles import REGION_FILL_ALPHA
+
     tiles = pyogrio.read_dataframe(ran.gpkg, layer="tiles")
     regions = pyogrio.read_dataframe(ran.gpkg, layer="regions")
+    palette = palette_of(ran.gpkg)
     x0, y0, x1, y1 = tiles.total_bounds
     # only what is in view matters: clipping keeps the geometry work small (municipalities are big)
     regions = regions.set_geometry(shapely.clip_by_rect(regions.geometry.values, x0, y0, x1, y1))
     regions = regions[~regions.geometry.is_empty]
-    px = max(x1 - x0, y1 - y0) * 1.04 / WIDTH  # map units per rendered pixel, roughly
-    out: dict[str, tuple[tuple[float, float], str, str]] = {}
+    px = max(x1 - x0, y1 - y0) * 1.04 / WIDTH  # map units per rendered pixel, at most (the view may be wider)
+    out: dict[str, tuple[tuple[float, float], str, str, str]] = {}
     safe = homogeneous(tiles)
     rng = np.random.default_rng(0)
     pick = pd.concat([g.iloc[rng.choice(len(g), size=min(3, len(g)), replace=False)]
                       for _, g in safe.groupby("label")])  # a few of every label that has a safe tile
     for i, (c, label) in enumerate(zip(shapely.centroid(pick.geometry.values), pick["label"], strict=True)):
-        out[f"tile{i}"] = ((c.x, c.y), "tiles", label)
+        out[f"tile{i}"] = ((c.x, c.y), "tiles", palette[label], label)
     # off the coast: tiles clear of every region and east of them (for Olinda the Atlantic); the label
     # expected there is the commonest label of those tiles, i.e. the sea's cluster
     union = shapely.union_all(regions.geometry.values)
@@ -75,22 +84,29 @@ def places(ran: Ran) -> dict[str, tuple[tuple[float, float], str, str]]:
         mid_y = shapely.get_y(shapely.centroid(union))
         c = shapely.centroid(cand.geometry.values)[int(np.argmin(np.abs(shapely.get_y(
             shapely.centroid(cand.geometry.values)) - mid_y)))]
-        out["east_of_regions"] = ((shapely.get_x(c), shapely.get_y(c)), "project", sea_label)
-    # inside the largest regions, away from every other region's outline: the dominant label's colour
+        out["east_of_regions"] = ((shapely.get_x(c), shapely.get_y(c)), "project", palette[sea_label], sea_label)
+    # inside the largest regions, at tile centres clear of every region outline (a tile is 15+ px wide: its
+    # centre is far from its edges): the region's translucent fill over that tile's colour (tiles show through)
     geoms = regions.geometry.values
     area = np.where(regions["dominant_label"].notna().to_numpy(), shapely.area(geoms), -1.0)
     tree = shapely.STRtree(geoms)
-    for i, pos in enumerate(np.argsort(-area)[:3]):
-        if area[pos] <= 0:
+    centres = shapely.centroid(tiles.geometry.values)
+    labels = tiles["label"].to_numpy()
+    found = 0
+    for pos in np.argsort(-area)[:80]:  # the largest regions first: a tile of another label, and one of its own
+        if area[pos] <= 0 or found >= 8:
             break
         others = shapely.union_all([geoms[j] for j in tree.query(geoms[pos], predicate="intersects") if j != pos])
         inner = geoms[pos].buffer(-4 * px).difference(others.buffer(4 * px))  # clear of overlapping regions
-        inner = inner.intersection(shapely.box(x0 + 4 * px, y0 + 4 * px, x1 - 4 * px, y1 - 4 * px))  # in view
-        if inner.is_empty:
-            continue
-        part = max(getattr(inner, "geoms", [inner]), key=lambda g: g.area)
-        p = polylabel(part, tolerance=px / 4)
-        out[f"region{i}"] = ((p.x, p.y), "project", regions["dominant_label"].iloc[pos])
+        inside = np.flatnonzero(shapely.contains(inner, centres))
+        dominant = regions["dominant_label"].iloc[pos]
+        for chosen in (inside[labels[inside] != dominant], inside[labels[inside] == dominant]):
+            if len(chosen):
+                t = chosen[len(chosen) // 2]
+                out[f"region{found}"] = ((centres[t].x, centres[t].y), "project",
+                                         blend(palette[dominant], palette[labels[t]], REGION_FILL_ALPHA),
+                                         f"region coloured {dominant} over a tile of {labels[t]}")
+                found += 1
     return out
 
 
@@ -110,16 +126,22 @@ def probed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     moved = _copy_outputs(ran, tmp_path_factory.mktemp(f"moved_{request.param}") / "elsewhere")
     name = ran.cfg.name
     pts = places(ran)
+    regions = pyogrio.read_dataframe(ran.gpkg, layer="regions", read_geometry=False)
+    mapped = regions[regions["mapped_km2"] > 0]
+    tips = [mapped.nsmallest(1, "mapped_km2")["region_id"].iloc[0], mapped.nlargest(1, "area_km2")["region_id"].iloc[0]]
     spec = {"gpkg": str(ran.gpkg), "raster": str(ran.report.outputs["cluster_map"]),
             "project": str(moved / f"{name}.qgz"), "png": str(moved / "render.png"), "width": WIDTH,
-            "points": {k: list(v[0]) for k, v in pts.items()}}
+            "points": {k: list(v[0]) for k, v in pts.items()}, "points_crs": ran.cfg.output.crs,
+            "zoom": list(pyogrio.read_info(ran.gpkg, layer="tiles", force_total_bounds=True)["total_bounds"]),
+            "map_tips": tips}
     spec_path = moved / "spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(spec_path)], capture_output=True, text=True,
                           env=qgis_environment(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"ran": ran, "report": report, "places": pts, "moved": moved, "palette": palette_of(ran.gpkg)}
+    return {"ran": ran, "report": report, "places": pts, "moved": moved, "palette": palette_of(ran.gpkg),
+            "map_tips": regions[regions["region_id"].isin(tips)].set_index("region_id")}
 
 
 def _close(rgb: list[int] | None, colour: str, tol: int = 3) -> bool:
@@ -198,24 +220,96 @@ def test_project_opens_from_a_moved_folder_with_all_layers_valid(probed: dict) -
         assert layer["valid"], name
         assert layer["source"].startswith(moved), (name, layer["source"])
     assert proj["layers"]["tiles"]["features"] == probed["report"]["tiles"]["features"]
-    assert proj["crs"] == probed["ran"].cfg.output.crs
+    assert proj["crs_geographic"] is False  # see test_project_is_projected_...
 
 
 def test_rendered_places_have_their_class_colours(probed: dict) -> None:
-    pixels, pal = probed["report"]["pixels"], probed["palette"]
+    pixels = probed["report"]["pixels"]
     checked = 0
-    for name, (_, render, label) in probed["places"].items():
+    for name, (_, render, colour, what) in probed["places"].items():
         renders = ["tiles", "cluster map"] if render == "tiles" else ["project"]
         for r in renders:
-            assert _close(pixels[r][name], pal[label]), (name, r, label, pixels[r][name], pal[label])
+            assert _close(pixels[r][name], colour, tol=4), (name, r, what, pixels[r][name], colour)
             checked += 1
     assert checked >= 10
-    assert len({label for _, render, label in probed["places"].values() if render == "tiles"}) >= 3
+    assert len({what for _, render, _, what in probed["places"].values() if render == "tiles"}) >= 3
+
+
+def test_tiles_show_through_the_regions(probed: dict) -> None:
+    """Regions were opaque fills above the tiles: the tile map was hidden until regions were switched off."""
+    pixels, pal = probed["report"]["pixels"]["project"], probed["palette"]
+    inside = {n: p for n, p in probed["places"].items() if n.startswith("region")}
+    assert len(inside) >= 2
+    differs = 0
+    for name, (_, _, _, what) in inside.items():
+        dominant, label = what.removeprefix("region coloured ").split(" over a tile of ")
+        if label != dominant:
+            assert not _close(pixels[name], pal[dominant], tol=12), (name, what)  # not the region's colour
+            differs += 1
+    assert differs >= 1
 
 
 @pytest.mark.parametrize("probed", ["olinda"], indirect=True)
 def test_olinda_atlantic_is_drawn_in_the_sea_label_colour(probed: dict) -> None:
     assert "east_of_regions" in probed["places"]
-    _, _, label = probed["places"]["east_of_regions"]
+    _, _, colour, _ = probed["places"]["east_of_regions"]
     for render in ("project", "cluster map"):
-        assert _close(probed["report"]["pixels"][render]["east_of_regions"], probed["palette"][label]), render
+        assert _close(probed["report"]["pixels"][render]["east_of_regions"], colour), render
+
+
+def test_project_is_projected_and_opens_on_the_tiles_and_the_regions_they_meet(probed: dict) -> None:
+    """With output.crs EPSG:4326 the project was in lon/lat (shapes stretched 1/cos(latitude)) and opened
+    on the tiles alone, cutting off the regions that reach past them."""
+    from pyproj import CRS, Transformer
+
+    proj, ran = probed["report"]["project"], probed["ran"]
+    assert CRS.from_user_input(ran.cfg.output.crs).is_geographic
+    assert not proj["crs_geographic"]
+    crs = CRS.from_wkt(proj["crs_wkt"])
+    tiles = pyogrio.read_dataframe(ran.gpkg, layer="tiles")
+    regions = pyogrio.read_dataframe(ran.gpkg, layer="regions")
+    met = regions[(regions["n_tiles"] + regions["n_skipped"]) > 0]
+    lon, lat = Transformer.from_crs(tiles.crs, 4326, always_xy=True).transform(
+        *shapely.box(*np.r_[np.minimum(tiles.total_bounds[:2], met.total_bounds[:2]),
+                            np.maximum(tiles.total_bounds[2:], met.total_bounds[2:])]).centroid.coords[0])
+    zone = int((lon + 180) // 6) + 1
+    assert proj["crs"] == f"EPSG:{(32700 if lat < 0 else 32600) + zone}"  # the UTM zone of the view's centre
+    tb, mb = tiles.total_bounds, met.total_bounds
+    assert mb[0] < tb[0] or mb[1] < tb[1] or mb[2] > tb[2] or mb[3] > tb[3]  # regions reach past the tiles
+    x0, y0, x1, y1 = probed["report"]["render"]["extent"]
+    for frame in (tiles, met):
+        b = Transformer.from_crs(frame.crs, crs, always_xy=True).transform_bounds(*frame.total_bounds, densify_pts=21)
+        assert x0 <= b[0] and y0 <= b[1] and b[2] <= x1 and b[3] <= y1, (b, (x0, y0, x1, y1))
+    # cells are drawn in their ground proportions (a lon/lat map stretched them by 1/cos(latitude))
+    cells = tiles.to_crs(crs).geometry.bounds
+    ratio = ((cells["maxx"] - cells["minx"]) / (cells["maxy"] - cells["miny"])).median()
+    assert ratio == pytest.approx(_ground_ratio(tiles), rel=0.01)
+
+
+def _ground_ratio(tiles: gpd.GeoDataFrame) -> float:
+    """Median width / height of the tiles on the ground (geodesic, along their middle)."""
+    from pyproj import Geod, Transformer
+
+    geod = Geod(ellps="WGS84")
+    b = tiles.geometry.bounds
+    mx, my = (b["minx"] + b["maxx"]) / 2, (b["miny"] + b["maxy"]) / 2
+    tr = Transformer.from_crs(tiles.crs, 4326, always_xy=True)
+    lon0, lat0 = tr.transform(b["minx"], my)
+    lon1, lat1 = tr.transform(b["maxx"], my)
+    lon2, lat2 = tr.transform(mx, b["miny"])
+    lon3, lat3 = tr.transform(mx, b["maxy"])
+    w = geod.inv(lon0, lat0, lon1, lat1)[2]
+    h = geod.inv(lon2, lat2, lon3, lat3)[2]
+    return float(np.median(np.asarray(w) / np.asarray(h)))
+
+
+def test_map_tips_read_areas_in_square_metres_hectares_or_km2(probed: dict) -> None:
+    """QGIS fills the regions' map tip in: the smallest mapped tract said 'mapped 0.004 of 0.070 km²'."""
+    from settlements.regions import format_area
+
+    tips, table = probed["report"]["regions"]["map_tips"], probed["map_tips"]
+    assert set(tips) == set(table.index)
+    for rid, text in tips.items():
+        mapped, area = table.loc[rid, "mapped_km2"], table.loc[rid, "area_km2"]
+        assert f"mapped {format_area(mapped)} of {format_area(area)}" in text, text
+    assert any(format_area(v).endswith(("m²", "ha")) for v in table["mapped_km2"])
