@@ -221,3 +221,19 @@ def test_validate_reads_a_small_region_in_square_metres(tmp_path, monkeypatch, c
     m = re.search(r"regions: 1 \(([\d,]+) m²\)", out)
     assert m and float(m.group(1).replace(",", "")) == pytest.approx(3600, rel=0.01), out
     assert re.search(r"meets 1 region\(s\), [\d,]+ m²", out), out
+
+
+def test_too_few_valid_pixels_advises_what_can_help(tmp_path, monkeypatch, capsys) -> None:
+    """Every 64 px tile is about 35 % imagery: the error says the threshold now in force and that raising
+    it (up to 1) or smaller tiles help; with the threshold at 1 that advice would be void (see
+    test_constant_band in test_bad_inputs: that case now stops earlier, naming the band)."""
+    path, data, prof = olinda_copy(tmp_path, "sparse")
+    holes = np.random.default_rng(2).random(data.shape[1:]) < 0.65
+    data[:, holes] = 0
+    with rasterio.open(path, "w", **prof | {"nodata": 0}) as dst:
+        dst.write(data)
+    code, _, err, _ = small_run(tmp_path, path, monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("error: tiling.max_invalid_fraction: no tile has at least 50% valid pixels in any raster (most pixels "
+            "are nodata, masked or non-finite); raise max_invalid_fraction (now 0.5, at most 1) or use smaller "
+            "tiles") in err
