@@ -374,6 +374,8 @@ def _valid_sample(info: RasterInfo, target_pixels: int) -> np.ndarray:
 
 #: Share of valid pixels beyond the scaling bounds above which a run warns: the CNN then sees flat tiles.
 CLIPPED_WARN = 0.5
+#: Pixels sampled to estimate that share for fixed bounds (range, dtype).
+CLIP_SAMPLE = 1 << 16
 
 
 def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
@@ -388,7 +390,8 @@ def compute_scaling(info: RasterInfo, spec: RasterInput) -> RasterInfo:
     if s.method == "dtype" and np.dtype(info.dtype).kind == "f":
         raise RasterError(f"{where}: method 'dtype' needs an integer raster, this one is {info.dtype} "
                           "(use method 'percentile', or 'range' with the data's min and max)")
-    px = _valid_sample(info, s.sample_pixels)
+    # fixed bounds need pixels only for the share clipped: a small sample, as for the check that any is valid
+    px = _valid_sample(info, s.sample_pixels if s.method == "percentile" else CLIP_SAMPLE)
     n = len(info.bands)
     if s.method == "range":
         lo = np.broadcast_to(np.asarray(s.min, dtype=float), (n,))
