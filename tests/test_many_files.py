@@ -262,7 +262,7 @@ def test_validate_counts_the_tiles_a_run_makes(mumbai: Pair) -> None:
     out = "\n".join(files.lines())  # what `settlements validate` prints
     assert out.endswith("total: 576 tiles for k=6; 0 will be skipped at raster edges"), out
     out = "\n".join(mosaic.lines())
-    assert "-> 1333 tiles; meets 64 region(s), 5.75 km2; skips known only once read (nodata, mask or alpha); " \
+    assert "-> 1333 tiles; meets 64 region(s), 5.75 km²; skips known only once read (nodata, mask or alpha); " \
            "757 outside every region" in out, out
 
 
