@@ -195,15 +195,18 @@ def test_cluster_quality_compares_cnn_and_colour_features(trained: Trained) -> N
 
 
 def test_models_are_saved_with_their_config(trained: Trained) -> None:
+    """Saved as tensors and plain data: each loads with ``weights_only`` (nothing unpickled runs code)."""
     import torch
 
     work = trained.cfg.work_dir / "supervised"
-    top = torch.load(work / "top_model.pt", weights_only=False)
+    top = torch.load(work / "top_model.pt", weights_only=True)
     assert top["config"]["training"]["labels"]["source"] == "spectral"
     assert top["classes"] == ["built-up", "vegetation", "water"]
-    ckpt = torch.load(work / "finetune_checkpoint.pt", weights_only=False)
+    ckpt = torch.load(work / "finetune_checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and ckpt["params"]["input_size"] == 64
-    ft = FineTuner.load(work / "fine_tuned.pt")
+    torch.load(work / "fine_tuned.pt", weights_only=True)
+    e = trained.cfg.embedding
+    ft = FineTuner.load(work / "fine_tuned.pt", e.backbone, e.layer, e.weights)
     assert ft.trainable_ and all(b.startswith("body.features.") for b in ft.trainable_)
     assert len(ft.trainable_) == 2
 

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ..embedding.backbones import PooledFeatures, build_backbone
 from ..embedding.infer import to_model_input
 from ..rasters import OpenRasters, RasterInfo, read_tile
-from ..store import settings_key, write_atomic
-from .top_model import Head, TopModel, TrainingError, balanced_weights, encode
+from ..store import settings_key
+from .top_model import Head, ModelFileError, TopModel, TrainingError, balanced_weights, encode, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class FineTuner:
         device = torch_device(self.device)
         # epochs and patience stay out of the key, so a finished run can also be extended
         fixed = {k: v for k, v in self.params().items() if k not in ("epochs", "patience", "num_workers")}
-        key = settings_key({"params": fixed, "classes": list(top.classes_), "extra": extra or {},
+        key = settings_key({"params": fixed, "classes": [str(c) for c in top.classes_], "extra": extra or {},
                             "n_train": len(train), "n_val": len(val)})
         torch.manual_seed(self.seed)
         net = self._build(top).to(device)
@@ -163,7 +163,7 @@ class FineTuner:
         state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
         best = copy.deepcopy(net.state_dict())
         if checkpoint is not None and checkpoint.exists():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            saved = load_state(checkpoint)
             if saved.get("key") == key:
                 net.load_state_dict(saved["model"])
                 opt.load_state_dict(saved["optimizer"])
@@ -204,10 +204,10 @@ class FineTuner:
             log.info("fine tuning epoch %d: train loss %.4f, validation loss %.4f", epoch, total / max(seen, 1),
                      val_loss)
             if checkpoint is not None:
-                blob = {"key": key, "params": self.params(), "classes": list(top.classes_), "extra": extra or {},
-                        "model": net.state_dict(), "optimizer": opt.state_dict(), "best_model": best,
-                        "state": state, "rng": torch.get_rng_state()}
-                write_atomic(checkpoint, lambda p, b=blob: torch.save(b, p))
+                blob = {"key": key, "params": self.params(), "classes": [str(c) for c in top.classes_],
+                        "extra": extra or {}, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                        "best_model": best, "state": state, "rng": torch.get_rng_state()}
+                save_state(checkpoint, blob)
         net.load_state_dict(best)
         self.net_ = net.eval()
         self.history_ = state["history"]
@@ -237,23 +237,34 @@ class FineTuner:
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """The best model with everything needed to rebuild it."""
-        blob = {"params": self.params(), "classes": list(self.classes_), "model": self.net_.state_dict(),
+        blob = {"params": self.params(), "classes": [str(c) for c in self.classes_], "model": self.net_.state_dict(),
                 "history": self.history_, "best_epoch": self.best_epoch_, "trainable": self.trainable_,
                 "head_hidden": _head_hidden(self.net_.head), "extra": extra or {}}
-        write_atomic(path, lambda p: torch.save(blob, p))
+        save_state(path, blob)
 
     @classmethod
-    def load(cls, path: Path) -> FineTuner:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        params = dict(blob["params"])
-        params["weights"] = Path(params["weights"]) if params.get("weights") else None
-        obj = cls(**params)
-        obj.classes_ = np.asarray(blob["classes"], dtype=object).astype(str)
-        bb = build_backbone(obj.backbone, obj.layer, obj.weights)
-        obj.net_ = FineTunedNet(bb.model, Head(bb.dim, len(obj.classes_), blob["head_hidden"]))
-        obj.net_.load_state_dict(blob["model"])
+    def load(cls, path: Path, backbone: str, layer: str | None, weights: Path | None) -> FineTuner:
+        """The model saved at ``path``, built on the pipeline's own backbone, layer and weights file.
+
+        The file is data: its tensors are loaded, but no path it names is opened, and it must have
+        been trained on the backbone and layer given here.
+        """
+        blob = load_state(path)
+        try:
+            params = {**blob["params"], "weights": weights}
+            if (params["backbone"], params["layer"]) != (backbone, layer):
+                raise ModelFileError(f"{path}: fine tuned from {params['backbone']} at {params['layer']}, but the "
+                                     f"pipeline embeds with {backbone} at {layer}; train again")
+            obj = cls(**params)
+            obj.classes_ = np.asarray(blob["classes"], dtype=object).astype(str)
+            bb = build_backbone(obj.backbone, obj.layer, obj.weights)
+            obj.net_ = FineTunedNet(bb.model, Head(bb.dim, len(obj.classes_), int(blob["head_hidden"])))
+            obj.net_.load_state_dict(blob["model"])
+            obj.history_, obj.best_epoch_, obj.trainable_ = blob["history"], blob["best_epoch"], blob["trainable"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path}: not a fine-tuned model this version wrote ({type(exc).__name__}); "
+                                 "train again") from None
         obj.net_.eval()
-        obj.history_, obj.best_epoch_, obj.trainable_ = blob["history"], blob["best_epoch"], blob["trainable"]
         return obj
 
 

@@ -16,7 +16,6 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
-import torch
 
 from ..config import PipelineConfig
 from ..errors import StageError
@@ -30,7 +29,7 @@ from ..pipeline import load_infos, workspace
 from ..reprocess import pipeline_lock
 from ..store import read_table
 from .finetune import FineTuner, TileImages, torch_device
-from .top_model import TopModel
+from .top_model import TopModel, load_state
 from .train import supervised_paths, training_settings
 from .training_labels import kept_tiles
 
@@ -55,14 +54,15 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
     """Class names and (n_tiles, n_classes) probabilities for ``tiles`` (kept, in embedding order)."""
     paths = supervised_paths(cfg)
     if model == "fine_tuned":
-        ft = FineTuner.load(paths.fine_tuned)
+        e = cfg.embedding
+        ft = FineTuner.load(paths.fine_tuned, e.backbone, e.layer, e.weights)
         ft.net_.to(torch_device(training_settings(cfg).finetune.device))
         data = TileImages(load_infos(workspace(cfg)), tiles, ft.input_size)
         return ft.classes_, ft.predict_proba(data)
-    state = torch.load(paths.top_model, map_location="cpu", weights_only=False)
-    top = TopModel.from_state(state)
+    state = load_state(paths.top_model)
+    top = TopModel.from_state(state, paths.top_model)
     emb = np.load(workspace(cfg).embeddings, mmap_mode="r")
-    if state["embedding_rows"] != len(emb) or state["dim"] != emb.shape[1]:
+    if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1]:
         raise StageError(f"{paths.top_model}: trained on other embeddings; run `settlements train {cfg.source}`")
     return top.classes_, top.predict_proba(np.asarray(emb)[tiles["emb_row"].to_numpy()])
 

@@ -8,6 +8,7 @@ Adam. Classes are balanced by weighting the loss with inverse class frequencies.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,36 @@ from ..errors import SettlementsError
 
 class TrainingError(SettlementsError, ValueError):
     """Raised when training labels cannot train a model (fewer than two classes, no tiles)."""
+
+
+class ModelFileError(SettlementsError, OSError):
+    """Raised when a saved model or checkpoint is unreadable, holds more than tensors and plain data, or
+    does not fit the pipeline."""
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Save a model or checkpoint (atomically) as tensors and plain data, which :func:`load_state` reads."""
+    from ..store import write_atomic
+
+    write_atomic(path, lambda p: torch.save(state, p))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A saved model or checkpoint: tensors and plain data only (``weights_only``).
+
+    Model files travel between people: loading one must never run code, so nothing but tensors,
+    numbers, strings, lists and dicts is unpickled.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickled object (refused), a truncated or foreign file
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise ModelFileError(f"{path}: not a model file of tensors and plain data ({why[:200]}); "
+                             "train again (`settlements train`)") from None
+    if not isinstance(state, dict):
+        raise ModelFileError(f"{path}: not a model file (got {type(state).__name__}); train again")
+    return state
 
 
 class Head(nn.Module):
@@ -124,11 +155,16 @@ class TopModel:
                 "head": self.head_.state_dict(), "n_train": self.n_train_}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> TopModel:
-        obj = cls(**state["params"])
-        obj.classes_ = np.asarray(state["classes"], dtype=object).astype(str)
-        obj.head_ = Head(state["dim"], len(obj.classes_), obj.hidden)
-        obj.head_.load_state_dict(state["head"])
-        obj.head_.eval()
-        obj.n_train_ = state["n_train"]
+    def from_state(cls, state: dict[str, Any], path: Path | None = None) -> TopModel:
+        try:
+            obj = cls(**state["params"])
+            obj.classes_ = np.asarray(state["classes"], dtype=object).astype(str)
+            obj.head_ = Head(state["dim"], len(obj.classes_), obj.hidden)
+            obj.head_.load_state_dict(state["head"])
+            obj.head_.eval()
+            obj.n_train_ = state["n_train"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path or 'top model'}: not a top model this version wrote "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                 "train again") from None
         return obj

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
@@ -39,7 +38,7 @@ from .evaluation import (
 )
 from .figures import confusion_figure
 from .finetune import FineTuner, TileImages, targets_of
-from .top_model import TopModel, TrainingError
+from .top_model import TopModel, TrainingError, save_state
 from .training_labels import kept_tiles, tile_labels
 
 log = logging.getLogger(__name__)
@@ -224,7 +223,7 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
     top = TopModel(**t.top_model.model_dump()).fit(np.asarray(emb)[has], y_train[has].astype(str))
     config = cfg.to_yaml_dict()
     state = {**top.state(), "config": config, "embedding_rows": int(len(emb))}
-    write_atomic(paths.top_model, lambda p: torch.save(state, p))
+    save_state(paths.top_model, state)
     result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
                               "top_model": paths.top_model}
     if t.finetune.enabled:
