@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -171,6 +179,14 @@ class Clustering(Strict):
     nredo: int = Field(1, ge=1)
     pca_dim: int | None = Field(None, ge=2)
     l2_normalize: bool = False
+
+    @field_validator("sample_size")
+    @classmethod
+    def _sample_holds_k(cls, v: int, info: ValidationInfo) -> int:
+        k = info.data.get("k")  # validated first (declared first)
+        if k is not None and v < k:
+            raise ValueError(f"must be at least k ({k}): k-means trains on that many tiles, got {v}")
+        return v
 
 
 class LabelSource(Strict):
@@ -374,20 +390,56 @@ def resolve_paths(cfg: PipelineConfig, yaml_path: Path) -> PipelineConfig:
     )
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read, validate and resolve a pipeline YAML. Raises :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    PyYAML silently keeps the last of two equal keys: a pipeline or labels file edited by hand
+    would then run with a value nobody sees. Keys merged in with ``<<`` may still be overridden.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:  # else the base class refuses
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The content of a YAML file (pipeline or labels): UTF-8, safe types, no duplicate keys.
+
+    Raises :class:`ConfigError` naming the file, and the line for malformed YAML.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read, validate and resolve a pipeline YAML. Raises :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     data.setdefault("name", path.name.split(".")[0])
