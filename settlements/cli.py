@@ -1,18 +1,25 @@
-"""The command line: parse, call the library, turn its errors into one line and exit code 2."""
+"""The command line: parse, call the library, turn its errors into one line and exit code 2.
+
+SIGINT and SIGTERM end a command with one line and exit code 130 or 143 (128 + the signal), after
+every ``finally`` block has run: staged outputs and temporary files are removed, DataLoader workers
+stopped, the lock released. Library warnings and log records reach stderr once each, on one line.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from contextlib import AbstractContextManager
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from .config import PipelineConfig, load_config
 from .errors import SettlementsError
+from .interrupts import Interrupted, handle_signals, received
 
 if TYPE_CHECKING:
     from .pipeline import RunReport
@@ -25,21 +32,56 @@ app.add_typer(labels_app, name="labels")
 CONFIG = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/olinda.yaml", show_default=False)
 
 
+def _seconds(value: float) -> float:
+    if not value >= 0:  # NaN too
+        raise typer.BadParameter(f"expected 0 or more seconds, got {value:g}")
+    return value
+
+
+WAIT = typer.Option(0.0, callback=_seconds, help="Seconds to wait for another command of this pipeline to finish "
+                                                 "(0: stop at once with exit code 2).")
+
+
+class _OncePerMessage(logging.Filter):
+    """Each distinct message once, on one line: a warning repeated per tile, block or glyph would bury
+    the line that matters, and a message spread over lines breaks the one-line-per-message rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = " ".join(record.getMessage().split())
+        key = (record.levelno, record.name, text)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        record.msg, record.args = text, None
+        return True
+
+
+def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+    """Python warnings (numpy, shapely, matplotlib, ...) as one log line each, instead of two lines of source."""
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
+                                             os.path.basename(filename), lineno)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OncePerMessage())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    warnings.showwarning = _warning_to_log
+
+
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each stage's details.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(verbose)
 
 
 def _config(path: Path) -> PipelineConfig:
     return load_config(path)
-
-
-def _locked(cfg: PipelineConfig) -> AbstractContextManager[None]:
-    """The pipeline's run lock, so a single stage never interleaves with a run."""
-    from .reprocess import pipeline_lock
-
-    return pipeline_lock(cfg, 0)
 
 
 def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
@@ -60,7 +102,7 @@ def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
 def run(
     config: Path = CONFIG,
     refit: bool = typer.Option(False, help="Re-run k-means, keeping the ids and names of matching clusters."),
-    wait: float = typer.Option(0.0, help="Seconds to wait for another run of this pipeline to finish."),
+    wait: float = WAIT,
     force: bool = typer.Option(False, help="Run even when nothing changed since the last successful run."),
     executor: str = typer.Option("local", help="local, or dask: embed and assign on a Dask cluster."),
     scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://HOST:PORT); default a LocalCluster."),
@@ -95,42 +137,47 @@ def run(
 
 
 @app.command()
-def tile(config: Path = CONFIG) -> None:
+def tile(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Check inputs and build the tile grid and region shares."""
     from .pipeline import stage_tile
+    from .reprocess import pipeline_lock
 
     cfg = _config(config)
-    with _locked(cfg):
+    with pipeline_lock(cfg, wait):
         typer.echo(stage_tile(cfg))
 
 
 @app.command()
-def embed(config: Path = CONFIG) -> None:
+def embed(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Embed tiles with the CNN (reusing the cache)."""
     from .pipeline import stage_embed
+    from .reprocess import pipeline_lock
 
     cfg = _config(config)
-    with _locked(cfg):
+    with pipeline_lock(cfg, wait):
         typer.echo(stage_embed(cfg))
 
 
 @app.command()
-def cluster(config: Path = CONFIG, refit: bool = typer.Option(False, help="Re-run k-means.")) -> None:
+def cluster(config: Path = CONFIG, refit: bool = typer.Option(False, help="Re-run k-means."),
+            wait: float = WAIT) -> None:
     """Cluster the embeddings (or assign them to the saved centroids)."""
     from .pipeline import stage_cluster
+    from .reprocess import pipeline_lock
 
     cfg = _config(config)
-    with _locked(cfg):
+    with pipeline_lock(cfg, wait):
         typer.echo(stage_cluster(cfg, refit=refit))
 
 
 @app.command()
-def export(config: Path = CONFIG) -> None:
+def export(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Write the GeoPackage, styles and pictures from the latest artifacts and labels."""
     from .pipeline import stage_export
+    from .reprocess import pipeline_lock
 
     cfg = _config(config)
-    with _locked(cfg):
+    with pipeline_lock(cfg, wait):
         outputs = stage_export(cfg)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
@@ -171,7 +218,7 @@ def predict(
 
 @app.command("labels-template")
 def labels_template(
-    config: Path = CONFIG, force: bool = typer.Option(False, help="Overwrite an existing file.")
+    config: Path = CONFIG, force: bool = typer.Option(False, help="Overwrite an existing file."), wait: float = WAIT,
 ) -> None:
     """Write the labels YAML template (cluster ids with their sizes) for the analyst to fill in."""
     import json
@@ -181,26 +228,28 @@ def labels_template(
     from .history import anchor_tiles
     from .labels import default_labels, read_labels, write_labels
     from .pipeline import workspace
+    from .reprocess import pipeline_lock
 
     cfg = _config(config)
-    meta = workspace(cfg).cluster_meta
-    if not meta.exists():
-        raise SettlementsError(f"{meta}: no clusters yet; run `settlements run {config}` first")
-    sizes = json.loads(meta.read_text())["sizes"]
-    if cfg.labels_path.exists() and not force:
-        raise SettlementsError(f"{cfg.labels_path}: exists; use --force to rewrite it (names are kept)")
-    k = cfg.clustering.k
-    labels = read_labels(cfg.labels_path, k) if cfg.labels_path.exists() else default_labels(k)
-    assignments = pd.read_parquet(workspace(cfg).assignments)
-    write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments),
-                 out_dir=cfg.output_dir)
+    with pipeline_lock(cfg, wait):  # never beside a run that is about to commit its own version
+        meta = workspace(cfg).cluster_meta
+        if not meta.exists():
+            raise SettlementsError(f"{meta}: no clusters yet; run `settlements run {config}` first")
+        sizes = json.loads(meta.read_text())["sizes"]
+        if cfg.labels_path.exists() and not force:
+            raise SettlementsError(f"{cfg.labels_path}: exists; use --force to rewrite it (names are kept)")
+        k = cfg.clustering.k
+        labels = read_labels(cfg.labels_path, k) if cfg.labels_path.exists() else default_labels(k)
+        assignments = pd.read_parquet(workspace(cfg).assignments)
+        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments),
+                     out_dir=cfg.output_dir)
     typer.echo(f"wrote {cfg.labels_path}")
 
 
 @labels_app.command("template")
-def labels_template_alias(config: Path = CONFIG, force: bool = typer.Option(False)) -> None:
+def labels_template_alias(config: Path = CONFIG, force: bool = typer.Option(False), wait: float = WAIT) -> None:
     """Same as `settlements labels-template`."""
-    labels_template(config, force)
+    labels_template(config, force, wait)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache under the work folder.")
@@ -211,7 +260,7 @@ app.add_typer(cache_app, name="cache")
 def cache_prune(
     config: Path = CONFIG,
     dry_run: bool = typer.Option(False, help="Only report what would be removed."),
-    wait: float = typer.Option(0.0, help="Seconds to wait for a running run of this pipeline."),
+    wait: float = WAIT,
 ) -> None:
     """Remove cache shards the current config does not use (old rasters, settings, backbones)."""
     from .pipeline import workspace
@@ -231,35 +280,71 @@ def cache_prune(
 def labels_pull(
     gpkg: Path = typer.Argument(..., help="The pipeline's GeoPackage, e.g. outputs/olinda/olinda.gpkg",
                                 show_default=False),
+    config: Path = typer.Option(None, help="The pipeline YAML (default: the one that wrote the GeoPackage, "
+                                           "when it is on this machine and still matches)."),
+    wait: float = WAIT,
 ) -> None:
     """Read names and colours edited in the GeoPackage's `clusters` table (e.g. in QGIS) into the
     labels YAML, then regenerate every output and style."""
     from .labels import pull
 
-    changes, outputs = pull(gpkg)
+    changes, outputs = pull(gpkg, config, wait)
     typer.echo("\n".join(changes) if changes else f"{gpkg}: no edits in the clusters table")
     for name, path in outputs.items():
         typer.echo(f"  {name}: {path}")
 
 
+def _interrupted(signum: int) -> int:
+    name = signal.Signals(signum).name
+    typer.echo(f"error: interrupted by {name}; the outputs are those of the last completed run", err=True)
+    return 128 + signum
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _run_app() -> int:
+    """The command's exit code: 0, 2 (bad input), 3 (nothing to do), 128 + signal; tracebacks for bugs."""
+    try:  # recent typer raises the errors of its own copy of click
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # older typer raises click's own
+        from click import exceptions as click_exceptions  # type: ignore[no-redef]
+    try:
+        rv = app(standalone_mode=False)
+    except Interrupted as exc:
+        return _interrupted(exc.signum)
+    except KeyboardInterrupt:  # a SIGINT that came before the handler was installed
+        return _interrupted(signal.SIGINT)
+    except SettlementsError as exc:
+        if received():  # an error caused by the interruption (e.g. a worker that got the signal too)
+            return _interrupted(received() or signal.SIGINT)
+        typer.echo("error: " + _one_line(str(exc)), err=True)  # one line, whatever the message
+        return 2
+    except Exception as exc:
+        if received():
+            return _interrupted(received() or signal.SIGINT)
+        if isinstance(exc, click_exceptions.NoArgsIsHelpError):  # `settlements` alone: the help
+            exc.show()
+            return 2
+        if isinstance(exc, click_exceptions.ClickException):  # a bad option value, an unknown command
+            typer.echo("error: " + _one_line(exc.format_message()), err=True)
+            return 2 if isinstance(exc, click_exceptions.UsageError) else int(exc.exit_code)
+        if isinstance(exc, typer.Abort):  # end of input at a prompt
+            return _interrupted(signal.SIGINT)
+        raise
+    return rv if isinstance(rv, int) else 0  # typer returns 130 for a KeyboardInterrupt it caught
+
+
 def main() -> None:
     # GDAL prints its own "ERROR 1: ..." lines to stderr; the failures that matter become one RasterError line
     os.environ.setdefault("CPL_LOG", os.devnull)
-    try:
-        app(standalone_mode=False)
-    except SettlementsError as exc:
-        typer.echo("error: " + " ".join(str(exc).splitlines()), err=True)  # one line, whatever the message
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    with handle_signals():
+        code = _run_app()  # returns once the traceback (and the frames it holds) is gone
+        if not code and received():  # the signal's raise was swallowed somewhere, and nothing checked since
+            code = _interrupted(received() or signal.SIGINT)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
 from .clustering import KMeansClusterer, match_centroids
-from .config import PipelineConfig
 from .export.geopackage import LayerStyle
 from .export.styles import categorized_qml
 from .labels import ClusterLabels, read_labels, write_labels
@@ -32,14 +31,14 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- refit ids
 
-def keep_cluster_ids(cfg: PipelineConfig, model: KMeansClusterer, old: KMeansClusterer,
+def keep_cluster_ids(labels_path: Path, model: KMeansClusterer, old: KMeansClusterer,
                      comparable: bool) -> dict[str, Any]:
     """Renumber a fresh fit so clusters matching the previous centroids keep their ids; say what changed."""
-    old_names = read_labels(cfg.labels_path, old.k).names if cfg.labels_path.exists() else {}
+    old_names = read_labels(labels_path, old.k).names if labels_path.exists() else {}
     old_c, new_c = old.input_space_centers(), model.input_space_centers()
     if not comparable or old_c.shape[1] != new_c.shape[1]:
         log.warning("clusters: the previous centroids come from another backbone, layer or weights; "
-                    "ids cannot be matched and names in %s may not fit the new clusters", cfg.labels_path)
+                    "ids cannot be matched and names in %s may not fit the new clusters", labels_path)
         return {"matched": False, "k_old": old.k, "kept": [], "new": list(range(model.k)),
                 "gone": [{"id": i, "name": old_names.get(i, default_cluster_name(i))} for i in range(old.k)]}
     m = match_centroids(old_c, new_c)
@@ -51,19 +50,19 @@ def keep_cluster_ids(cfg: PipelineConfig, model: KMeansClusterer, old: KMeansClu
             "centroid_shift": {str(k): v for k, v in m.distance.items()}}
 
 
-def relabel_after_refit(cfg: PipelineConfig, matching: dict[str, Any], sizes: np.ndarray,
-                        anchors: dict[int, list[int]]) -> None:
-    """Rewrite the labels file after a matched refit: kept ids keep their names, new ids get defaults;
-    anchors are the refit's."""
-    if not matching.get("matched") or not cfg.labels_path.exists():
+def relabel_after_refit(pipeline: str, source: Path, target: Path, matching: dict[str, Any], sizes: np.ndarray,
+                        anchors: dict[int, list[int]], out_dir: Path | None = None) -> None:
+    """Write the labels file ``source`` renumbered after a matched refit to ``target`` (staged with the
+    run's outputs): kept ids keep their names, new ids get defaults; anchors are the refit's."""
+    if not matching.get("matched") or not source.exists():
         return
     k = len(sizes)
-    old = read_labels(cfg.labels_path, max(k, int(matching["k_old"])))
+    old = read_labels(source, max(k, int(matching["k_old"])))
     kept = set(matching["kept"])
     names = {i: old.names[i] if i in kept else default_cluster_name(i) for i in range(k)}
     colours = {i: old.colours.get(i) if i in kept else None for i in range(k)}
-    write_labels(cfg.labels_path, cfg.name, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())), anchors,
-                 out_dir=cfg.output_dir)
+    write_labels(target, pipeline, ClusterLabels(names, colours), dict(enumerate(sizes.tolist())), anchors,
+                 out_dir=out_dir)
 
 
 #: Anchor tiles written per cluster into the labels file.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import PipelineConfig, load_config, read_yaml
 from .errors import ConfigError
 from .palette import Palette, build_palette, default_cluster_name, is_colour
 from .store import write_atomic
@@ -55,48 +56,61 @@ def default_labels(k: int) -> ClusterLabels:
 def read_labels(path: Path, k: int) -> ClusterLabels:
     """Labels for clusters 0..k-1 from ``path`` (defaults where the file is silent)."""
     base = default_labels(k)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return base
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
-    clusters = data.get("clusters") if isinstance(data, dict) else None
-    if not isinstance(clusters, dict):
-        raise ConfigError(f"{path}: expected a 'clusters' mapping of id -> {{name, colour}}")
     names, colours = dict(base.names), dict(base.colours)
     anchors: dict[int, tuple[int, ...]] = {}
-    for key, entry in clusters.items():
-        try:
-            cid = int(key)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{path}: clusters.{key}: cluster ids must be integers") from None
+    for cid, (name, colour, tiles) in parse_labels(path).items():
         if cid not in names:
             log.warning("%s: cluster %d is not among the %d clusters; ignored", path, cid, k)
             continue
+        if name is not None:
+            names[cid] = name
+        if colour is not None:
+            colours[cid] = colour
+        if tiles is not None:
+            anchors[cid] = tiles
+    return ClusterLabels(names, colours, anchors)
+
+
+def parse_labels(path: Path) -> dict[int, tuple[str | None, str | None, tuple[int, ...] | None]]:
+    """Every entry of a labels file, checked: cluster id -> (name, colour, anchor tiles), None where unset.
+
+    Raises :class:`ConfigError` naming the file and the entry.
+    """
+    data = read_yaml(path) or {}
+    clusters = data.get("clusters") if isinstance(data, dict) else None
+    if not isinstance(clusters, dict):
+        raise ConfigError(f"{path}: expected a 'clusters' mapping of id -> {{name, colour}}")
+    out: dict[int, tuple[str | None, str | None, tuple[int, ...] | None]] = {}
+    for key, entry in clusters.items():
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)  # a quoted id
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise ConfigError(f"{path}: clusters.{key}: cluster ids must be integers")
+        if key in out:
+            raise ConfigError(f"{path}: clusters.{key}: given twice")
+        cid = key
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: clusters.{cid}: expected {{name, colour}}")
         unknown = set(entry) - {"name", "colour", "size", "anchors"}
         if unknown:
-            raise ConfigError(f"{path}: clusters.{cid}.{sorted(unknown)[0]}: unknown key")
+            raise ConfigError(f"{path}: clusters.{cid}.{sorted(map(str, unknown))[0]}: unknown key")
         name = entry.get("name")
-        if name is not None:
-            if not isinstance(name, str) or not name.strip():
-                raise ConfigError(f"{path}: clusters.{cid}.name: must be a non-empty string")
-            names[cid] = name.strip()
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigError(f"{path}: clusters.{cid}.name: must be a non-empty string")
         colour = entry.get("colour")
-        if colour is not None:
-            if not isinstance(colour, str) or not is_colour(colour):
-                raise ConfigError(f"{path}: clusters.{cid}.colour: expected '#rrggbb', got {colour!r}")
-            colours[cid] = colour.lower()
+        if colour is not None and (not isinstance(colour, str) or not is_colour(colour)):
+            raise ConfigError(f"{path}: clusters.{cid}.colour: expected '#rrggbb', got {colour!r}")
         tiles = entry.get("anchors")
-        if tiles is not None:
-            if not isinstance(tiles, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tiles):
-                raise ConfigError(f"{path}: clusters.{cid}.anchors: expected a list of tile ids")
-            anchors[cid] = tuple(tiles)
-    return ClusterLabels(names, colours, anchors)
+        if tiles is not None and (not isinstance(tiles, list)
+                                  or not all(isinstance(t, int) and not isinstance(t, bool) for t in tiles)):
+            raise ConfigError(f"{path}: clusters.{cid}.anchors: expected a list of tile ids")
+        out[cid] = (None if name is None else name.strip(), None if colour is None else colour.lower(),
+                    None if tiles is None else tuple(tiles))
+    return out
 
 
 class _TileIds(list):
@@ -154,7 +168,11 @@ def exported_snapshot(labels: ClusterLabels) -> dict[str, list[str]]:
 
 
 def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], dict[str, list[str]] | None]:
-    """The ``clusters`` table (id -> label, colour, size) and the last run's exported snapshot, with sqlite3."""
+    """The ``clusters`` table (id -> label, colour, size) and the last run's exported snapshot, with sqlite3.
+
+    The table was edited by hand (QGIS, or anyone the file was sent to): every value is checked, and
+    anything odd is one :class:`ConfigError` naming the row and column.
+    """
     if not gpkg.is_file():
         raise ConfigError(f"{gpkg}: GeoPackage not found")
     try:
@@ -168,8 +186,47 @@ def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], di
             con.close()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'clusters' table ({exc})") from None
-    table = {int(c): (lb, col, int(size or 0)) for c, lb, col, size in rows}
-    return table, (json.loads(snap[0]) if snap and snap[0] else None)
+    table: dict[int, tuple[str, str, int]] = {}
+    for n, (c, label, colour, size) in enumerate(rows, 1):
+        cid = _whole_number(c)
+        if cid is None or cid < 0:
+            raise ConfigError(f"{gpkg}: clusters row {n}: cluster: expected a cluster id (0 or more), got {c!r}")
+        if cid in table:
+            raise ConfigError(f"{gpkg}: clusters.{cid}: the cluster appears twice in the table")
+        count = 0 if size is None else _whole_number(size)
+        if count is None or count < 0:
+            raise ConfigError(f"{gpkg}: clusters.{cid}.size: expected a number of tiles, got {size!r}")
+        for column, value in (("label", label), ("colour", colour)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{gpkg}: clusters.{cid}.{column}: expected text, got {value!r}")
+        table[cid] = (label, colour, count)
+    return table, _snapshot(gpkg, snap[0] if snap else None)
+
+
+def _whole_number(value: object) -> int | None:
+    """An integer stored as one (or as an integral float); None for text, blobs, NULL, 2.5."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _snapshot(gpkg: Path, text: object) -> dict[str, list[str]] | None:
+    """The labels snapshot of the last run (``runs.labels``): id -> [name, colour], or None if absent."""
+    if text is None or text == "":
+        return None
+    try:
+        snap = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        snap = None
+    if not isinstance(snap, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) or x is None for x in v)
+            for v in snap.values()):
+        raise ConfigError(f"{gpkg}: runs.labels: not the labels snapshot a run writes; run the pipeline again")
+    return {str(k): v for k, v in snap.items()}
 
 
 def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple[str, str, int]],
@@ -209,9 +266,11 @@ def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple
     return ClusterLabels(names, colours, current.anchors), changes
 
 
-def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False) -> list[str]:
+def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False,
+               target: Path | None = None) -> list[str]:
     """Write names and colours edited in ``gpkg``'s ``clusters`` table into the labels YAML.
 
+    Reads ``labels_path``, writes ``target`` (default: the same file; a run stages it with its outputs).
     Returns the changes (empty when there are none, or no GeoPackage yet; the YAML is then untouched).
     With ``need_snapshot`` (an ordinary run) a GeoPackage without the exported snapshot, written by an
     older version, is left alone: without it, a YAML edited since could not be told from a table edit.
@@ -226,7 +285,7 @@ def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapsh
     merged, changes = merge_table_edits(gpkg, current, table, exported)
     if changes:
         sizes = {cid: size for cid, (_, _, size) in table.items()}
-        write_labels(labels_path, pipeline, merged, sizes, out_dir=gpkg.resolve().parent)
+        write_labels(target or labels_path, pipeline, merged, sizes, out_dir=gpkg.resolve().parent)
         log.warning("%s: %d label edit(s) pulled into %s", gpkg, len(changes), labels_path)
     return changes
 
@@ -241,30 +300,61 @@ def stored_config_json(gpkg: Path) -> dict:
         raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'runs' table ({exc})") from None
     if row is None:
         raise ConfigError(f"{gpkg}: the 'runs' table is empty; run the pipeline first")
-    return json.loads(row[0])
+    try:
+        data = json.loads(row[0])
+    except (TypeError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{gpkg}: runs.config: not a pipeline config")
+    return data
 
 
-def pull(gpkg: Path) -> tuple[list[str], dict[str, Path]]:
+def pipeline_of(gpkg: Path, config: Path | None = None) -> PipelineConfig:
+    """The pipeline whose labels ``labels pull`` may write: ``config``, else the one that wrote ``gpkg``.
+
+    A GeoPackage travels between people, so it is data, never instructions: its ``runs`` table
+    only *points at* a config file. That file is used when it exists here and still names the
+    pipeline, labels file and work folder the GeoPackage records; otherwise pass ``--config``.
+    No path is ever taken from the GeoPackage itself.
+    """
+    from .reprocess import last_run_value
+
+    if config is not None:
+        cfg = load_config(config)
+    else:
+        stored = stored_config_json(gpkg)
+        try:
+            row = last_run_value(gpkg, "config_path")
+        except sqlite3.DatabaseError:
+            row = None
+        source = Path(row[0]) if row and isinstance(row[0], str) and row[0] else None
+        if source is None or not source.is_absolute() or not source.is_file():
+            raise ConfigError(f"{gpkg}: the pipeline config that wrote it ({source or 'not recorded'}) is not on this "
+                              "machine; pass --config PIPELINE.yaml")
+        cfg = load_config(source)
+        recorded = (stored.get("name"), stored.get("labels"), (stored.get("output") or {}).get("work_dir"))
+        if recorded != (cfg.name, str(cfg.labels_path), str(cfg.work_dir)):
+            raise ConfigError(f"{gpkg}: its pipeline config {source} no longer names the labels file and work folder "
+                              "the GeoPackage records; pass --config PIPELINE.yaml")
+    if gpkg.name != f"{cfg.name}.gpkg":
+        raise ConfigError(f"{gpkg}: expected the file name {cfg.name}.gpkg (pipeline '{cfg.name}')")
+    return cfg
+
+
+def pull(gpkg: Path, config: Path | None = None, wait: float = 0) -> tuple[list[str], dict[str, Path]]:
     """``settlements labels pull``: edits in ``gpkg`` -> the labels YAML -> every output, regenerated.
 
-    The pipeline is the one recorded in ``gpkg``'s ``runs`` table (its resolved config, with the
-    labels YAML and work folder); outputs are rewritten beside ``gpkg``, wherever it now lies.
+    The pipeline is :func:`pipeline_of`; outputs are rewritten beside ``gpkg``, wherever it now lies.
+    Under the pipeline's lock, the labels file and the outputs are committed together.
     """
-    from pydantic import ValidationError
-
-    from .config import PipelineConfig
-    from .pipeline import stage_export
+    from .pipeline import committing, stage_export
+    from .reprocess import pipeline_lock
 
     gpkg = Path(gpkg)
     if not gpkg.is_file():
         raise ConfigError(f"{gpkg}: GeoPackage not found")
-    try:
-        cfg = PipelineConfig.model_validate(stored_config_json(gpkg))
-    except ValidationError as exc:
-        raise ConfigError(f"{gpkg}: runs.config: not a config this version understands ({exc.errors()[0]['msg']})"
-                          ) from None
-    if gpkg.name != f"{cfg.name}.gpkg":
-        raise ConfigError(f"{gpkg}: expected the file name {cfg.name}.gpkg (pipeline '{cfg.name}')")
+    cfg = pipeline_of(gpkg, config)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": gpkg.resolve().parent})})
-    changes = pull_edits(gpkg, cfg.labels_path, cfg.name, cfg.clustering.k)
-    return changes, stage_export(cfg)
+    with pipeline_lock(cfg, wait), committing(cfg) as ws:
+        changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path))
+        return changes, stage_export(cfg, ws=ws)

@@ -1,8 +1,9 @@
 """The stages in order, each a function of the config that reads earlier artifacts and writes its own.
 
 tile -> embed -> cluster -> export. Artifacts live in the work folder; outputs are written
-only by ``export``, file by file through temporary names, so a failed run leaves earlier
-outputs untouched.
+only by ``export``. Everything a run writes (artifacts, outputs, the labels file, the record of
+its success) is staged beside its final place and renamed into place at one commit point
+(:class:`settlements.store.Commit`), so a failed or killed run leaves the earlier ones untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +38,7 @@ from .errors import (
     BackboneError,
     ClusteringError,
     ConfigError,
+    OutputError,
     RegionError,
     TilingError,
 )
@@ -58,7 +62,7 @@ from .history import (
     run_columns,
     tile_changes,
 )
-from .labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
+from .labels import ClusterLabels, exported_snapshot, parse_labels, pull_edits, read_labels, write_labels
 from .rasters import (
     OpenRasters,
     RasterInfo,
@@ -79,19 +83,29 @@ from .regions import (
     regions_in_crs,
     to_area_crs,
 )
-from .reprocess import last_run_id, output_paths, pipeline_lock, record_success, state_key, state_parts, up_to_date
+from .reprocess import (
+    claim,
+    journal_path,
+    labels_hash,
+    last_run_id,
+    output_paths,
+    pipeline_lock,
+    record_success,
+    state_key,
+    state_parts,
+    up_to_date,
+)
 from .store import (
     WINDOW_COLUMNS,
+    Commit,
     EmbeddingCache,
     NpyRows,
     check_writable_dir,
     ensure_dir,
     read_json,
     read_table,
-    remove_stale_staging,
     remove_stale_temps,
     settings_key,
-    staged_outputs,
     write_atomic,
     write_json,
     write_table,
@@ -103,26 +117,63 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where each stage's artifact lives for one pipeline."""
+    """Where each stage's artifact lives for one pipeline.
+
+    With a ``commit`` (a run in progress), artifacts are written staged (:meth:`out`) and read back
+    from there until the commit puts them, the outputs and the labels file in place together.
+    """
 
     root: Path
+    labels_file: Path | None = None
+    commit: Commit | None = None
 
-    rasters = property(lambda self: self.root / "rasters.json")
-    tiles = property(lambda self: self.root / "tiles.parquet")
-    regions = property(lambda self: self.root / "regions.parquet")
-    shares = property(lambda self: self.root / "shares.parquet")
-    embedded = property(lambda self: self.root / "embedded.parquet")
-    embeddings = property(lambda self: self.root / "embeddings.npy")
-    embed_meta = property(lambda self: self.root / "embedding.json")
-    clusters = property(lambda self: self.root / "clusters.npz")
-    cluster_meta = property(lambda self: self.root / "clusters.json")
-    assignments = property(lambda self: self.root / "assignments.parquet")
+    def _at(self, name: str) -> Path:
+        return self.current(self.root / name)
+
+    rasters = property(lambda self: self._at("rasters.json"))
+    tiles = property(lambda self: self._at("tiles.parquet"))
+    regions = property(lambda self: self._at("regions.parquet"))
+    shares = property(lambda self: self._at("shares.parquet"))
+    embedded = property(lambda self: self._at("embedded.parquet"))
+    embeddings = property(lambda self: self._at("embeddings.npy"))
+    embed_meta = property(lambda self: self._at("embedding.json"))
+    clusters = property(lambda self: self._at("clusters.npz"))
+    cluster_meta = property(lambda self: self._at("clusters.json"))
+    assignments = property(lambda self: self._at("assignments.parquet"))
     cache = property(lambda self: self.root / "cache")
     lock = property(lambda self: self.root / ".lock")
 
+    @property
+    def labels(self) -> Path:
+        """The labels YAML as this run sees it (its own staged version once it wrote one)."""
+        assert self.labels_file is not None
+        return self.current(self.labels_file)
+
+    def current(self, path: Path) -> Path:
+        return self.commit.current(path) if self.commit is not None else path
+
+    def out(self, path: Path) -> Path:
+        """Where this run writes ``path``: staged until the commit, or in place without one."""
+        return self.commit.stage(path) if self.commit is not None else path
+
 
 def workspace(cfg: PipelineConfig) -> Workspace:
-    return Workspace(cfg.work_dir)
+    return Workspace(cfg.work_dir, cfg.labels_path)
+
+
+@contextmanager
+def committing(cfg: PipelineConfig, ws: Workspace | None = None) -> Iterator[Workspace]:
+    """``ws`` when it belongs to a run's commit; else a workspace whose writes commit when the block ends."""
+    if ws is not None and ws.commit is not None:
+        yield ws
+        return
+    with Commit(journal_path(cfg)) as commit:
+        seen = labels_hash(cfg)
+        # the labels file is the analyst's: never replace an edit made while this run was working
+        commit.guard(lambda: not commit.staged(cfg.labels_path) or labels_hash(cfg) == seen, cfg.labels_path,
+                     "edited while the run was writing its own version of it; nothing was replaced: run again")
+        yield Workspace(cfg.work_dir, cfg.labels_path, commit)
+        claim(cfg, cfg.work_dir, commit)
 
 
 # ----------------------------------------------------------------------------------------- tile
@@ -133,9 +184,10 @@ def raster_grid(info: RasterInfo, cfg: PipelineConfig) -> TileGrid:
     tw, th = length_to_pixels(t.tile_size.value, t.tile_size.unit, info.pixel_w_m, info.pixel_h_m)
     s = t.stride_length
     sw, sh = length_to_pixels(s.value, s.unit, info.pixel_w_m, info.pixel_h_m)
-    if min(tw, th, sw, sh) < 1:
-        raise TilingError(f"tiling.tile_size: {t.tile_size} is smaller than a pixel of {info.path} "
-                          f"({info.pixel_w_m:.3g} x {info.pixel_h_m:.3g} m)")
+    for key, length, (w, h) in (("tile_size", t.tile_size, (tw, th)), ("stride", s, (sw, sh))):
+        if min(w, h) < 1:
+            raise TilingError(f"tiling.{key}: {length} is smaller than a pixel of {info.path} "
+                              f"({info.pixel_w_m:.3g} x {info.pixel_h_m:.3g} m)")
     if tw > info.width or th > info.height:
         raise TilingError(f"tiling.tile_size: {t.tile_size} ({tw} x {th} px) is larger than {info.path} "
                           f"({info.width} x {info.height} px)")
@@ -176,13 +228,17 @@ def check_inputs(cfg: PipelineConfig) -> tuple[list[RasterInfo], gpd.GeoDataFram
 
 
 def check_output_settings(cfg: PipelineConfig) -> None:
-    """Output CRS understood, output and work folders creatable: fail before any CNN work."""
+    """Output CRS understood, output and work folders creatable, labels file readable: fail before any CNN work."""
     try:
         CRS.from_user_input(cfg.output.crs)
     except Exception:
         raise ConfigError(f"output.crs: cannot understand CRS {cfg.output.crs!r}") from None
     check_writable_dir(cfg.output_dir, "output.dir")
     check_writable_dir(cfg.work_dir, "output.work_dir")
+    if cfg.labels_path.is_dir():
+        raise ConfigError(f"labels: {cfg.labels_path} is a folder; expected the labels YAML file")
+    if cfg.labels_path.exists():
+        parse_labels(cfg.labels_path)  # a malformed labels file stops the run before any CNN work
 
 
 @dataclass
@@ -220,9 +276,13 @@ def raster_tiles(cfg: PipelineConfig, earlier: EarlierRasters, r: int, grid: Til
     return RasterTiles(table, shares, n_cells - len(table))
 
 
-def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
+def stage_tile(cfg: PipelineConfig, ws: Workspace | None = None) -> dict[str, int]:
     """Check inputs, compute scaling, build every raster's tile grid and cell-region shares."""
-    ws = workspace(cfg)
+    with committing(cfg, ws) as w:
+        return _tile(cfg, w)
+
+
+def _tile(cfg: PipelineConfig, ws: Workspace) -> dict[str, int]:
     specs = [spec for _, spec in expand_inputs(cfg.rasters)]
     infos, regions = check_inputs(cfg)
     ea = equal_area_crs(regions)
@@ -253,11 +313,11 @@ def stage_tile(cfg: PipelineConfig) -> dict[str, int]:
     infos = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
     counts = {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions), "cells_clipped": clipped,
               "tiles_outside_regions": int((~tiles["tile_id"].isin(shares["tile_id"])).sum())}
-    write_json(ws.rasters, {"equal_area_crs": ea.to_wkt(), "rasters": [_info_json(i) for i in infos],
-                            "counts": counts})
-    write_table(ws.tiles, tiles)
-    write_atomic(ws.regions, lambda p: regions.assign(region=np.arange(len(regions))).to_parquet(p))
-    write_table(ws.shares, shares)
+    write_json(ws.out(ws.rasters), {"equal_area_crs": ea.to_wkt(), "rasters": [_info_json(i) for i in infos],
+                                    "counts": counts})
+    write_table(ws.out(ws.tiles), tiles)
+    write_atomic(ws.out(ws.regions), lambda p: regions.assign(region=np.arange(len(regions))).to_parquet(p))
+    write_table(ws.out(ws.shares), shares)
     log.info("tiling: %d tiles over %d raster(s), %d region(s)", len(tiles), len(infos), len(regions))
     return counts
 
@@ -364,9 +424,17 @@ def embedding_key(info: RasterInfo, cfg: PipelineConfig, weights_sha: str, layer
     return settings_key(parts)
 
 
-def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[str, int]:
-    """Embed every tile not already in the cache; assemble the pipeline's embedding array, streaming."""
-    ws = workspace(cfg)
+def stage_embed(cfg: PipelineConfig, executor: Executor | None = None, ws: Workspace | None = None
+                ) -> dict[str, int]:
+    """Embed every tile not already in the cache; assemble the pipeline's embedding array, streaming.
+
+    The cache is written as chunks are embedded (a killed run resumes there); the rest is staged.
+    """
+    with committing(cfg, ws) as w:
+        return _embed(cfg, executor, w)
+
+
+def _embed(cfg: PipelineConfig, executor: Executor | None, ws: Workspace) -> dict[str, int]:
     infos = load_infos(ws)
     tiles = read_table(ws.tiles, "tile")
     e = cfg.embedding
@@ -393,10 +461,10 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
     meta, source = embedded_table(tiles, keys, cache, min_valid)
     if len(source) == 0:
         raise TilingError(no_tile_message(cfg.tiling.max_invalid_fraction))
-    write_embeddings(ws.embeddings, source, keys, cache, backbone.dim)
-    write_table(ws.embedded, meta)
+    write_embeddings(ws.out(ws.embeddings), source, keys, cache, backbone.dim)
+    write_table(ws.out(ws.embedded), meta)
     counts = embed_counts(meta, np.concatenate(read) if read else np.empty(0, np.int64))
-    write_json(ws.embed_meta, {
+    write_json(ws.out(ws.embed_meta), {
         **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim,
         "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
         "weights_path": str(backbone.weights.path), "device": str(device), "precision": settings.precision,
@@ -410,9 +478,18 @@ def stage_embed(cfg: PipelineConfig, executor: Executor | None = None) -> dict[s
 
 # -------------------------------------------------------------------------------------- cluster
 
-def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor | None = None) -> dict[str, Any]:
-    """Assign tiles to clusters: the saved centroids when they fit these embeddings, else fit anew."""
-    ws = workspace(cfg)
+def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor | None = None,
+                  ws: Workspace | None = None) -> dict[str, Any]:
+    """Assign tiles to clusters: the saved centroids when they fit these embeddings, else fit anew.
+
+    A refit's centroids, assignments and renumbered labels file are staged like everything else: a
+    run killed after the refit leaves the previous ones, and its rerun refits from them again.
+    """
+    with committing(cfg, ws) as w:
+        return _cluster(cfg, refit, executor, w)
+
+
+def _cluster(cfg: PipelineConfig, refit: bool, executor: Executor | None, ws: Workspace) -> dict[str, Any]:
     meta = read_table(ws.embedded, "embed")
     info = read_json(ws.embed_meta, "embed")
     emb = NpyRows(ws.embeddings)  # rows read on demand: the sample, then assignment blocks
@@ -432,22 +509,23 @@ def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor |
         model = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
                                 pca_dim=c.pca_dim, l2_normalize=c.l2_normalize).fit(emb, _ground_order(ws, meta))
         if previous is not None and ws.clusters.exists():
-            matching = keep_cluster_ids(cfg, model, KMeansClusterer.load(ws.clusters),
+            matching = keep_cluster_ids(ws.labels, model, KMeansClusterer.load(ws.clusters),
                                         previous.get("space_key") == space_key)
         else:  # a first fit here: the labels file's anchor tiles say which cluster is which
-            anchored = align_to_anchors(cfg.labels_path, model, emb, meta[meta["kept"]])
+            anchored = align_to_anchors(ws.labels, model, emb, meta[meta["kept"]])
     labels, dist = (executor or LocalExecutor()).assign(model, ws.embeddings)
     kept = meta[meta["kept"]].sort_values("emb_row")
     assignments = pd.DataFrame({"tile_id": kept["tile_id"].to_numpy(), "cluster": labels, "distance": dist})
     if not reuse:
-        model.save(ws.clusters)
-    write_table(ws.assignments, assignments)
+        model.save(ws.out(ws.clusters))
+    write_table(ws.out(ws.assignments), assignments)
     sizes = np.bincount(labels, minlength=c.k)
     if matching is not None:
-        relabel_after_refit(cfg, matching, sizes, anchor_tiles(assignments))
-    write_json(ws.cluster_meta, {"fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(),
-                                 "reused_centroids": reuse, "trained_on": getattr(model, "n_train_", None),
-                                 "matching": matching, "anchored": anchored})
+        relabel_after_refit(cfg.name, ws.labels, ws.out(cfg.labels_path), matching, sizes, anchor_tiles(assignments),
+                            cfg.output_dir)
+    write_json(ws.out(ws.cluster_meta), {
+        "fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse,
+        "trained_on": getattr(model, "n_train_", None), "matching": matching, "anchored": anchored})
     return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching}
 
 
@@ -529,13 +607,21 @@ def _atlas_panels(t: pd.DataFrame, infos: list[RasterInfo], labels: ClusterLabel
 
 
 def stage_export(cfg: PipelineConfig, run_started: float | None = None,
-                 counters: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Labels, histograms and every output file, each written atomically.
+                 counters: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None,
+                 ws: Workspace | None = None) -> dict[str, Path]:
+    """Labels, histograms and every output file.
 
-    All outputs are first written into a hidden staging folder, then renamed into place one after
-    the other, so a run killed while writing leaves the previous outputs as they were.
+    All outputs are built in a hidden staging folder beside them, and put in place with the rest
+    of the run (or of this export) at its commit, so a run killed while writing leaves the previous
+    outputs as they were.
     """
-    ws = workspace(cfg)
+    with committing(cfg, ws) as w:
+        return _export(cfg, run_started, counters, run_info, w)
+
+
+def _export(cfg: PipelineConfig, run_started: float | None, counters: dict[str, Any] | None,
+            run_info: dict[str, Any] | None, ws: Workspace) -> dict[str, Path]:
+    assert ws.commit is not None
     infos = load_infos(ws)
     k = cfg.clustering.k
     regions = gpd.read_parquet(ws.regions)
@@ -544,10 +630,11 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     out_dir = cfg.output_dir
     ensure_dir(out_dir, "output.dir")
     gpkg = out_dir / f"{cfg.name}.gpkg"
-    pull_edits(gpkg, cfg.labels_path, cfg.name, k, need_snapshot=True)  # edits made in QGIS go to the YAML
-    labels = read_labels(cfg.labels_path, k)
-    if not cfg.labels_path.exists():
-        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
+    # edits made in QGIS go to the YAML (committed with the outputs)
+    pull_edits(gpkg, ws.labels, cfg.name, k, need_snapshot=True, target=ws.out(cfg.labels_path))
+    labels = read_labels(ws.labels, k)
+    if not ws.labels.exists():
+        write_labels(ws.out(cfg.labels_path), cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
                      out_dir=out_dir)
         log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
     palette = labels.palette
@@ -611,7 +698,8 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
     styles = vector_styles(palette, k) + change_styles(labels)
     cluster_map = out_dir / f"{cfg.name}_labels.tif"
     project = out_dir / f"{cfg.name}.qgz"
-    with staged_outputs(out_dir, cfg.name) as stage:
+    stage = ws.commit.folder(out_dir)
+    try:
         write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
                                              "histogram": long, "runs": runs, "changes": changes,
                                              "tile_changes": changed_tiles}, styles)
@@ -624,6 +712,9 @@ def stage_export(cfg: PipelineConfig, run_started: float | None = None,
         plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
                          f"{cfg.name}: label histograms")
         plots.label_map(stage / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
+    except OutputError as exc:  # name the output, not the hidden staging folder it was built in
+        raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
+    claim(cfg, out_dir, ws.commit)
     return {"gpkg": gpkg, "atlas": out_dir / "atlas.png", "histograms": out_dir / "histograms.png",
             "map": out_dir / "map.png", "cluster_map": cluster_map, "project": project}
 
@@ -659,36 +750,37 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
             log.info("%s: inputs, settings and labels unchanged since the last run; nothing to do", cfg.name)
             return RunReport(nothing_to_do=True, seconds=time.time() - started,
                              outputs=output_paths(cfg))
-        ws = workspace(cfg)
-        n = remove_stale_temps(ws.root, ws.cache) + remove_stale_staging(cfg.output_dir, cfg.name)
+        n = (remove_stale_temps(cfg.work_dir, cfg.work_dir / "cache", cfg.output_dir)
+             + remove_stale_temps(cfg.labels_path.parent, name_end=f".{cfg.labels_path.name}", subfolders=False))
         if n:
             log.info("removed %d temporary file(s) left by an interrupted run", n)
         parts = state_parts(cfg)
         key = state_key(cfg, parts)
         report = RunReport()
         seconds: dict[str, float] = {}
-        t0 = time.time()
-        report.tiles = stage_tile(cfg)
-        seconds["tile"] = time.time() - t0
-        t0 = time.time()
-        ex = make_executor(executor, scheduler, n_workers)
-        try:
-            report.embedding = stage_embed(cfg, ex)
-            seconds["embed"] = time.time() - t0
+        with committing(cfg) as ws:
             t0 = time.time()
-            report.clustering = stage_cluster(cfg, refit=refit, executor=ex)
-            seconds["cluster"] = time.time() - t0
-        finally:
-            ex.close()
-        info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-                "stage_seconds": seconds, "state_key": key}
-        t0 = time.time()
-        report.outputs = stage_export(cfg, started, report.embedding, info)
-        seconds["export"] = time.time() - t0
-        report.run_id = last_run_id(report.outputs["gpkg"])
-        if report.run_id is not None:
-            wrote_labels = parts["labels"] is None or bool(report.clustering.get("matching"))
-            record_success(cfg, report.run_id, parts, wrote_labels)
+            report.tiles = stage_tile(cfg, ws)
+            seconds["tile"] = time.time() - t0
+            t0 = time.time()
+            ex = make_executor(executor, scheduler, n_workers)
+            try:
+                report.embedding = stage_embed(cfg, ex, ws)
+                seconds["embed"] = time.time() - t0
+                t0 = time.time()
+                report.clustering = stage_cluster(cfg, refit=refit, executor=ex, ws=ws)
+                seconds["cluster"] = time.time() - t0
+            finally:
+                ex.close()
+            info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                    "stage_seconds": seconds, "state_key": key}
+            t0 = time.time()
+            report.outputs = stage_export(cfg, started, report.embedding, info, ws)
+            seconds["export"] = time.time() - t0
+            assert ws.commit is not None
+            report.run_id = last_run_id(ws.current(report.outputs["gpkg"]))
+            staged = sorted(ws.commit.folder(cfg.output_dir).iterdir())
+            record_success(cfg, str(report.run_id), parts, staged, ws.commit)
         report.seconds = time.time() - started
         return report
 

@@ -3,9 +3,13 @@
 A scheduler (cron, systemd) reruns pipelines blindly; this module makes that cheap and safe.
 The *state key* of a pipeline hashes everything a run's outputs depend on that can change
 between runs: the resolved config, each input raster's path and fingerprint, the region files,
-the labels file and the package version. After a successful run it is saved in
-``work/<name>/last_run.json``; a later run with the same key, whose outputs are all present and
-whose GeoPackage still ends with that run, has nothing to do (exit code 3).
+the labels file and the package version. A successful run saves it in ``work/<name>/last_run.json``
+(committed with its outputs) with the name, size and SHA-256 of every output; a later run with the
+same key, whose outputs are all present and unchanged, has nothing to do (exit code 3).
+
+The lock also guards the pipeline's folders: each holds a marker naming the pipeline that owns
+it, so a second pipeline pointed at the same folder stops with a clear error, and whoever takes the
+lock first completes a commit that a killed run left half done (:func:`settlements.store.finish_commit`).
 
 This module is kept free of torch so the nothing-to-do path of ``settlements run`` stays fast.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +30,9 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .config import PipelineConfig
-from .errors import RunLockedError
+from .errors import ConfigError, RunLockedError
 from .rasters import expand_inputs, fingerprint
-from .store import check_writable_dir, ensure_dir, write_json
+from .store import Commit, check_writable_dir, ensure_dir, finish_commit, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +49,67 @@ def last_run_path(cfg: PipelineConfig) -> Path:
     return cfg.work_dir / "last_run.json"
 
 
+def journal_path(cfg: PipelineConfig) -> Path:
+    """The commit journal of a run being committed (see :class:`settlements.store.Commit`)."""
+    return cfg.work_dir / ".settlements-commit.json"
+
+
+#: The marker file naming the pipeline that owns a work or output folder.
+OWNER_FILE = ".settlements-pipeline.json"
+
+
+def _owner(cfg: PipelineConfig, folder: Path) -> dict[str, str | None]:
+    """The marker's content: the config path is relative, so a folder tree moved as a whole stays owned."""
+    source = None if cfg.source is None else os.path.relpath(cfg.source, folder.resolve())
+    return {"pipeline": cfg.name, "config": source}
+
+
+def check_owner(cfg: PipelineConfig, folder: Path, key: str) -> None:
+    """Raise when ``folder`` belongs to another pipeline: another name, or another config that still exists.
+
+    (A marker whose config is gone, with this pipeline's name, is taken over: the config was moved.)
+    """
+    marker = folder / OWNER_FILE
+    if not marker.is_file():
+        return
+    try:
+        mark = json.loads(marker.read_text(encoding="utf-8"))
+        name, config = str(mark["pipeline"]), mark.get("config")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{key}: {marker}: unreadable owner marker; delete it if pipeline '{cfg.name}' should "
+                          "use this folder") from None
+    other = None if config is None else (folder.resolve() / str(config)).resolve()
+    mine = None if cfg.source is None else cfg.source.resolve()
+    if name == cfg.name and (other is None or mine is None or other == mine or not other.is_file()):
+        return
+    raise ConfigError(f"{key}: {folder} belongs to pipeline '{name}'" + (f" ({other})" if other else "")
+                      + f"; give pipeline '{cfg.name}' a folder of its own (two pipelines in one folder would "
+                      "overwrite each other's files and state)")
+
+
+def claim(cfg: PipelineConfig, folder: Path, commit: Commit) -> None:
+    """Mark ``folder`` as this pipeline's, with the commit (a failed run leaves no marker behind)."""
+    marker = folder / OWNER_FILE
+    mine = _owner(cfg, folder)
+    try:
+        if json.loads(marker.read_text(encoding="utf-8")) == mine:
+            return
+    except (OSError, ValueError):
+        pass
+    write_json(commit.stage(marker), mine)
+
+
 @contextmanager
 def pipeline_lock(cfg: PipelineConfig, timeout: float = 0) -> Iterator[None]:
     """Hold the pipeline's lock: one run (or prune) of a pipeline at a time, never interleaved writes.
 
     ``timeout`` 0 fails at once with :class:`RunLockedError`; a positive value waits that many
     seconds first. The lock is an OS file lock, so it is released when a killed run's process dies.
+    Once held: the folders must be this pipeline's (:func:`check_owner`), and a commit that a killed
+    run left half done is completed.
     """
+    if not timeout >= 0:  # NaN too
+        raise ConfigError(f"--wait: expected 0 or more seconds, got {timeout:g}")
     check_writable_dir(cfg.work_dir, "output.work_dir")
     ensure_dir(cfg.work_dir, "output.work_dir")
     lock = FileLock(str(lock_path(cfg)))
@@ -62,6 +121,12 @@ def pipeline_lock(cfg: PipelineConfig, timeout: float = 0) -> Iterator[None]:
                              f"(lock {lock_path(cfg)}){waited}; try again when it finishes, "
                              "or pass --wait SECONDS") from None
     try:
+        check_owner(cfg, cfg.work_dir, "output.work_dir")
+        check_owner(cfg, cfg.output_dir, "output.dir")
+        finished = finish_commit(journal_path(cfg))
+        if finished:
+            log.warning("%s: completed the commit of a run killed while replacing its outputs (%d file(s))",
+                        cfg.name, finished)
         yield
     finally:
         lock.release()
@@ -126,31 +191,59 @@ def last_run_id(gpkg: Path) -> str | None:
     return row[0] if row else None
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """What :func:`unchanged` compares: size, SHA-256, and the stat fields that let it skip the hash."""
+    st = path.stat()
+    return {"size": st.st_size, "sha256": sha256_file(path), "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def unchanged(path: Path, record: dict[str, Any]) -> bool:
+    """True when ``path`` still has the content ``record`` describes.
+
+    The same size, modification time and inode (a rename keeps both) means the same file, untouched:
+    the hash is read only when they differ, so the check stays cheap on a large GeoPackage.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != record.get("size"):
+        return False
+    if st.st_mtime_ns == record.get("mtime_ns") and st.st_ino == record.get("inode"):
+        return True
+    return sha256_file(path) == record.get("sha256")
+
+
 def up_to_date(cfg: PipelineConfig) -> bool:
-    """True when the last successful run saw exactly this state and its outputs are all in place."""
+    """True when the last successful run saw exactly this state and every output it wrote is unchanged."""
     path = last_run_path(cfg)
     if not path.exists():
         return False
     try:
         last = json.loads(path.read_text())
-    except (OSError, ValueError):
+        outputs = last["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, or written by a version without output hashes
         return False
-    outputs = output_paths(cfg)
-    if last.get("state_key") != state_key(cfg) or not all(p.is_file() for p in outputs.values()):
+    if last.get("state_key") != state_key(cfg) or not outputs:
         return False
-    return last_run_id(outputs["gpkg"]) == last.get("run_id")
+    return all(unchanged(cfg.output_dir / name, record) for name, record in outputs.items())
 
 
-def record_success(cfg: PipelineConfig, run_id: str, parts: dict[str, Any], labels_written: bool) -> None:
-    """Remember the state a finished run saw (written last, so a killed run never records one).
+def record_success(cfg: PipelineConfig, run_id: str, parts: dict[str, Any], outputs: list[Path],
+                   commit: Commit) -> None:
+    """Stage ``last_run.json``: the state a finished run saw and its outputs, committed with them.
 
     ``parts`` are taken when the run started, so a raster that arrives during a run is still new
-    to the next one. When the run itself wrote the labels file (the first run's template, or a
-    refit renumbering), the file as written is what it saw.
+    to the next one. When the run itself writes the labels file (the first run's template, pulled
+    table edits, or a refit renumbering), the file as it writes it is what it saw. ``outputs``:
+    the staged output files, recorded under their final names.
     """
-    if labels_written:
-        parts = {**parts, "labels": labels_hash(cfg)}
-    write_json(last_run_path(cfg), {"state_key": state_key(cfg, parts), "run_id": run_id})
+    labels = commit.current(cfg.labels_path)
+    if labels != cfg.labels_path:
+        parts = {**parts, "labels": hashlib.sha256(labels.read_bytes()).hexdigest()}
+    write_json(commit.stage(last_run_path(cfg)), {
+        "state_key": state_key(cfg, parts), "run_id": run_id,
+        "outputs": {p.name: file_record(p) for p in sorted(outputs)}})
 
 
 def current_cache_keys(cfg: PipelineConfig) -> set[str]:

@@ -1,7 +1,9 @@
 """Artifacts on disk: atomic writes, tables, embedding arrays, the embedding cache.
 
 Nothing here computes; it only stores and finds. Every write goes to a temporary file in the
-same folder and is renamed into place, so a killed run never leaves a half-written artifact.
+same folder and is renamed into place, so a killed run never leaves a half-written artifact; a
+:class:`Commit` renames a whole run's files into place at one commit point. Every temporary name
+starts with :data:`TEMP_PREFIX`, and only such names are ever removed as leftovers.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,10 +26,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import interrupts
 from .errors import OutputError, StageError
 
 # The 8 integers that identify a tile's pixels in a raster: tile window and stride cell window.
 WINDOW_COLUMNS = ["tile_col", "tile_row", "tile_w", "tile_h", "cell_col", "cell_row", "cell_w", "cell_h"]
+
+#: Every temporary file and folder this project makes starts with this; nothing else is ever removed
+#: as a leftover (a user's ``.env.settings.json`` or ``.draft.chapter1.md`` stays).
+TEMP_PREFIX = ".settlements-tmp-"
+
+#: Test hook: a process whose environment names a step of :meth:`Commit.commit` here SIGKILLs itself there.
+CRASH_ENV = "SETTLEMENTS_CRASH_AT"
+
+
+def is_temp(path: Path) -> bool:
+    return path.name.startswith(TEMP_PREFIX)
+
+
+def crash_point(step: str) -> None:
+    """Fault injection for the crash-safety tests: a real SIGKILL of this process at ``step``.
+
+    Only when the environment variable ``SETTLEMENTS_CRASH_AT`` names the step; what the next run
+    then finds on disk is exactly what any kill at that point leaves.
+    """
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -112,8 +137,9 @@ def atomic_path(target: Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp",
-                                   dir=target.parent)
+        # the target's name ends the temporary one: drivers that go by the extension see the right one
+        end = f".{target.name}" + ("" if suffix is None or target.name.endswith(suffix) else suffix)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=end, dir=target.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
@@ -162,6 +188,14 @@ def read_table(path: Path, stage: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def settings_key(parts: dict[str, Any]) -> str:
     """A short stable hash of JSON-able settings, used to name cache shards."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -207,6 +241,7 @@ class EmbeddingCache:
     def append(self, key: str, windows: np.ndarray, valid_tile: np.ndarray, valid_cell: np.ndarray,
                embeddings: np.ndarray) -> None:
         """Store one chunk; ``embeddings`` rows are NaN for tiles that were not embedded."""
+        interrupts.check()  # a signal whose raise was swallowed stops the run here, between chunks
         folder = self.shard(key)
         folder.mkdir(parents=True, exist_ok=True)
         n = len(list(folder.glob("chunk-*.npz")))
@@ -281,11 +316,11 @@ class EmbeddingCache:
             freed += folder_bytes(shard)
             removed.append(shard.name)
             if not dry_run:
-                trash = shard.with_name(f".trash-{shard.name}")
+                trash = shard.with_name(f"{TEMP_PREFIX}trash-{shard.name}")
                 os.replace(shard, trash)
                 shutil.rmtree(trash, ignore_errors=True)
         if self.root.exists():
-            for trash in self.root.glob(".trash-*"):
+            for trash in self.root.glob(f"{TEMP_PREFIX}trash-*"):
                 freed += folder_bytes(trash)
                 if not dry_run:
                     shutil.rmtree(trash, ignore_errors=True)
@@ -304,62 +339,197 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-# The temporary names atomic_path makes: "." + target name + "." + 8 random characters + suffix.
-_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.[A-Za-z0-9]+$")
-
-
-def stale_temps(folder: Path) -> list[Path]:
-    """Temporary files that a killed run left in ``folder`` (call only while holding the run lock)."""
+def stale_temps(folder: Path, name_end: str = "") -> list[Path]:
+    """Temporary files and folders a killed run left in ``folder`` (only names with :data:`TEMP_PREFIX`,
+    ending with ``name_end``). Call only while holding the pipeline's lock."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and _TEMP_RE.match(p.name))
+    return sorted(p for p in folder.iterdir() if is_temp(p) and p.name.endswith(name_end))
 
 
-def remove_stale_temps(*folders: Path) -> int:
-    """Delete what :func:`stale_temps` finds in each folder (and one level of subfolders); count them."""
+def remove_stale_temps(*folders: Path, name_end: str = "", subfolders: bool = True) -> int:
+    """Delete what :func:`stale_temps` finds in each folder (and one level of its subfolders); count them."""
     n = 0
     for folder in folders:
         if not folder.is_dir():
             continue
-        for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
-            for tmp in stale_temps(sub):
-                tmp.unlink(missing_ok=True)
+        subs = [p for p in folder.iterdir() if p.is_dir() and not is_temp(p)] if subfolders else []
+        for sub in [folder, *subs]:
+            for tmp in stale_temps(sub, name_end):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
                 n += 1
     return n
 
 
-def remove_stale_staging(out_dir: Path, tag: str) -> int:
-    """Delete staging folders a killed run of pipeline ``tag`` left in ``out_dir`` (hold its lock)."""
-    stale = list(out_dir.glob(f".staging-{tag}-*")) if out_dir.is_dir() else []
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    return len(stale)
-
-
 @contextmanager
-def staged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
-    """Yield a hidden staging folder in ``out_dir``; on success move its files into ``out_dir``.
-
-    ``tag`` (the pipeline name) keeps pipelines that share an output folder out of each other's way.
-
-    Outputs are built there completely before any previous output is replaced; GeoPackages are
-    moved last, so a GeoPackage never names a run whose pictures are not yet in place.
-    """
-    stage = out_dir / f".staging-{tag}-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them: a commit is never cut short by
+    them (a SIGKILL is what the journal is for). Only the main thread can change signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield stage
-        files = sorted((p for p in stage.iterdir() if p.is_file() and not _TEMP_RE.match(p.name)),
-                       key=lambda p: (p.suffix == ".gpkg", p.name))
-        for f in files:
-            os.replace(f, out_dir / f.name)
-    except OutputError as exc:  # name the output, not the hidden staging folder it was built in
-        raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
-    except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot write outputs: {exc.strerror or exc}") from None
+        yield
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def _write_journal(journal: Path, renames: list[tuple[Path, Path]]) -> None:
+    base = journal.parent
+    body = json.dumps({"renames": [[os.path.relpath(s, base), os.path.relpath(t, base)] for s, t in renames]})
+
+    def _w(p: Path) -> None:
+        with p.open("w", encoding="utf-8") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic(journal, _w)
+
+
+class Commit:
+    """A run's files built beside their final places and renamed into place together, at one commit point.
+
+    :meth:`stage` gives a temporary name beside a file (same folder, so the rename is atomic);
+    :meth:`folder` a staging folder whose files keep their final names (a QGIS project names its
+    GeoPackage). :meth:`commit` first writes ``journal`` (atomically), the list of renames, then
+    renames, then deletes the journal. A process killed between renames leaves the journal, and
+    :func:`finish_commit`, run by whoever next takes the pipeline's lock, completes them: readers
+    after that see every new file, and a run killed before the journal leaves every old one.
+    Used as a context manager it commits when the block succeeds and removes what it staged when not.
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._entries: list[tuple[Path, Path]] = []  # (staged file or staging folder, final file or folder)
+        self._guards: list[tuple[Path, Callable[[], bool], str]] = []
+
+    def __enter__(self) -> Commit:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if kind is not None:
+            self.discard()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            if not self.journal.exists():  # nothing renamed: what was staged is garbage
+                self.discard()
+            raise
+
+    def stage(self, target: Path) -> Path:
+        """The staged path of ``target`` (write there; it replaces ``target`` at the commit)."""
+        for staged, final in self._entries:
+            if target in (staged, final) and not staged.is_dir():
+                return staged
+        staged = target.with_name(f"{TEMP_PREFIX}{self.token}.{target.name}")
+        self._entries.append((staged, target))
+        return staged
+
+    def current(self, target: Path) -> Path:
+        """Where ``target``'s content is now for this run: its staged version once written, else ``target``."""
+        for staged, final in self._entries:
+            if staged.is_dir():
+                if final == target.parent and (staged / target.name).is_file():
+                    return staged / target.name
+            elif final == target and staged.is_file():
+                return staged
+        return target
+
+    def staged(self, target: Path) -> bool:
+        return self.current(target) != target
+
+    def folder(self, final_dir: Path) -> Path:
+        """A staging folder in ``final_dir``; its files move into ``final_dir`` under their own names."""
+        for staged, final in self._entries:
+            if final == final_dir and staged.is_dir():
+                return staged
+        staged = final_dir / f"{TEMP_PREFIX}{self.token}"
+        staged.mkdir(parents=True, exist_ok=True)
+        self._entries.append((staged, final_dir))
+        return staged
+
+    def guard(self, check: Callable[[], bool], path: Path, problem: str) -> None:
+        """Refuse to commit unless ``check()`` still holds then (e.g. a file nobody edited meanwhile)."""
+        self._guards.append((path, check, problem))
+
+    def renames(self) -> list[tuple[Path, Path]]:
+        """Every (staged, final) file pair, in order; a staging folder's GeoPackages last."""
+        pairs: list[tuple[Path, Path]] = []
+        for staged, final in self._entries:
+            if staged.is_dir():
+                files = sorted((p for p in staged.iterdir() if p.is_file() and not is_temp(p)),
+                               key=lambda p: (p.suffix == ".gpkg", p.name))
+                pairs += [(f, final / f.name) for f in files]
+            elif staged.is_file():
+                pairs.append((staged, final))
+        return pairs
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file into place (see the class); return the final paths."""
+        interrupts.check()  # an interrupted run commits nothing, even if the signal's raise was swallowed
+        for path, check, problem in self._guards:
+            if not check():
+                raise OutputError(f"{path}: {problem}")
+        pairs = self.renames()
+        crash_point("commit:staged")
+        try:
+            with signals_deferred():
+                _write_journal(self.journal, pairs)
+                crash_point("commit:journal")
+                for i, (staged, final) in enumerate(pairs, 1):
+                    os.replace(staged, final)
+                    crash_point(f"commit:rename:{i}")
+                self.journal.unlink()
+        except OSError as exc:  # the journal could not be written: nothing was renamed
+            if self.journal.exists():
+                raise
+            raise OutputError(f"{self.journal.parent}: cannot commit outputs: {exc.strerror or exc}") from None
+        self.discard()  # the emptied staging folders
+        return [final for _, final in pairs]
+
+    def discard(self) -> None:
+        """Remove everything staged (after a failure, or the emptied folders after the commit)."""
+        for staged, _ in self._entries:
+            if staged.is_dir():
+                shutil.rmtree(staged, ignore_errors=True)
+            else:
+                _remove_quietly(staged)
+
+
+def finish_commit(journal: Path) -> int:
+    """Complete the renames of a commit whose process was killed half-way; return how many were left.
+
+    Idempotent (a rename already done is skipped), so a kill during this is finished by the next call.
+    Only names with :data:`TEMP_PREFIX` (or inside such a folder) are ever moved. Hold the pipeline's lock.
+    """
+    if not journal.exists():
+        return 0
+    try:
+        pairs = [(journal.parent / s, journal.parent / t) for s, t in json.loads(journal.read_text())["renames"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"{journal}: unreadable commit journal ({exc}); the outputs beside it may mix two runs: "
+                          "delete it and run again with --force") from None
+    n = 0
+    with signals_deferred():
+        for staged, final in pairs:
+            if (is_temp(staged) or is_temp(staged.parent)) and staged.is_file():
+                os.replace(staged, final)
+                n += 1
+        for folder in {s.parent for s, _ in pairs if is_temp(s.parent)}:
+            shutil.rmtree(folder, ignore_errors=True)
+        journal.unlink()
+    return n
 
 
 class NpyRows:

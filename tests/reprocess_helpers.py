@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pyogrio
+import yaml
 
 from .conftest import scene, write_pipeline
 
@@ -33,6 +34,34 @@ def kampala_chips(tmp: Path, n: int, name: str = "ka", **overrides: object) -> P
     settings = {"embedding": {"input_size": 32, "num_workers": 0}, "clustering": {"k": 4, "seed": 0}}
     settings.update(overrides)
     return write_pipeline(tmp, name, "kampala", rasters=rasters, **settings)
+
+
+def name_clusters(labels_path: Path, names: dict[int, str]) -> None:
+    """What the analyst does: give clusters names in the labels YAML."""
+    data = yaml.safe_load(labels_path.read_text())
+    for cid, name in names.items():
+        data["clusters"][cid]["name"] = name
+    labels_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files, staging folders and commit journals a command left behind in ``folders``."""
+    return sorted(p for f in folders if f.exists()
+                  for p in [*f.rglob(".settlements-tmp-*"), *f.rglob(".settlements-commit.json")])
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a command started with ``start_new_session``, and its children)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, _ppid, _pgrp, session = text[text.rindex(")") + 2:].split()[:4]
+        if int(session) == sid and state not in "ZX":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def snapshot(folder: Path) -> dict[str, str]:

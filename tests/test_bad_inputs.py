@@ -127,7 +127,8 @@ def test_corrupt_block_found_while_embedding(tmp_path, monkeypatch, capsys, olin
                      **{**SMALL, "embedding": {"input_size": 32, "num_workers": 1}})
     expect_error(tmp_path, monkeypatch, capsys, cfg,
                  r"^error: \S*flipped\.tif: cannot read pixels \(truncated or corrupt file\?\): .*IReadBlock failed")
-    assert (tmp_path / "work" / "bad" / "tiles.parquet").exists()  # it did get past the tile stage
+    assert (tmp_path / "work" / "bad").is_dir()  # it got past the checks: a failed run commits nothing
+    assert sorted(p.name for p in (tmp_path / "work" / "bad").iterdir() if p.is_file()) == [".lock"]
 
 
 def test_raster_with_gcps_but_no_geotransform(tmp_path, monkeypatch, capsys, olinda_tif) -> None:
@@ -376,6 +377,42 @@ def test_stride_larger_than_tile(tmp_path, monkeypatch, capsys) -> None:
                  r"invalid config: tiling: stride must not exceed tile_size")
 
 
+def test_stride_below_a_pixel_names_the_stride(tmp_path, monkeypatch, capsys) -> None:
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, tiling={"tile_size": "240m", "stride": "10m"}),
+                 r"tiling\.stride: 10m is smaller than a pixel of \S*L7_ETMs\.tif")
+
+
+def test_sample_smaller_than_k(tmp_path, monkeypatch, capsys) -> None:
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, **{**SMALL, "clustering": {"k": 4, "sample_size": 3}}),
+                 r"invalid config: clustering\.sample_size: must be at least k \(4\).*got 3")
+
+
+def test_duplicate_key_in_the_config(tmp_path, monkeypatch, capsys) -> None:
+    cfg = bad(tmp_path, **SMALL)
+    cfg.write_text(cfg.read_text() + "clustering:\n  k: 5\n")
+    expect_error(tmp_path, monkeypatch, capsys, cfg,
+                 r"bad\.yaml: malformed YAML at line \d+, column 1: duplicate key 'clustering' \(first at line \d+\)")
+
+
+LABELS = "clusters:\n  0: {name: water}\n  1: {name: forest}\n"
+
+
+@pytest.mark.parametrize(("content", "pattern"), [
+    (LABELS + "  0: {name: town}\n", r"bad\.labels\.yaml: malformed YAML at line 4, column 3: duplicate key 0 "
+                                     r"\(first at line 2\)"),
+    (LABELS.replace("forest", "for\u00eat").encode("latin-1"), r"bad\.labels\.yaml: not UTF-8 text \(byte \d+\)"),
+    (None, r"labels: \S*bad\.labels\.yaml is a folder; expected the labels YAML file"),
+])
+def test_unusable_labels_file(tmp_path, monkeypatch, capsys, content: str | bytes | None, pattern: str) -> None:
+    labels = tmp_path / "bad.labels.yaml"
+    if content is None:
+        labels.mkdir()
+        (labels / "keep.txt").write_text("a folder where the labels file should be\n")
+    else:
+        labels.write_bytes(content.encode() if isinstance(content, str) else content)
+    expect_error(tmp_path, monkeypatch, capsys, bad(tmp_path, **SMALL, labels=str(labels)), pattern)
+
+
 def test_config_is_a_list(tmp_path, monkeypatch, capsys) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("- rasters\n- regions\n")
@@ -442,7 +479,7 @@ def test_disk_full_while_writing_keeps_earlier_outputs(small_run, monkeypatch, c
     assert len(err) == 1 and re.search(
         r"^error: \S*small\.gpkg: cannot write \((disk full|file size limit of 65536 bytes reached)\): ", err[0]), err
     assert snapshot(tmp) == before  # earlier outputs intact, no temporary file left
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".settlements-tmp-")]
 
 
 # validate finds what a run would: weights are loaded into the backbone there too (no forward pass)
@@ -541,7 +578,8 @@ def test_validate_reads_the_scaling_sample(tmp_path, monkeypatch, capsys, olinda
 
 
 def test_fuzz_script_runs_clean(capsys) -> None:
-    """A short run of benchmarks/fuzz.py: every input ends as success or a SettlementsError."""
+    """A short run of benchmarks/fuzz.py: every input (configs, rasters, labels files, edited clusters
+    tables) ends as success or a one-line SettlementsError."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
@@ -550,4 +588,6 @@ def test_fuzz_script_runs_clean(capsys) -> None:
     spec.loader.exec_module(fuzz)  # type: ignore[union-attr]
     assert fuzz.main(["--examples", "25", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "config: 25 inputs" in out and "rasters: 25 inputs" in out and "total: 50 inputs tried" in out
+    for target in ("config", "rasters", "labels", "clusters"):
+        assert f"{target}: 25 inputs" in out
+    assert "total: 100 inputs tried" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import rasterio
 import yaml
 from PIL import Image
 
+from settlements.config import load_config
 from settlements.labels import ClusterLabels, exported_snapshot, merge_table_edits, read_labels
 from settlements.pipeline import stage_export
 
-from .conftest import ROOT, Ran
+from .conftest import ROOT, Ran, write_pipeline
 
 NEW_NAME = "sea or river"
 NEW_COLOUR = "#ff00ff"
@@ -57,13 +59,14 @@ def _magenta_pixels(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def exported(olinda: Ran, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The Olinda run exported to a folder of its own, with its own labels YAML (the session's stays put)."""
+    """The Olinda run's work folder copied under a pipeline config of its own, exported there, with its
+    own labels YAML (the session's stays put)."""
     tmp = tmp_path_factory.mktemp("pull")
-    labels = tmp / "olinda.labels.yaml"
-    cfg = olinda.cfg.model_copy(update={"labels": labels,
-                                        "output": olinda.cfg.output.model_copy(update={"dir": tmp / "out"})})
+    config = write_pipeline(tmp, "olinda", "olinda")
+    cfg = load_config(config)
+    shutil.copytree(olinda.work, cfg.work_dir)
     outputs = stage_export(cfg)
-    return outputs["gpkg"], labels
+    return outputs["gpkg"], cfg.labels_path
 
 
 @pytest.mark.slow

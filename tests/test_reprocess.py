@@ -17,19 +17,12 @@ from settlements.pipeline import run
 from settlements.store import EmbeddingCache, folder_bytes
 
 from .conftest import run_cli
-from .reprocess_helpers import kampala_chips, layer, snapshot
+from .reprocess_helpers import kampala_chips, layer, name_clusters, snapshot
 
 
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     code, out, err = run_cli(monkeypatch, capsys, *args)
     return code, out + err
-
-
-def name_clusters(labels_path: Path, names: dict[int, str]) -> None:
-    data = yaml.safe_load(labels_path.read_text())
-    for cid, name in names.items():
-        data["clusters"][cid]["name"] = name
-    labels_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def tile_clusters(gpkg: Path) -> pd.DataFrame:

@@ -7,7 +7,6 @@ the machine is online. Every backbone's weights are identified by the SHA-256 of
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from ..errors import BackboneError, WeightsError
+from ..store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ class ResolvedWeights:
     path: Path
     source: str  # "file", "hub-cache", "package:<name>", "download"
     sha256: str
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weight_file_names(name: str) -> list[str]:
