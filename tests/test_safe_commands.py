@@ -238,12 +238,11 @@ def test_library_warnings_and_repeated_warnings_are_one_line_each(base: Path, tm
 # ------------------------------------------------------------------------- files from elsewhere
 
 def crafted(gpkg: Path, tmp: Path, config_path: str) -> None:
-    """A GeoPackage whose runs row points labels and work folder elsewhere (as a stranger could)."""
+    """A GeoPackage whose runs row points the labels file elsewhere (as a stranger could)."""
     with sqlite3.connect(gpkg) as con:
         (config,) = con.execute("SELECT config FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
         stored = json.loads(config)
         stored["labels"] = str(tmp / "planted" / "evil.labels.yaml")
-        stored["output"]["work_dir"] = str(tmp / "planted-work")
         con.execute("UPDATE runs SET config = ?, config_path = ?, labels_path = ?",
                     (json.dumps(stored), config_path, stored["labels"]))
         con.execute("UPDATE clusters SET label = 'planted' WHERE cluster = 0")
@@ -258,7 +257,7 @@ def test_a_geopackage_from_elsewhere_names_no_path_that_labels_pull_uses(base: P
     gpkg = shared / "small.gpkg"
     shutil.copy(cfg.output_dir / "small.gpkg", gpkg)
     before = everything(tmp_path / "pipeline")
-    planted = [tmp_path / "planted", tmp_path / "planted-work"]
+    planted = [tmp_path / "planted"]
     # its stored config is not on this machine
     crafted(gpkg, tmp_path, str(tmp_path / "nowhere" / "small.yaml"))
     code, _, err = run_cli(monkeypatch, capsys, "labels", "pull", str(gpkg))
