@@ -219,8 +219,9 @@ def test_a_refit_killed_midway_changes_nothing_and_its_rerun_equals_an_uninterru
 
 def test_a_kill_at_any_step_of_the_commit_leaves_old_or_new_outputs_and_the_next_command_completes_it(
         named: Path, refitted: Path, tmp_path: Path) -> None:
-    """Steps: all staged (no journal yet); journal written; after the first rename, the labels file's,
-    the GeoPackage's and the last one (journal not yet deleted)."""
+    """A real run (a refit), killed when all is staged (no journal yet), when the journal is written, and
+    after the renames of the labels file, of the GeoPackage and the last one (journal not yet deleted).
+    Every single step is killed in the cheaper test below."""
     steps = ["commit:staged", "commit:journal"]
     done: list[str] = []
     while steps:
@@ -244,7 +245,7 @@ def test_a_kill_at_any_step_of_the_commit_leaves_old_or_new_outputs_and_the_next
             if step == "commit:journal":
                 assert state(config) == before
                 steps += [f"commit:rename:{i}" for i in sorted(
-                    {1, finals.index("ka.labels.yaml") + 1, finals.index("ka.gpkg") + 1, len(renames)})]
+                    {finals.index("ka.labels.yaml") + 1, finals.index("ka.gpkg") + 1, len(renames)})]
         # what the scheduler does next: the run completes the commit and has nothing left to do,
         # or (killed before the commit point) runs again
         rerun = run(load_config(config), skip_unchanged=True)
@@ -252,7 +253,54 @@ def test_a_kill_at_any_step_of_the_commit_leaves_old_or_new_outputs_and_the_next
         assert_same_run(config, refitted)
         assert len(layer(cfg.output_dir / "ka.gpkg", "runs")) == 2
         done.append(step)
-    assert len(done) >= 5, done
+    assert len(done) >= 4, done
+
+
+COMMIT_SCRIPT = """
+import sys
+from pathlib import Path
+from settlements.store import Commit
+
+root = Path(sys.argv[1])
+with Commit(root / "work" / ".settlements-commit.json") as commit:
+    for name in ("tiles.parquet", "clusters.npz", "last_run.json"):
+        commit.stage(root / "work" / name).write_text("new " + name)
+    commit.stage(root / "olinda.labels.yaml").write_text("new olinda.labels.yaml")
+    stage = commit.folder(root / "out")
+    for name in ("atlas.png", "olinda.qgz", "olinda.gpkg"):
+        (stage / name).write_text("new " + name)
+"""
+
+
+def test_a_kill_at_every_step_of_a_commit_leaves_the_old_files_or_a_journal_that_completes_the_new_ones(
+        tmp_path: Path) -> None:
+    """Seven files in three folders (work, output staging folder, beside the labels file), killed before
+    the journal, after it, and after each rename."""
+    from settlements.store import finish_commit, remove_stale_temps
+
+    files = [Path("work/tiles.parquet"), Path("work/clusters.npz"), Path("work/last_run.json"),
+             Path("olinda.labels.yaml"), Path("out/atlas.png"), Path("out/olinda.qgz"), Path("out/olinda.gpkg")]
+    steps = ["commit:staged", "commit:journal", *(f"commit:rename:{i}" for i in range(1, len(files) + 1))]
+    for step in steps:
+        root = tmp_path / step.replace(":", "-")
+        for f in files:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_text("old " + f.name)
+        proc = subprocess.run([sys.executable, "-c", COMMIT_SCRIPT, str(root)], capture_output=True, text=True,
+                              env={**os.environ, "SETTLEMENTS_CRASH_AT": step}, timeout=120)
+        assert proc.returncode == -signal.SIGKILL, (step, proc.stderr)
+        contents = {f: (root / f).read_text().split()[0] for f in files}
+        journal = root / "work" / ".settlements-commit.json"
+        if step == "commit:staged":
+            assert set(contents.values()) == {"old"} and not journal.exists()
+            assert remove_stale_temps(root / "work", root / "out", root) == 5  # 4 files, 1 staging folder
+        else:
+            done = 0 if step == "commit:journal" else int(step.rsplit(":", 1)[1])
+            renamed = [Path(t).name for _, t in json.loads(journal.read_text())["renames"]][:done]
+            assert sorted(f.name for f in files if contents[f] == "new") == sorted(renamed), step
+            assert finish_commit(journal) == len(files) - done
+            assert {f: (root / f).read_text() for f in files} == {f: "new " + f.name for f in files}, step
+        assert not leftovers(root), (step, leftovers(root))
 
 
 # ---------------------------------------------------------------------------------------- signals
