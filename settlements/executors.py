@@ -1,10 +1,13 @@
 """Where the per-block work runs: in this process, or on a Dask cluster.
 
-The work is cut into blocks of consecutive tiles of one raster (row-major, so bands of tile rows)
-whose length is a multiple of the batch size, so every executor embeds the same batches and gives
-the same embeddings. Workers write their blocks straight into the embedding cache (a folder every
-worker must see), load the model once per worker process, and k-means assignment runs over row
-blocks of the assembled embedding file.
+Embedding is one stream of tiles over every raster (each raster's tiles row-major, rasters in
+order), batched without regard to file boundaries. The local executor reads the whole stream with
+one DataLoader; the Dask executor cuts it into blocks of consecutive tiles whose length is a
+multiple of the batch size (blocks may span rasters), so every executor embeds the same batches and
+gives the same embeddings. Embeddings are written to the cache under each raster's own key, so a
+new file embeds only its own tiles next time. Workers write their blocks straight into the
+embedding cache (a folder every worker must see), load the model once per worker process, and
+k-means assignment runs over row blocks of the assembled embedding file.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from .clustering import KMeansClusterer
 from .embedding.backbones import Backbone, build_backbone
-from .embedding.infer import InferenceSettings, TileBlocks, iter_embeddings
+from .embedding.infer import EmbeddedChunk, InferenceSettings, TileStream, iter_embeddings
 from .errors import SettlementsError, WeightsError
 from .rasters import RasterInfo
 from .store import EmbeddingCache, NpyRows
@@ -58,34 +61,81 @@ def spec_of(backbone: Backbone) -> ModelSpec:
                      backbone.dim)
 
 
-def split_job(job: EmbedJob, block_tiles: int, batch_size: int) -> list[EmbedJob]:
-    """Blocks of ``block_tiles`` rounded up to whole batches, so batches match the unsplit job."""
+def split_jobs(jobs: list[EmbedJob], block_tiles: int, batch_size: int) -> list[list[EmbedJob]]:
+    """The stream of all jobs' tiles cut into blocks of ``block_tiles`` rounded up to whole batches, each
+    block the pieces of the jobs it covers: batches match the uncut stream's, across rasters too."""
     step = max(1, -(-block_tiles // batch_size)) * batch_size
-    return [replace(job, windows=job.windows[s: s + step]) for s in range(0, len(job.windows), step)]
+    bounds = np.cumsum([0, *(len(j.windows) for j in jobs)])
+    blocks = []
+    for s in range(0, int(bounds[-1]), step):
+        e = min(s + step, int(bounds[-1]))
+        blocks.append([replace(j, windows=j.windows[max(s, a) - a: min(e, b) - a])
+                       for j, a, b in zip(jobs, bounds[:-1], bounds[1:], strict=True) if min(e, b) > max(s, a)])
+    return blocks
 
 
-def embed_job(job: EmbedJob, model: Any, settings: InferenceSettings, cache: EmbeddingCache, dim: int,
-              progress: object | None = None) -> int:
-    """Embed one job's tiles and append them to the cache in chunks; return the number of tiles."""
-    ds = TileBlocks(job.info, job.windows[:, :4], job.windows[:, 4:], job.input_size, settings.batch_size)
-    buf: list[tuple[np.ndarray, ...]] = []
-    buffered = 0
+def tile_stream(jobs: list[EmbedJob], batch_size: int) -> TileStream:
+    """One dataset over the tiles of every job, in order."""
+    sizes = {(j.input_size, j.min_valid) for j in jobs}
+    if len(sizes) > 1:
+        raise ValueError(f"one stream needs one input size and threshold, got {sorted(sizes)}")
+    windows = np.concatenate([j.windows for j in jobs]) if jobs else np.empty((0, 8), np.int64)
+    raster = np.repeat(np.arange(len(jobs)), [len(j.windows) for j in jobs])
+    return TileStream([j.info for j in jobs], raster, windows[:, :4], windows[:, 4:],
+                      jobs[0].input_size if jobs else 1, batch_size)
 
-    def flush() -> None:
-        cache.append(job.key, *(np.concatenate(x) for x in zip(*buf, strict=True)))
 
-    for chunk in iter_embeddings(model, ds, settings, job.min_valid, progress):
-        emb = np.full((len(chunk.index), dim), np.nan, dtype=np.float32)
+class CacheWriter:
+    """Embedded batches (positions in the stream of ``jobs``, in any order) -> chunk files under each
+    raster's key: a raster's chunk is written once ``CHUNK_TILES`` of its tiles are in, and as soon as
+    its last tile is, so a killed run keeps every finished file."""
+
+    def __init__(self, jobs: list[EmbedJob], cache: EmbeddingCache, dim: int) -> None:
+        self.jobs, self.cache, self.dim = jobs, cache, dim
+        self.starts = np.cumsum([0, *(len(j.windows) for j in jobs)])
+        self.left = [len(j.windows) for j in jobs]
+        self.buffers: dict[int, list[tuple[np.ndarray, ...]]] = {}
+
+    def add(self, chunk: EmbeddedChunk) -> None:
+        emb = np.full((len(chunk.index), self.dim), np.nan, dtype=np.float32)
         if chunk.kept.any():  # a batch of skipped tiles (all nodata) has no embeddings at all
             emb[chunk.kept] = chunk.embeddings
-        buf.append((job.windows[chunk.index], chunk.valid_tile, chunk.valid_cell, emb))
-        buffered += len(chunk.index)
-        if buffered >= CHUNK_TILES:
-            flush()
-            buf, buffered = [], 0
-    if buf:
-        flush()
-    return len(job.windows)
+        job_of = np.searchsorted(self.starts, chunk.index, side="right") - 1
+        for j, rows in _groups(job_of):
+            local = chunk.index[rows] - self.starts[j]
+            buf = self.buffers.setdefault(j, [])
+            buf.append((self.jobs[j].windows[local], chunk.valid_tile[rows], chunk.valid_cell[rows], emb[rows]))
+            self.left[j] -= len(rows)
+            if self.left[j] == 0 or sum(len(b[0]) for b in buf) >= CHUNK_TILES:
+                self._flush(j)
+
+    def _flush(self, j: int) -> None:
+        buf = self.buffers.pop(j)
+        self.cache.append(self.jobs[j].key, *(np.concatenate(x) for x in zip(*buf, strict=True)))
+
+    def close(self) -> None:
+        for j in list(self.buffers):
+            self._flush(j)
+
+
+def _groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(label, positions) for each distinct label, in order of first appearance."""
+    uniq, first = np.unique(labels, return_index=True)
+    return [(int(u), np.flatnonzero(labels == u)) for u in uniq[np.argsort(first)]]
+
+
+def embed_jobs(jobs: list[EmbedJob], model: Any, settings: InferenceSettings, cache: EmbeddingCache, dim: int,
+               progress: object | None = None) -> int:
+    """Embed the tiles of all jobs as one stream and write them to the cache per raster; return the count."""
+    jobs = [j for j in jobs if len(j.windows)]
+    if not jobs:
+        return 0
+    writer = CacheWriter(jobs, cache, dim)
+    for chunk in iter_embeddings(model, tile_stream(jobs, settings.batch_size), settings, jobs[0].min_valid,
+                                 progress):
+        writer.add(chunk)
+    writer.close()
+    return sum(len(j.windows) for j in jobs)
 
 
 def assign_rows(model: KMeansClusterer, path: str | Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,13 +153,13 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """This process: a DataLoader per raster reads blocks while the CNN runs."""
+    """This process: one DataLoader reads the whole stream while the CNN runs."""
 
     name = "local"
 
     def embed(self, jobs: list[EmbedJob], backbone: Backbone, settings: InferenceSettings,
               cache: EmbeddingCache, progress: object | None) -> int:
-        return sum(embed_job(j, backbone.model, settings, cache, backbone.dim, progress) for j in jobs)
+        return embed_jobs(jobs, backbone.model, settings, cache, backbone.dim, progress)
 
     def assign(self, model: KMeansClusterer, path: Path) -> tuple[np.ndarray, np.ndarray]:
         return model.predict(NpyRows(path))
@@ -139,10 +189,10 @@ def worker_model(spec: ModelSpec) -> Any:
         return _WORKER_MODELS[spec]
 
 
-def _embed_on_worker(job: EmbedJob, spec: ModelSpec, settings: InferenceSettings, cache_root: str) -> int:
+def _embed_on_worker(block: list[EmbedJob], spec: ModelSpec, settings: InferenceSettings, cache_root: str) -> int:
     # no DataLoader processes inside a (daemonic) Dask worker: its threads overlap reading and compute
-    return embed_job(job, worker_model(spec), replace(settings, num_workers=0), EmbeddingCache(Path(cache_root)),
-                     spec.dim)
+    return embed_jobs(block, worker_model(spec), replace(settings, num_workers=0), EmbeddingCache(Path(cache_root)),
+                      spec.dim)
 
 
 class DaskExecutor:
@@ -181,7 +231,7 @@ class DaskExecutor:
 
     def embed(self, jobs: list[EmbedJob], backbone: Backbone, settings: InferenceSettings,
               cache: EmbeddingCache, progress: object | None) -> int:
-        blocks = [b for j in jobs for b in split_job(j, self.block_tiles, settings.batch_size)]
+        blocks = split_jobs(jobs, self.block_tiles, settings.batch_size)
         if not blocks:
             return 0
         spec = spec_of(backbone)

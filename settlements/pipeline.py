@@ -445,8 +445,9 @@ def _embed(cfg: PipelineConfig, executor: Executor | None, ws: Workspace) -> dic
     cache = EmbeddingCache(ws.cache)
     keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer, settings.precision) for info in infos]
     jobs, read = [], []
+    by_raster = tiles.groupby("raster").indices  # one pass, not one scan of every tile per raster
     for r, info in enumerate(infos):
-        rt = tiles[tiles["raster"] == r]
+        rt = tiles.iloc[by_raster.get(r, np.empty(0, np.int64))]
         done = cache.index(keys[r])[[*WINDOW_COLUMNS, "valid_tile", "embedded"]]
         merged = rt[WINDOW_COLUMNS].merge(done, on=WINDOW_COLUMNS, how="left")
         # new windows, and windows cached as skipped that a lower threshold now keeps

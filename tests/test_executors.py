@@ -10,7 +10,7 @@ import pyogrio
 import pytest
 
 from settlements.config import load_config
-from settlements.executors import EmbedJob, split_job
+from settlements.executors import EmbedJob, split_jobs
 from settlements.pipeline import run
 
 from .conftest import scene, write_pipeline
@@ -24,12 +24,18 @@ def _layer(gpkg: Path, name: str) -> pd.DataFrame:
     return df.drop(columns=[c for c in ("fid",) if c in df.columns])
 
 
-def test_split_job_keeps_whole_batches_and_every_tile() -> None:
-    windows = np.arange(1000 * 8).reshape(1000, 8)
-    job = EmbedJob("k", None, windows, 64, 0.5)  # type: ignore[arg-type]
-    blocks = split_job(job, block_tiles=100, batch_size=32)
-    assert all(len(b.windows) % 32 == 0 for b in blocks[:-1])
-    assert np.array_equal(np.concatenate([b.windows for b in blocks]), windows)
+def test_blocks_span_rasters_in_whole_batches_and_keep_every_tile() -> None:
+    jobs = [EmbedJob(f"k{i}", None, np.arange(n * 8).reshape(n, 8) + 10_000 * i, 64, 0.5)  # type: ignore[arg-type]
+            for i, n in enumerate((1000, 7, 30, 0, 55))]
+    blocks = split_jobs(jobs, block_tiles=100, batch_size=32)
+    sizes = [sum(len(j.windows) for j in b) for b in blocks]
+    assert sizes[:-1] == [128] * (len(blocks) - 1) and sum(sizes) == 1092  # whole batches, across files
+    # tiles 896..1023: the end of k0, all of k1, the start of k2; then the rest of k2 and k4
+    assert [(j.key, len(j.windows)) for j in blocks[7]] == [("k0", 104), ("k1", 7), ("k2", 17)]
+    assert [(j.key, len(j.windows)) for j in blocks[8]] == [("k2", 13), ("k4", 55)]
+    for key in ("k0", "k1", "k2", "k4"):
+        got = np.concatenate([j.windows for b in blocks for j in b if j.key == key])
+        assert np.array_equal(got, next(j.windows for j in jobs if j.key == key))
 
 
 @pytest.mark.slow

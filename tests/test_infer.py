@@ -23,6 +23,7 @@ from settlements.embedding.infer import (
     TileBlocks,
     block_runs,
     embed_batch,
+    iter_batches,
     iter_embeddings,
     keep_freed_memory,
     prepare_model,
@@ -191,14 +192,20 @@ def test_model_input_equals_the_per_tile_path(dtype: str, low: list[float], high
 
 
 def test_workers_hand_over_raw_pixels_in_shared_memory(swellendam_tiles) -> None:
+    """Workers leave raw 8-bit tiles in the run's shared ring, each worker its own range of batches."""
     info, tiles = swellendam_tiles
-    ds = TileBlocks(info, tiles, tiles, 64, batch_size=40)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
-    batches = list(loader)
-    assert [b.pixels.dtype for b in batches] == [torch.uint8, torch.uint8]  # a quarter of float32's bytes
-    assert all(b.pixels.is_shared() and not b.finished and b.invalid is None for b in batches)
-    got = torch.cat([ds.inputs(b) for b in batches])
-    assert torch.equal(got, torch.cat([ds.inputs(ds[i]) for i in range(len(ds))]))
+    ds = TileBlocks(info, tiles, tiles, 64, batch_size=8)
+    ref = {int(b.index[0]): ds.inputs(b) for b in (ds[i] for i in range(len(ds)))}
+    for workers in (1, 2):
+        got, firsts = {}, []
+        for b in iter_batches(ds, workers):  # a batch lies in the ring until later ones take its slot
+            [part] = b.parts
+            assert part.pixels.dtype == torch.uint8 and part.pixels.is_shared() and part.invalid is None
+            firsts.append(int(b.index[0]))
+            got[firsts[-1]] = ds.inputs(b)
+        # two workers: the first reads batches 0-3, the second 4-7, handed on alternately
+        assert firsts == ([0, 32, 8, 40, 16, 48, 24, 56] if workers == 2 else list(range(0, 64, 8)))
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_worker_count_auto() -> None:

@@ -18,13 +18,13 @@ import functools
 import logging
 import os
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import rasterio
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch.fx.experimental import optimization as fx_optimization
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SettlementsError
-from ..rasters import RasterInfo, read_raw
+from ..rasters import OpenRasters, RasterInfo, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,15 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 #: Neighbouring tiles are read as one window while it holds at most this many times their pixels.
 BLOCK_OVERREAD = 3.0
+
+#: Datasets each reading process keeps open at once (the least recently used is closed first).
+OPEN_RASTERS = 32
+
+#: Batches queued on a GPU before the oldest one's features are collected.
+GPU_IN_FLIGHT = 3
+
+#: Shared memory a run's batch ring may take; above it (huge tiles) each batch gets its own.
+RING_BYTES = 2 << 30
 
 
 def to_model_input(tile: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -185,6 +194,18 @@ def batch_slices(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
+def read_order(n: int, parts: int) -> np.ndarray:
+    """Batch numbers 0..n-1 in the order ``parts`` DataLoader workers read them: each worker (the
+    DataLoader deals positions round-robin) gets one contiguous range of batches.
+
+    Neighbouring batches share compressed blocks of the file; dealt one by one, every worker would
+    decode nearly every block (two workers read no faster than one). Returned in this order,
+    position ``p`` goes to worker ``p % parts``.
+    """
+    ranges = np.array_split(np.arange(n), max(1, min(parts, n)))  # longer ranges first
+    return np.array([r[k] for k in range(len(ranges[0])) for r in ranges if k < len(r)], dtype=np.int64)
+
+
 def block_runs(tiles: np.ndarray, overread: float = BLOCK_OVERREAD) -> list[tuple[int, int]]:
     """Split consecutive tiles (rows of col, row, width, height) into [start, stop) runs, each read as one
     window: a run grows while its bounding window holds at most ``overread`` times its tiles' pixels."""
@@ -203,115 +224,348 @@ def block_runs(tiles: np.ndarray, overread: float = BLOCK_OVERREAD) -> list[tupl
     return runs
 
 
+_WIRE = {np.dtype("uint16"): np.dtype("int32"), np.dtype("uint32"): np.dtype("int64"),
+         np.dtype("float64"): np.dtype("float32")}
+
+
 def wire_dtype(raw: np.ndarray) -> np.ndarray:
     """Raw pixels in a dtype torch can move and convert everywhere (uint16/uint32 widened, float64 narrowed)."""
-    return raw.astype({np.dtype("uint16"): np.int32, np.dtype("uint32"): np.int64,
-                       np.dtype("float64"): np.float32}.get(raw.dtype, raw.dtype), copy=False)
+    return raw.astype(_WIRE.get(raw.dtype, raw.dtype), copy=False)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, _WIRE.get(dtype, dtype))).dtype
+
+
+class RingView(NamedTuple):
+    """Where a worker left a tensor in the batch ring: slot, byte offset in it, dtype, shape and strides."""
+
+    slot: int
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class BatchRing:
+    """Shared-memory buffers, allocated once per run, that DataLoader workers fill with batches in turn.
+
+    The batch at read position ``p`` goes to slot ``p % slots``; the model's process reads it where it
+    lies, so no shared-memory segment is made, faulted in, passed and unmapped per batch, and for a GPU
+    the ring is page-locked once (the copy to the GPU needs no staging copy and does not block).
+    A DataLoader dispatches at most ``prefetch`` batches beyond the last one it returned, so with
+    ``slots`` >= prefetch + (batches still in use) + 1 a slot is written again only once its batch is
+    done with. Each slot starts with the position written last, checked when the batch is taken.
+    """
+
+    HEADER = 64  # bytes before a slot's data (the position, int64); data stays 64-byte aligned
+
+    def __init__(self, slots: int, slot_bytes: int) -> None:
+        self.slots = slots
+        self.slot_bytes = self.HEADER + -(-slot_bytes // 64) * 64
+        self.buffer = torch.zeros(self.slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        self._pinned = False
+
+    def pin(self) -> None:
+        """Page-lock the ring for CUDA copies (after the workers have forked: pinned pages may not be
+        inherited); on failure copies stay correct, only synchronous."""
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
+        self._pinned = int(err) == 0
+        if not self._pinned:
+            log.debug("batch ring not page-locked (cudaHostRegister: %s)", err)
+
+    def unpin(self) -> None:
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self._pinned = False
+
+    def writer(self, position: int) -> RingWriter:
+        return RingWriter(self, position)
+
+    def tensor(self, view: RingView) -> torch.Tensor:
+        start = view.slot * self.slot_bytes + view.offset
+        numel = 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride, strict=True)) if all(view.shape) else 0
+        size = torch.empty(0, dtype=view.dtype).element_size()
+        flat = self.buffer.narrow(0, start, numel * size).view(view.dtype)
+        return flat.as_strided(view.shape, view.stride)
+
+    def take(self, batch: TileBatch, position: int) -> TileBatch:
+        """The batch a worker left at ``position``, as tensors over the ring."""
+        slot = position % self.slots
+        written = int(self.buffer.narrow(0, slot * self.slot_bytes, 8).view(torch.int64)[0])
+        if written != position:  # a slot overwritten before use: never hand on wrong pixels
+            raise RuntimeError(f"batch ring slot {slot} holds batch {written}, expected {position}")
+        parts = tuple(TilePart(self.tensor(p.pixels), None if p.invalid is None else self.tensor(p.invalid),
+                               p.model_input) for p in batch.parts)
+        return batch._replace(parts=parts)
+
+
+class RingWriter:
+    """A worker's allocations for one batch: consecutive 64-byte aligned tensors in its slot."""
+
+    def __init__(self, ring: BatchRing, position: int) -> None:
+        self.ring, self.position = ring, position
+        self.slot = position % ring.slots
+        self.base = self.slot * ring.slot_bytes
+        self.used = BatchRing.HEADER
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used + nbytes <= self.ring.slot_bytes
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        size = torch.empty(0, dtype=dtype).element_size()
+        numel = int(np.prod(shape))
+        out = self.ring.buffer.narrow(0, self.base + self.used, numel * size).view(dtype).view(shape)
+        self.used += -(-numel * size // 64) * 64
+        return out
+
+    def view(self, t: torch.Tensor) -> RingView:
+        offset = t.data_ptr() - self.ring.buffer.data_ptr() - self.base
+        return RingView(self.slot, offset, t.dtype, tuple(t.shape), tuple(t.stride()))
+
+    def seal(self) -> None:
+        """Mark the slot as holding this position (written last, after the pixels)."""
+        self.ring.buffer.narrow(0, self.base, 8).view(torch.int64)[0] = self.position
+
+
+class TilePart(NamedTuple):
+    """Consecutive tiles of a batch that share a raster's scaling, a dtype and a shape.
+
+    ``pixels``: raw (n, bands, h, w) in a wire dtype (channels_last strides where the file stores
+    bands pixel by pixel); ``invalid``: (n, h, w), None where every pixel is imagery. In a worker's
+    answer both may be :class:`RingView` s, made tensors again by :meth:`BatchRing.take`.
+    """
+
+    pixels: torch.Tensor
+    invalid: torch.Tensor | None
+    model_input: ModelInput
 
 
 class TileBatch(NamedTuple):
-    """One dataset item: tile indices, their pixels, and how much of each tile and cell is imagery.
-
-    ``pixels`` is the model input (``finished``), or raw (n, bands, h, w) pixels with ``invalid``
-    (n, h, w; None where every pixel is imagery) for :class:`ModelInput` to finish on the model's device.
-    """
+    """One dataset item: positions in the tile list, the tiles' raw pixels in parts, and how much of each
+    tile and cell is imagery. :meth:`TileStream.inputs` makes the model input of all parts on the model's
+    device."""
 
     index: np.ndarray
-    pixels: torch.Tensor
-    invalid: torch.Tensor | None
+    parts: tuple[TilePart, ...]
     valid_tile: np.ndarray
     valid_cell: np.ndarray
-    finished: bool
 
 
-class TileBlocks(Dataset):
-    """Batches of consecutive tiles of one raster, read as blocks.
+class TileStream(Dataset):
+    """Batches of consecutive tiles across rasters, read as blocks: one dataset and one DataLoader per run.
 
-    Each DataLoader worker opens its own dataset handle (never shared across processes).
+    Tiles come grouped by raster (``raster``: each tile's index into ``infos``); a batch takes the next
+    ``batch_size`` tiles whichever files they lie in, so many small files fill whole batches as one
+    mosaic does, and the batches are a function of the tile list alone (any executor that embeds the
+    same list gives the same embeddings). Each reading process opens datasets as it needs them and keeps
+    at most ``open_limit`` open (the least recently used is closed first; handles never cross processes).
     """
 
-    def __init__(self, info: RasterInfo, tiles: np.ndarray, cells: np.ndarray, input_size: int,
-                 batch_size: int) -> None:
-        self.info = info
-        self.tiles = np.asarray(tiles, dtype=np.int64)  # (n, 4) col_off, row_off, width, height
-        self.cells = np.asarray(cells, dtype=np.int64)  # (n, 4) likewise, the stride cell
+    def __init__(self, infos: list[RasterInfo], raster: np.ndarray, tiles: np.ndarray, cells: np.ndarray,
+                 input_size: int, batch_size: int, open_limit: int = OPEN_RASTERS) -> None:
+        self.infos = list(infos)
+        self.raster = np.asarray(raster, dtype=np.int64)
+        self.tiles = np.asarray(tiles, dtype=np.int64).reshape(-1, 4)  # (n, 4) col_off, row_off, width, height
+        self.cells = np.asarray(cells, dtype=np.int64).reshape(-1, 4)  # (n, 4) likewise, the stride cell
         self.input_size = input_size
-        self.model_input = ModelInput.of(info, input_size)
+        self.batch_size = batch_size
+        self.model_inputs = [ModelInput.of(info, input_size) for info in self.infos]
         self.slices = batch_slices(len(self.tiles), batch_size)
-        self._src: rasterio.io.DatasetReader | None = None
-        self._pixel_interleaved = False
+        self.order = np.arange(len(self.slices))
+        self.position = self.order
+        self.ring: BatchRing | None = None
+        self._open = OpenRasters(self.infos, open_limit)
 
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_src": None}
-
     def close(self) -> None:
-        if self._src is not None:
-            self._src.close()
-            self._src = None
+        self._open.close()
 
-    def _read(self, tiles: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        assert self._src is not None
+    def read_by(self, workers: int) -> None:
+        """Read in the order that gives each of ``workers`` DataLoader workers its own range of batches."""
+        self.order = read_order(len(self.slices), workers)
+        self.position = np.argsort(self.order)
+
+    def batch_bytes(self) -> int:
+        """An upper bound on a batch's raw pixels and masks, as a worker lays them out."""
+        if not len(self.tiles):
+            return 0
+        per_pixel = np.array([len(i.bands) * np.dtype(_WIRE.get(np.dtype(i.dtype), i.dtype)).itemsize + 1
+                              for i in self.infos])
+        tile = int((self.tiles[:, 2] * self.tiles[:, 3] * per_pixel[self.raster]).max())
+        return self.batch_size * (tile + 128)
+
+    def _segments(self, s: int, e: int) -> list[tuple[int, int, int]]:
+        """(raster, start, stop) of the runs of one raster's tiles in [s, e)."""
+        r = self.raster[s:e]
+        cuts = [0, *(np.flatnonzero(r[1:] != r[:-1]) + 1).tolist(), e - s]
+        return [(int(r[a]), s + a, s + b) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
+
+    def _read(self, r: int, tiles: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], bool]:
+        """One raster's tiles: pixels and validity per tile (views of block reads), and whether the
+        pixels are stored (and so read) band-interleaved by pixel."""
+        src, info = self._open[r], self.infos[r]
+        interleaved = src.interleaving == Interleaving.pixel
         pixels, valid = [], []
         for s, e in block_runs(tiles):
             run = tiles[s:e]
             c0, r0 = int(run[:, 0].min()), int(run[:, 1].min())
             c1, r1 = int((run[:, 0] + run[:, 2]).max()), int((run[:, 1] + run[:, 3]).max())
-            block, ok = read_raw(self._src, self.info, Window(c0, r0, c1 - c0, r1 - r0), self._pixel_interleaved)
-            for c, r, w, h in run:
-                pixels.append(block[:, r - r0: r - r0 + h, c - c0: c - c0 + w])
-                valid.append(ok[r - r0: r - r0 + h, c - c0: c - c0 + w])
-        return pixels, valid
+            block, ok = read_raw(src, info, Window(c0, r0, c1 - c0, r1 - r0), interleaved)
+            for c, row, w, h in run:
+                pixels.append(block[:, row - r0: row - r0 + h, c - c0: c - c0 + w])
+                valid.append(ok[row - r0: row - r0 + h, c - c0: c - c0 + w])
+        return pixels, valid, interleaved
 
     def __getitem__(self, i: int) -> TileBatch:
-        if self._src is None:
-            self._src = rasterio.open(self.info.path)
-            self._pixel_interleaved = self._src.interleaving == Interleaving.pixel
         s, e = self.slices[i]
+        pixels: list[np.ndarray] = []
+        valid: list[np.ndarray] = []
+        kinds: list[tuple[int, bool]] = []
+        for r, a, b in self._segments(s, e):
+            px, ok, interleaved = self._read(r, self.tiles[a:b])
+            pixels += px
+            valid += ok
+            kinds += [(r, interleaved)] * len(px)
         tiles, cells = self.tiles[s:e], self.cells[s:e]
-        pixels, valid = self._read(tiles)
         if all(v.all() for v in valid):  # the common case: only imagery
-            vt = vc = np.ones(len(tiles), dtype=np.float32)
+            vt = vc = np.ones(e - s, dtype=np.float32)
         else:
             vt = np.array([v.mean() for v in valid], dtype=np.float32)
             vc = np.array([v[cr - r: cr - r + ch, cc - c: cc - c + cw].mean()
                            for v, (c, r, _, _), (cc, cr, cw, ch) in zip(valid, tiles, cells, strict=True)],
                           dtype=np.float32)
-        index = np.arange(s, e)
-        if len({p.shape for p in pixels}) > 1:  # tiles of different sizes cannot be stacked before resizing
-            x = torch.cat([self.model_input(p[None], self._invalid(v[None]))
-                           for p, v in zip(pixels, valid, strict=True)])
-            return TileBatch(index, x, None, vt, vc, True)
-        invalid = self._invalid(np.stack(valid))
-        wire = wire_dtype(pixels[0][:0]).dtype  # e.g. uint8 stays uint8: a quarter of float32's bytes
-        bands, h, w = pixels[0].shape
-        dtype = torch.from_numpy(np.empty(0, wire)).dtype
-        if self._pixel_interleaved:  # as the file stores them: (n, h, w, bands), i.e. channels_last
-            raw = new_tensor((len(pixels), h, w, bands), dtype)
+        ring = self.ring if self.ring is not None and torch.utils.data.get_worker_info() is not None else None
+        writer = None if ring is None else ring.writer(int(self.position[i]))
+        parts = tuple(self._part(pixels[a:b], valid[a:b], self.model_inputs[kinds[a][0]], kinds[a][1], writer)
+                      for a, b in _runs([(self.model_inputs[r], p.dtype, p.shape, il)
+                                         for p, (r, il) in zip(pixels, kinds, strict=True)]))
+        if writer is not None:
+            writer.seal()
+        return TileBatch(np.arange(s, e), parts, vt, vc)
+
+    @staticmethod
+    def _part(pixels: list[np.ndarray], valid: list[np.ndarray], model_input: ModelInput, interleaved: bool,
+              writer: RingWriter | None) -> TilePart:
+        """Stack tiles of one kind into one raw tensor (in the ring slot, else in shared memory in a
+        worker), as the file stores them: pixel-interleaved files give (n, h, w, bands), i.e. channels_last."""
+        n, (bands, h, w) = len(pixels), pixels[0].shape
+        dtype = _torch_dtype(pixels[0].dtype)  # e.g. uint8 stays uint8: a quarter of float32's bytes
+        all_valid = all(v.all() for v in valid)
+        size = torch.empty(0, dtype=dtype).element_size()
+        if writer is not None and not writer.fits(n * h * w * (bands * size + 1) + 128):
+            writer = None  # never expected (the ring is sized for the largest batch)
+
+        def alloc(shape: tuple[int, ...], kind: torch.dtype) -> torch.Tensor:
+            return writer.tensor(shape, kind) if writer is not None else new_tensor(shape, kind)
+
+        if interleaved:
+            raw = alloc((n, h, w, bands), dtype)
             np.stack([p.transpose(1, 2, 0) for p in pixels], out=raw.numpy(), casting="unsafe")
             raw = raw.permute(0, 3, 1, 2)
         else:
-            raw = new_tensor((len(pixels), bands, h, w), dtype)
+            raw = alloc((n, bands, h, w), dtype)
             np.stack(pixels, out=raw.numpy(), casting="unsafe")
-        return TileBatch(index, raw, invalid, vt, vc, False)
+        invalid = None
+        if not all_valid:
+            invalid = alloc((n, h, w), torch.bool)
+            np.logical_not(np.stack(valid), out=invalid.numpy())
+        if writer is None:
+            return TilePart(raw, invalid, model_input)
+        return TilePart(writer.view(raw), None if invalid is None else writer.view(invalid),  # type: ignore[arg-type]
+                        model_input)
 
     def inputs(self, batch: TileBatch, device: torch.device | str = "cpu",
                keep: np.ndarray | None = None) -> torch.Tensor:
-        """The model input of an item's tiles (those where ``keep`` is True), finished on ``device``."""
+        """The model input of a batch's tiles (those where ``keep`` is True), each part finished by its own
+        raster's :class:`ModelInput` on ``device``, concatenated into one batch."""
         device = torch.device(device)
-        sel = None if keep is None else torch.from_numpy(keep)  # indexing would drop the pinning
-        x = batch.pixels if sel is None else batch.pixels[sel]
-        if batch.finished:
-            return x
-        invalid = batch.invalid if batch.invalid is None or sel is None else batch.invalid[sel]
-        return self.model_input(x.to(device, non_blocking=True),
-                                None if invalid is None else invalid.to(device, non_blocking=True))
+        out, at = [], 0
+        for part in batch.parts:
+            n = len(part.pixels)
+            sel = None if keep is None else keep[at: at + n]
+            at += n
+            if sel is not None and not sel.any():
+                continue
+            out.append(_finish_part(part, device, None if sel is None or sel.all() else sel))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
-    @staticmethod
-    def _invalid(valid: np.ndarray) -> torch.Tensor | None:
-        return None if valid.all() else torch.from_numpy(~valid)
+
+def _runs(keys: list[Any]) -> list[tuple[int, int]]:
+    """[start, stop) runs of equal consecutive keys."""
+    cuts = [0, *(i for i in range(1, len(keys)) if keys[i] != keys[i - 1]), len(keys)]
+    return list(zip(cuts[:-1], cuts[1:], strict=False))
+
+
+def _finish_part(part: TilePart, device: torch.device, sel: np.ndarray | None) -> torch.Tensor:
+    x, invalid = part.pixels, part.invalid
+    if sel is not None:
+        m = torch.from_numpy(sel)
+        x, invalid = x[m], None if invalid is None else invalid[m]
+        if device.type == "cuda":  # a selection lies in pageable memory: pin it so the copy does not block
+            x, invalid = x.pin_memory(), None if invalid is None else invalid.pin_memory()
+    return part.model_input(x.to(device, non_blocking=True),
+                            None if invalid is None else invalid.to(device, non_blocking=True))
+
+
+class TileBlocks(TileStream):
+    """Batches of consecutive tiles of one raster: a stream of one raster."""
+
+    def __init__(self, info: RasterInfo, tiles: np.ndarray, cells: np.ndarray, input_size: int,
+                 batch_size: int) -> None:
+        super().__init__([info], np.zeros(len(tiles), dtype=np.int64), tiles, cells, input_size, batch_size)
+
+
+def iter_batches(dataset: TileStream, workers: int, device: torch.device | str = "cpu",
+                 held: int = 0) -> Iterator[TileBatch]:
+    """The dataset's batches in order, read by ``workers`` DataLoader processes (0: in this one).
+
+    Each worker reads its own range of batches (so no two decode the same blocks) into a ring of
+    shared-memory slots made once for the run, page-locked for a GPU. ``held``: batches the caller
+    may still be using (e.g. queued on a GPU) when it asks for the next one.
+    """
+    device = torch.device(device)
+    workers = min(workers, len(dataset))
+    if workers == 0:
+        try:
+            yield from (dataset[i] for i in range(len(dataset)))
+        finally:
+            dataset.close()
+        return
+    on_gpu = device.type == "cuda"
+    prefetch = 2 if on_gpu else 4
+    ds = copy.copy(dataset)  # this run's read order and ring; the caller's dataset stays as it was
+    ds.read_by(workers)
+    ds.ring = _ring(ds, prefetch * workers + held + 2)
+    loader = DataLoader(ds, batch_size=None, sampler=ds.order.tolist(), num_workers=workers,
+                        pin_memory=on_gpu and ds.ring is None, persistent_workers=False, prefetch_factor=prefetch)
+    batches = iter(loader)  # forks the workers
+    try:
+        if ds.ring is not None and on_gpu:
+            ds.ring.pin()
+        for p, b in enumerate(_one_line_errors(batches)):
+            yield b if ds.ring is None else ds.ring.take(b, p)
+    finally:
+        del batches  # stops the workers
+        if ds.ring is not None:
+            ds.ring.unpin()
+        dataset.close()
+
+
+def _ring(dataset: TileStream, slots: int) -> BatchRing | None:
+    """A batch ring for ``dataset``, or None where it would take more than :data:`RING_BYTES` (huge
+    tiles: each batch then gets its own shared memory) or the shared memory cannot be had."""
+    need = dataset.batch_bytes()
+    if need == 0 or slots * need > RING_BYTES:
+        return None
+    try:
+        return BatchRing(slots, need)
+    except RuntimeError as exc:  # e.g. a small /dev/shm
+        log.debug("no batch ring: %s", exc)
+        return None
 
 
 @contextmanager
@@ -477,49 +731,39 @@ class _InFlight:
         return EmbeddedChunk(self.index, self.valid_tile, self.valid_cell, self.kept, emb)
 
 
-def iter_embeddings(model: torch.nn.Module, dataset: TileBlocks, settings: InferenceSettings,
+def iter_embeddings(model: torch.nn.Module, dataset: TileStream, settings: InferenceSettings,
                     min_valid: float, progress: object | None = None) -> Iterator[EmbeddedChunk]:
-    """Embed every tile whose valid share is at least ``min_valid``; yield per batch, in order.
+    """Embed every tile whose valid share is at least ``min_valid``; yield per batch, in read order.
 
-    On a GPU, batches are copied from pinned memory without blocking, and a batch's features are
-    collected only after the next batch is queued, so the GPU never waits for the Python loop.
+    The model is prepared once for the whole stream. On a GPU, batches are copied from page-locked
+    memory without blocking, and up to :data:`GPU_IN_FLIGHT` batches are queued before the oldest
+    one's features are collected, so the GPU never waits for the Python loop.
     """
     device = settings.torch_device()
     amp = settings.autocast_dtype(device)
     model = prepare_model(model, device, amp)
     on_gpu = device.type == "cuda"
-    workers = min(settings.workers_for(device), len(dataset))
-    loader = DataLoader(
-        dataset,
-        batch_size=None,  # each item is already a batch, read as one block
-        num_workers=workers,
-        pin_memory=on_gpu,
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    pending: _InFlight | None = None
-    try:
-        for b in _one_line_errors(loader):
-            vt = np.asarray(b.valid_tile, dtype=np.float32)
-            kept = vt >= min_valid - 1e-9
-            features, done = None, None
-            if kept.any():
-                x = dataset.inputs(b, device, None if kept.all() else kept)
-                features = forward(model, x, device, amp)
-                if on_gpu:
-                    features = features.to("cpu", non_blocking=True)  # into pinned memory, once computed
-                    done = torch.cuda.Event()
-                    done.record()
-                else:
-                    features = features.cpu()
-            if pending is not None:
-                yield _finish(pending, progress)
-            pending = _InFlight(np.asarray(b.index), vt, np.asarray(b.valid_cell, dtype=np.float32), kept,
-                                features, done)
-        if pending is not None:
-            yield _finish(pending, progress)
-    finally:
-        dataset.close()
+    depth = GPU_IN_FLIGHT if on_gpu else 0
+    pending: deque[_InFlight] = deque()
+    for b in iter_batches(dataset, settings.workers_for(device), device, held=depth):
+        vt = np.asarray(b.valid_tile, dtype=np.float32)
+        kept = vt >= min_valid - 1e-9
+        features, done = None, None
+        if kept.any():
+            x = dataset.inputs(b, device, None if kept.all() else kept)
+            features = forward(model, x, device, amp)
+            if on_gpu:
+                features = features.to("cpu", non_blocking=True)  # into pinned memory, once computed
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                features = features.cpu()
+        pending.append(_InFlight(np.asarray(b.index), vt, np.asarray(b.valid_cell, dtype=np.float32), kept,
+                                 features, done))
+        while len(pending) > depth:
+            yield _finish(pending.popleft(), progress)
+    while pending:
+        yield _finish(pending.popleft(), progress)
 
 
 def _finish(batch: _InFlight, progress: object | None) -> EmbeddedChunk:
