@@ -11,8 +11,17 @@ then prints, on this machine:
   (e) the pipeline's FAISS k-means (fit on all points, then assign them) vs scikit-learn KMeans with its
       defaults on the same embeddings (time as best of 3, inertia in the embedding space), FAISS both on
       the 1280-d embeddings and with clustering.pca_dim 32; the JSON's FAISS figures are the latter's,
+  (f) the input path alone, no model: the pipeline's reading of the large mosaic's first tiles (read,
+      decode, assemble uint8 batches at the input size, hand over to the main process) in tiles/s with
+      1 and 2 DataLoader workers,
+  (g) many files: the small mosaic cut into 10 x 10 files (1000^2 px, tiled like it) against the mosaic,
+      200 px tiles (the same tiles in both) at the input size, end-to-end kept tiles/s of each,
+  (h) the 64 Mumbai patches (../shared/data/mumbai_train, 600^2 px) as 64 files against one VRT of them,
+      50 m tiles at 224 px, end-to-end kept tiles/s of each (skipped where the data is missing),
 and ends with one JSON line. Targets (quiet 2-core CPU): a/b >= 0.85, a/c >= 1.5,
-RSS(30k) <= 1.2 x RSS(10k) and < 2 GiB, FAISS >= 2x faster than scikit-learn at inertia within 1 %.
+RSS(30k) <= 1.2 x RSS(10k) and < 2 GiB, FAISS >= 2x faster than scikit-learn at inertia within 1 %,
+input path >= 1,500 tiles/s with one worker and >= 1.8x that with two, files over mosaic >= 0.9,
+Mumbai files over VRT >= 0.9.
 
     python benchmarks/bench.py [--quick] [--workdir /tmp/settlements-bench]
 """
@@ -33,7 +42,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "data" / "swellendam_za" / "3420B_2010_328_RGB_LATLNG.tif"
+MUMBAI = ROOT / "data" / "mumbai_train"
 BAND_ROWS = 512
+#: The many-files case: the small mosaic cut into FILES_PER_SIDE^2 files, tiles that divide a file's side.
+FILES_PER_SIDE, FILES_TILE = 10, 200
 
 
 def mirror_index(n: int, period: int) -> np.ndarray:
@@ -69,19 +81,23 @@ def build_mosaic(path: Path, size: int, source: Path = SOURCE) -> Path:
     return path
 
 
-def pipeline_yaml(workdir: Path, mosaic: Path, name: str, args: argparse.Namespace) -> Path:
+def pipeline_yaml(workdir: Path, mosaic: Path | str, name: str, args: argparse.Namespace,
+                  regions: dict | None = None, tile: str | None = None) -> Path:
+    """A pipeline over ``mosaic`` (a file, or a glob of files); regions: the mosaic's extent unless given."""
     import rasterio
     import yaml
 
-    with rasterio.open(mosaic) as ds:
-        b = ds.bounds
-    wkt = f"POLYGON (({b.left} {b.bottom}, {b.right} {b.bottom}, {b.right} {b.top}, {b.left} {b.top}, " \
-          f"{b.left} {b.bottom}))"
+    if regions is None:
+        with rasterio.open(mosaic) as ds:
+            b = ds.bounds
+        wkt = f"POLYGON (({b.left} {b.bottom}, {b.right} {b.bottom}, {b.right} {b.top}, {b.left} {b.top}, " \
+              f"{b.left} {b.bottom}))"
+        regions = {"wkt": wkt, "crs": "EPSG:4326"}
     cfg = {
         "name": name,
         "rasters": [{"path": str(mosaic), "bands": [1, 2, 3], "scaling": {"method": "dtype"}}],
-        "regions": {"wkt": wkt, "crs": "EPSG:4326"},
-        "tiling": {"tile_size": f"{args.tile}px"},
+        "regions": regions,
+        "tiling": {"tile_size": tile or f"{args.tile}px"},
         "embedding": {"backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
                       "num_workers": "auto", "precision": args.precision},
         "clustering": {"k": 8, "seed": 0},
@@ -90,6 +106,29 @@ def pipeline_yaml(workdir: Path, mosaic: Path, name: str, args: argparse.Namespa
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def cut_files(mosaic: Path, folder: Path, per_side: int) -> Path:
+    """``mosaic`` cut into per_side^2 GeoTIFFs with its own block size (once); their glob pattern."""
+    import rasterio
+
+    sys.path.insert(0, str(ROOT))
+    from tests.many_files import cut_chips
+
+    with rasterio.open(mosaic) as ds:
+        side, block = ds.width // per_side, ds.block_shapes[0][0]
+    if len(list(folder.glob("chip_*.tif"))) != per_side ** 2:
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        cut_chips(mosaic, folder, side, side, block=block)
+    return folder / "chip_*.tif"
+
+
+def mumbai_vrt(workdir: Path) -> Path:
+    """One VRT of the 64 Mumbai patches (alpha 0 in the gaps between them)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.many_files import write_vrt
+
+    return write_vrt(workdir / "mumbai.vrt", sorted((MUMBAI / "patches").glob("*_image.tif")), alpha=True)
 
 
 # ---------------------------------------------------------------------------------------- child
@@ -176,13 +215,66 @@ def child(config: Path, measure: bool, n_batches: int, n_naive: int) -> dict:
     total = time.perf_counter() - t0
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    result = {"tiles": n_tiles, "embedded": counts["tiles_embedded"], "seconds": total, "stages": times,
-              "e2e_tiles_per_s": n_tiles / total, "rss_main_mib": rss_self, "rss_workers_mib": rss_workers,
-              "embeddings": str(cfg.work_dir / "embeddings.npy")}
+    result = {"tiles": n_tiles, "embedded": counts["tiles_embedded"], "kept": counts["tiles_kept"],
+              "seconds": total, "stages": times, "e2e_tiles_per_s": n_tiles / total,
+              "kept_tiles_per_s": counts["tiles_kept"] / total, "rss_main_mib": rss_self,
+              "rss_workers_mib": rss_workers, "embeddings": str(cfg.work_dir / "embeddings.npy")}
     if measure:
         result["backbone_tiles_per_s"] = _backbone_only(cfg, n_batches)
         result["naive_tiles_per_s"] = _naive(cfg, n_naive)
     return result
+
+
+def input_only(config: Path, workers: int, n_tiles: int) -> dict:
+    """The pipeline's input path alone over a finished run's first ``n_tiles`` tiles: read, decode and
+    assemble uint8 batches at the input size in ``workers`` DataLoader workers, handed to this process."""
+    import pandas as pd
+
+    from settlements.config import load_config
+    from settlements.embedding.infer import TileStream, iter_batches
+    from settlements.pipeline import load_infos, workspace
+    from settlements.store import WINDOW_COLUMNS
+
+    cfg = load_config(config)
+    ws = workspace(cfg)
+    tiles = pd.read_parquet(ws.tiles).head(n_tiles)
+    windows = tiles[WINDOW_COLUMNS].to_numpy()
+    stream = TileStream(load_infos(ws), tiles["raster"].to_numpy(), windows[:, :4], windows[:, 4:],
+                        cfg.embedding.input_size, cfg.embedding.batch_size)
+    n = 0
+    t = time.perf_counter()
+    for batch in iter_batches(stream, workers):
+        assert all(p.pixels.dtype == __import__("torch").uint8 for p in batch.parts)
+        n += len(batch.index)
+    seconds = time.perf_counter() - t
+    return {"tiles": n, "workers": workers, "seconds": seconds, "tiles_per_s": n / seconds}
+
+
+def run_child(config: Path, *flags: str) -> dict:
+    """``child`` (or another child mode) in a fresh process, so that each run's peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--child", str(config), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        sys.exit(f"run of {config.name} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fresh(workdir: Path, name: str) -> None:
+    """Remove a pipeline's work and output folders: every run embeds from scratch."""
+    for folder in (workdir / "work" / name, workdir / "outputs" / name):
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+
+
+def pair(workdir: Path, runs: list[tuple[str, Path | str, dict | None, str]], args: argparse.Namespace) -> dict:
+    """End-to-end runs of the same tiles from differently stored rasters; each run's figures by name."""
+    out = {}
+    for name, rasters, regions, tile in runs:
+        fresh(workdir, name)
+        r = run_child(pipeline_yaml(workdir, rasters, name, args, regions=regions, tile=tile))
+        print(f"    {name}: {r['kept']} kept of {r['tiles']} tiles in {r['seconds']:.1f} s = "
+              f"{r['kept_tiles_per_s']:.1f} kept tiles/s (embed {r['stages']['embed']:.1f} s)", flush=True)
+        out[name] = r
+    return out
 
 
 # ------------------------------------------------------------------------------------ k-means
@@ -248,33 +340,34 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--input-tiles", type=int, default=8000, help="tiles read by the input-only measurement")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--input-only", type=int, default=None, help=argparse.SUPPRESS)  # workers
     args = ap.parse_args()
     n_batches, n_naive = (10, 40) if args.quick else (40, 150)
     if args.child:
-        print(json.dumps(child(args.child, args.measure, n_batches, n_naive)))
+        result = input_only(args.child, args.input_only, args.input_tiles) if args.input_only is not None \
+            else child(args.child, args.measure, n_batches, n_naive)
+        print(json.dumps(result))
         return
     small, large = args.sizes or ((4000, 8000) if args.quick else (10_000, 30_000))
+    if args.quick:
+        args.input_tiles = min(args.input_tiles, 1000)
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"benchmark in {args.workdir}: mosaics {small}^2 and {large}^2 px of {SOURCE.name}, "
           f"{args.tile} px tiles at {args.input_size} px, {args.backbone}, batch {args.batch_size}, "
           f"precision {args.precision}, {os.cpu_count()} CPUs", flush=True)
-    runs = {}
+    runs, mosaics, configs = {}, {}, {}
     for size in (small, large):
         t = time.perf_counter()
-        mosaic = build_mosaic(args.workdir / f"mosaic_{size}.tif", size)
+        mosaic = mosaics[size] = build_mosaic(args.workdir / f"mosaic_{size}.tif", size)
         print(f"mosaic {size}^2: {mosaic} ({mosaic.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - t:.0f} s)",
               flush=True)
         name = f"bench{size}"
-        config = pipeline_yaml(args.workdir, mosaic, name, args)
-        for stale in (args.workdir / "work" / name).glob("*"):  # every run embeds from scratch
-            subprocess.run(["rm", "-rf", str(stale)], check=True)
-        cmd = [sys.executable, __file__, "--child", str(config)] + (["--measure"] if size == large else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        if out.returncode != 0:
-            sys.exit(f"run on the {size}^2 mosaic failed:\n{out.stderr[-4000:]}")
-        runs[size] = json.loads(out.stdout.strip().splitlines()[-1])
+        config = configs[size] = pipeline_yaml(args.workdir, mosaic, name, args)
+        fresh(args.workdir, name)
+        runs[size] = run_child(config, *(["--measure"] if size == large else []))
         r = runs[size]
         print(f"{size}^2: {r['tiles']} tiles in {r['seconds']:.1f} s = {r['e2e_tiles_per_s']:.1f} tiles/s "
               f"(stages: {', '.join(f'{k} {v:.1f} s' for k, v in r['stages'].items())}); peak RSS main "
@@ -295,6 +388,31 @@ def main() -> None:
                        ("faiss_pca", f"FAISS with clustering.pca_dim: {km['pca_dim']}")):
         print(f"    {what}: {km[name + '_s']:.2f} s ({km[name + '_speedup']:.1f}x faster), inertia "
               f"{km['inertia_' + name]:.5g} ({100 * km[name + '_inertia_rel_diff']:+.2f} % vs scikit-learn)")
+    inputs = {w: run_child(configs[large], "--input-only", str(w), "--input-tiles", str(args.input_tiles))
+              for w in (1, 2)}
+    i1, i2 = inputs[1]["tiles_per_s"], inputs[2]["tiles_per_s"]
+    print(f"(f) input path alone ({inputs[1]['tiles']} tiles of the {large}^2 mosaic, {args.tile} px at "
+          f"{args.input_size} px, uint8 batches of {args.batch_size}): 1 worker {i1:.0f} tiles/s (target >= 1500), "
+          f"2 workers {i2:.0f} tiles/s = {i2 / i1:.2f}x (target >= 1.8)", flush=True)
+    print(f"(g) {FILES_PER_SIDE ** 2} files cut from the {small}^2 mosaic vs the mosaic, {FILES_TILE} px tiles:",
+          flush=True)
+    files = cut_files(mosaics[small], args.workdir / f"files_{small}", FILES_PER_SIDE)
+    many = pair(args.workdir, [("mosaic_tiles", mosaics[small], None, f"{FILES_TILE}px"),
+                               ("many_files", files, None, f"{FILES_TILE}px")], args)
+    many_ratio = many["many_files"]["kept_tiles_per_s"] / many["mosaic_tiles"]["kept_tiles_per_s"]
+    assert many["many_files"]["kept"] == many["mosaic_tiles"]["kept"], "the files and the mosaic gave other tiles"
+    print(f"    files over mosaic: {many_ratio:.3f} (target >= 0.9)", flush=True)
+    mumbai_ratio = None
+    if (MUMBAI / "patches.gpkg").exists():
+        print("(h) the 64 Mumbai patches as 64 files vs one VRT, 50 m tiles:", flush=True)
+        regions = {"path": str(MUMBAI / "patches.gpkg"), "id_field": "patch", "name_field": "patch"}
+        mum = pair(args.workdir, [("mumbai_vrt", mumbai_vrt(args.workdir), regions, "50m"),
+                                  ("mumbai_files", MUMBAI / "patches" / "*_image.tif", regions, "50m")], args)
+        assert mum["mumbai_files"]["kept"] == mum["mumbai_vrt"]["kept"], "the patches and the VRT kept other tiles"
+        mumbai_ratio = mum["mumbai_files"]["kept_tiles_per_s"] / mum["mumbai_vrt"]["kept_tiles_per_s"]
+        print(f"    files over VRT: {mumbai_ratio:.3f} (target >= 0.9)", flush=True)
+    else:
+        print(f"(h) {MUMBAI} missing (make data): Mumbai files vs VRT not measured")
     print(json.dumps({
         "e2e_over_backbone": round(a / b, 4), "e2e_over_naive": round(a / c, 4),
         "rss_ratio_30k_10k": round(rss[large] / rss[small], 4), "rss_30k_mib": round(rss[large], 1),
@@ -302,6 +420,9 @@ def main() -> None:
         "inertia_rel_diff": round(abs(km["faiss_pca_inertia_rel_diff"]), 5),
         "faiss_config": f"pca_dim {km['pca_dim']}", "faiss_full_dim_speedup": round(km["faiss_speedup"], 3),
         "faiss_full_dim_inertia_rel_diff": round(abs(km["faiss_inertia_rel_diff"]), 5),
+        "input_only_tiles_per_s_1w": round(i1, 1), "input_only_tiles_per_s_2w": round(i2, 1),
+        "input_only_2w_over_1w": round(i2 / i1, 3), "many_files_over_mosaic": round(many_ratio, 4),
+        "mumbai_files_over_vrt": None if mumbai_ratio is None else round(mumbai_ratio, 4),
     }))
 
 

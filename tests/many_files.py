@@ -15,13 +15,16 @@ import shapely
 from rasterio.windows import Window
 
 
-def cut_chips(source: Path, folder: Path, chip_w: int, chip_h: int) -> list[Path]:
-    """Cut ``source`` into ``chip_w`` x ``chip_h`` GeoTIFF chips (row-major names), pixels unchanged."""
+def cut_chips(source: Path, folder: Path, chip_w: int, chip_h: int, block: int | None = None) -> list[Path]:
+    """Cut ``source`` into ``chip_w`` x ``chip_h`` GeoTIFF chips (row-major names), pixels unchanged;
+    stored in strips, or in ``block`` px square tiles."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     with rasterio.open(source) as src:
         assert src.width % chip_w == 0 and src.height % chip_h == 0
         profile = {k: v for k, v in src.profile.items() if k not in ("blockxsize", "blockysize", "tiled")}
+        if block is not None:
+            profile.update(tiled=True, blockxsize=block, blockysize=block)
         for r in range(src.height // chip_h):
             for c in range(src.width // chip_w):
                 win = Window(c * chip_w, r * chip_h, chip_w, chip_h)

@@ -21,6 +21,7 @@ from settlements.embedding.infer import (
     InferenceSettings,
     ModelInput,
     TileBlocks,
+    TileStream,
     block_runs,
     embed_batch,
     iter_batches,
@@ -206,6 +207,49 @@ def test_workers_hand_over_raw_pixels_in_shared_memory(swellendam_tiles) -> None
         # two workers: the first reads batches 0-3, the second 4-7, handed on alternately
         assert firsts == ([0, 32, 8, 40, 16, 48, 24, 56] if workers == 2 else list(range(0, 64, 8)))
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def _tiles(info: RasterInfo, size: int, n: int, row: int = 0) -> np.ndarray:
+    """``n`` neighbouring ``size`` px tiles along pixel row ``row`` (the last may run past the edge)."""
+    cols = np.arange(n) * size
+    return np.stack([cols, np.full(n, row), np.full(n, size), np.full(n, size)], axis=1)
+
+
+def test_a_batch_across_rasters_of_every_kind_equals_the_per_tile_path() -> None:
+    """One stream over four rasters of different dtypes, band counts, scalings, nodata and tile sizes:
+    batches span them, each raster's tiles are finished by its own scaling, and every tile's model
+    input equals the per-tile path exactly, whether read here or by two workers."""
+    specs = [(scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif"), [1, 2, 3], {"method": "dtype"}, 32, 5),
+             (scene("olinda_brazil", "L7_ETMs.tif"), [3, 2, 1], {"method": "percentile", "low": 2, "high": 98}, 8, 7),
+             (scene("bangalore_s2", "section_2_sentinel.tif"), [3, 2, 1], {"method": "percentile"}, 16, 10),
+             (scene("olinda_brazil", "L7_ETMs.tif"), [4], {"method": "range", "min": 10, "max": 200}, 12, 3)]
+    infos, tiles = [], []
+    for path, bands, scaling, size, n in specs:
+        spec = RasterInput(path=path, bands=bands, scaling=scaling)
+        infos.append(compute_scaling(inspect_raster(path, spec), spec))
+        tiles.append(_tiles(infos[-1], size, n, row=size * 3))
+    tiles[2][-1, 0] = infos[2].width - 6  # a tile past the right edge: partly invalid
+    raster = np.repeat(np.arange(len(specs)), [len(t) for t in tiles])
+    windows = np.concatenate(tiles)
+    stream = TileStream(infos, raster, windows, windows, 24, batch_size=8)
+    assert len(stream) == 4  # 25 tiles in batches of 8, across files
+    ref = []
+    for info, t in zip(infos, tiles, strict=True):
+        with rasterio.open(info.path) as src:
+            for c, r, w, h in t:
+                px, valid = read_tile(src, info, Window(c, r, w, h))
+                ref.append((to_model_input(px, 24), valid.mean()))
+    for workers in (0, 2):
+        got = {}
+        for b in iter_batches(stream, workers):
+            x = stream.inputs(b)
+            assert x.shape == (len(b.index), 3, 24, 24)
+            got.update({int(i): (x[k], float(b.valid_tile[k])) for k, i in enumerate(b.index)})
+        assert sorted(got) == list(range(len(windows)))
+        for i, (x, vt) in enumerate(ref):
+            assert torch.equal(got[i][0], x), i
+            assert got[i][1] == pytest.approx(vt)
+    assert min(v for _, v in ref) < 1  # the edge tile is partly outside: finished with its invalid pixels
 
 
 def test_worker_count_auto() -> None:

@@ -96,13 +96,16 @@ def _constants(low: tuple[float, ...], high: tuple[float, ...],
 
 
 @functools.lru_cache(maxsize=64)
-def _affine(low: tuple[float, ...], high: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel scale and offset of ((x - low) / (high - low) - mean) / std, computed in float64."""
+def _affine(low: tuple[float, ...], high: tuple[float, ...], width: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and offset of ((x - low) / (high - low) - mean) / std, computed in float64, repeated
+    along a channels_last row of ``width`` pixels (r, g, b, r, g, b, ...): an affine pass over such rows
+    runs in long vectors, where per-channel constants over channels_last pixels would give loops of 3."""
     lo, hi = torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64)
     mean, std = IMAGENET_MEAN.view(3).double(), IMAGENET_STD.view(3).double()
     scale = 1.0 / ((hi - lo) * std)
     offset = -(lo / (hi - lo) + mean) / std
-    return scale.float().view(1, 3, 1, 1).to(device), offset.float().view(1, 3, 1, 1).to(device)
+    return scale.float().repeat(width).to(device), offset.float().repeat(width).to(device)
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,14 @@ class ModelInput:
         dev, (n, bands) = raw.device, raw.shape[:2]
         if self.fused(raw):
             # the common case (e.g. 8-bit imagery, tiles at the input size): scaling and normalising
-            # are one affine map per channel, done in one pass straight into the output layout; equal
-            # to the step-by-step path within 2e-6 (float rounding)
-            scale, offset = _affine(self.low, self.high, dev)
+            # are one affine map per channel, done in one pass over the output; equal to the
+            # step-by-step path within 2e-6 (float rounding)
+            scale, offset = _affine(self.low, self.high, self.size, dev)
             out = (new_tensor((n, 3, self.size, self.size), torch.float32, channels_last=True) if dev.type == "cpu"
                    else torch.empty((n, 3, self.size, self.size), device=dev, memory_format=torch.channels_last))
-            torch.addcmul(offset, raw, scale, out=out)
+            out.copy_(raw)  # to float, in the output layout (one mixed-dtype affine pass was 2x slower)
+            rows = out.permute(0, 2, 3, 1).view(n * self.size, self.size * 3)
+            torch.addcmul(offset, rows, scale, out=rows)
             if invalid is not None:  # mid-grey, normalised
                 for ch, value in enumerate(((0.5 - IMAGENET_MEAN) / IMAGENET_STD).view(3).tolist()):
                     out[:, ch].masked_fill_(invalid, value)
@@ -537,6 +542,7 @@ def iter_batches(dataset: TileStream, workers: int, device: torch.device | str =
         return
     on_gpu = device.type == "cuda"
     prefetch = 2 if on_gpu else 4
+    keep_freed_memory()  # inherited by the workers: GDAL's cached blocks and the read buffers are reused
     ds = copy.copy(dataset)  # this run's read order and ring; the caller's dataset stays as it was
     ds.read_by(workers)
     ds.ring = _ring(ds, prefetch * workers + held + 2)
