@@ -239,9 +239,9 @@ def test_a_batch_across_rasters_of_every_kind_equals_the_per_tile_path() -> None
             for c, r, w, h in t:
                 px, valid = read_tile(src, info, Window(c, r, w, h))
                 ref.append((to_model_input(px, 24), valid.mean()))
-    for workers in (0, 2):
+    for workers, channels_last in ((0, True), (2, True), (2, False)):  # as stored, and band by band (GPU)
         got = {}
-        for b in iter_batches(stream, workers):
+        for b in iter_batches(stream, workers, channels_last=channels_last):
             x = stream.inputs(b)
             assert x.shape == (len(b.index), 3, 24, 24)
             got.update({int(i): (x[k], float(b.valid_tile[k])) for k, i in enumerate(b.index)})

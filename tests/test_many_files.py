@@ -9,6 +9,7 @@ small and the CNN input 32 px so that each run takes seconds.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,10 @@ import torch
 
 from settlements.cli import run_summary
 from settlements.config import LabelSource, load_config
-from settlements.pipeline import load_infos, workspace
+from settlements.embedding import infer
+from settlements.embedding.infer import TileStream, forward, iter_batches
+from settlements.pipeline import load_infos, stage_embed, workspace
+from settlements.store import WINDOW_COLUMNS
 from settlements.supervised.evaluation import block_side_m, spatial_blocks
 from settlements.supervised.finetune import TileImages
 from settlements.supervised.predict import predict
@@ -302,6 +306,55 @@ def test_tiles_of_many_files_are_read_with_few_files_open(kampala: Pair) -> None
     np.testing.assert_allclose(features[i], colour_features(infos_b, b)[j], rtol=1e-6, atol=1e-6)
     mosaic = TileImages(infos_b, b, 32)
     assert torch.equal(pixels[i[:20]], torch.stack([mosaic[int(k)][0] for k in j[:20]]))
+
+
+def test_batches_span_files_and_each_file_keeps_its_own_cache(kampala: Pair, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 384 tiles of the 64 chips (6 each) are one stream: 12 forward passes of 32 tiles, not 64 of 6;
+    each chip's embeddings still go to its own cache key, and equal the run's bit for bit."""
+    files = kampala.files.cfg
+    cfg = files.model_copy(update={"output": files.output.model_copy(update={"work_dir": tmp_path / "work"})})
+    (tmp_path / "work").mkdir()
+    for name in ("rasters.json", "tiles.parquet"):
+        shutil.copy(files.work_dir / name, tmp_path / "work" / name)
+    sizes: list[int] = []
+
+    def counted(model: torch.nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
+        sizes.append(len(x))
+        return forward(model, x, *args)
+
+    monkeypatch.setattr(infer, "forward", counted)
+    counts = stage_embed(cfg)
+    assert counts["tiles_embedded"] == 384 and sizes == [32] * 12
+    shards = sorted((tmp_path / "work" / "cache").iterdir())
+    assert len(shards) == 64 and {len(list(s.glob("chunk-*.npz"))) for s in shards} == {1}
+    assert {len(np.load(next(s.glob("chunk-*.npz")))["windows"]) for s in shards} == {6}
+    assert np.array_equal(np.load(workspace(cfg).embeddings), np.load(workspace(files).embeddings))
+
+
+def test_a_reading_process_keeps_few_files_open(kampala: Pair) -> None:
+    """Reading the 64 chips with room for 20 more open files: each process (this one, or each of two
+    workers) holds at most 4 datasets open; without the bound 64 would be opened."""
+    import os
+    import resource
+
+    ws = workspace(kampala.files.cfg)
+    tiles = pd.read_parquet(ws.tiles)
+    windows = tiles[WINDOW_COLUMNS].to_numpy()
+    stream = TileStream(load_infos(ws), tiles["raster"].to_numpy(), windows[:, :4], windows[:, 4:], 32, 16,
+                        open_limit=4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 20, hard))
+    try:
+        held = []
+        for i in range(len(stream)):
+            stream[i]
+            held.append(len(stream._open._open))
+        read = sum(len(b.index) for b in iter_batches(stream, 2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        stream.close()
+    assert max(held) == 4 and read == len(tiles) == 384
 
 
 def test_prediction_covers_every_patch_as_on_the_mosaic(mumbai: Pair) -> None:
