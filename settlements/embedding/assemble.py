@@ -20,8 +20,9 @@ def embedded_table(tiles: pd.DataFrame, keys: list[str], cache: EmbeddingCache,
                    min_valid: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per tile: validity, kept and emb_row; plus, per kept tile in emb_row order, where its row is cached."""
     metas, sources = [], []
+    by_raster = tiles.groupby("raster").indices  # one pass, not a scan of every tile per raster
     for r, key in enumerate(keys):
-        rt = tiles[tiles["raster"] == r]
+        rt = tiles.iloc[by_raster.get(r, np.empty(0, np.int64))]
         merged = rt[["tile_id", *WINDOW_COLUMNS]].merge(cache.index(key), on=WINDOW_COLUMNS, how="left")
         embedded = merged["embedded"].astype("boolean").fillna(False).to_numpy(dtype=bool)
         kept = (merged["valid_tile"].to_numpy() >= min_valid - 1e-9) & embedded
@@ -57,8 +58,12 @@ def embed_counts(meta: pd.DataFrame, read: np.ndarray) -> dict[str, int]:
 
 
 def write_embeddings(target: Path, source: pd.DataFrame, keys: list[str], cache: EmbeddingCache, dim: int,
-                     block_rows: int = 8192, open_chunks: int = 4) -> int:
-    """Write the kept rows, in order, as a float32 ``(n, dim)`` .npy; return n."""
+                     block_rows: int = 2048, open_chunks: int = 4) -> int:
+    """Write the kept rows, in order, as a float32 ``(n, dim)`` .npy; return n.
+
+    Memory: a block of rows, its gathers and ``open_chunks`` chunks (2048 rows of 1280 floats each:
+    about 60 MB in all, whatever the number of tiles; 8192-row blocks written through a copy took 125 MB).
+    """
     n = len(source)
     rasters = source["raster"].to_numpy()
     chunks = source["chunk"].to_numpy()
@@ -83,5 +88,5 @@ def write_embeddings(target: Path, source: pd.DataFrame, keys: list[str], cache:
             pairs = pd.DataFrame({"r": rasters[s:e], "c": chunks[s:e]})
             for (r, name), pos in pairs.groupby(["r", "c"], sort=False).indices.items():
                 out[pos] = chunk(int(r), str(name))[rows[s:e][pos]]
-            f.write(out.tobytes())
+            f.write(memoryview(out).cast("B"))  # no copy
     return n
