@@ -311,12 +311,9 @@ def test_tiles_of_many_files_are_read_with_few_files_open(kampala: Pair) -> None
 def test_batches_span_files_and_each_file_keeps_its_own_cache(kampala: Pair, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The 384 tiles of the 64 chips (6 each) are one stream: 12 forward passes of 32 tiles, not 64 of 6;
-    each chip's embeddings still go to its own cache key, and equal the run's bit for bit."""
+    each chip's embeddings still go to its own cache key and equal the run's bit for bit, also when two
+    workers hand the batches on out of order (each reads its own half)."""
     files = kampala.files.cfg
-    cfg = files.model_copy(update={"output": files.output.model_copy(update={"work_dir": tmp_path / "work"})})
-    (tmp_path / "work").mkdir()
-    for name in ("rasters.json", "tiles.parquet"):
-        shutil.copy(files.work_dir / name, tmp_path / "work" / name)
     sizes: list[int] = []
 
     def counted(model: torch.nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
@@ -324,12 +321,21 @@ def test_batches_span_files_and_each_file_keeps_its_own_cache(kampala: Pair, tmp
         return forward(model, x, *args)
 
     monkeypatch.setattr(infer, "forward", counted)
-    counts = stage_embed(cfg)
-    assert counts["tiles_embedded"] == 384 and sizes == [32] * 12
-    shards = sorted((tmp_path / "work" / "cache").iterdir())
-    assert len(shards) == 64 and {len(list(s.glob("chunk-*.npz"))) for s in shards} == {1}
-    assert {len(np.load(next(s.glob("chunk-*.npz")))["windows"]) for s in shards} == {6}
-    assert np.array_equal(np.load(workspace(cfg).embeddings), np.load(workspace(files).embeddings))
+    for workers in (0, 2):
+        work = tmp_path / f"work{workers}"
+        embedding = files.embedding.model_copy(update={"num_workers": workers})
+        cfg = files.model_copy(update={"output": files.output.model_copy(update={"work_dir": work}),
+                                       "embedding": embedding})
+        work.mkdir()
+        for name in ("rasters.json", "tiles.parquet"):
+            shutil.copy(files.work_dir / name, work / name)
+        sizes.clear()
+        counts = stage_embed(cfg)
+        assert counts["tiles_embedded"] == 384 and sizes == [32] * 12
+        shards = sorted((work / "cache").iterdir())
+        assert len(shards) == 64 and {len(list(s.glob("chunk-*.npz"))) for s in shards} == {1}
+        assert {len(np.load(next(s.glob("chunk-*.npz")))["windows"]) for s in shards} == {6}
+        assert np.array_equal(np.load(workspace(cfg).embeddings), np.load(workspace(files).embeddings))
 
 
 def test_a_reading_process_keeps_few_files_open(kampala: Pair) -> None:
