@@ -229,8 +229,8 @@ def block_runs(tiles: np.ndarray, overread: float = BLOCK_OVERREAD) -> list[tupl
     return runs
 
 
-_WIRE = {np.dtype("uint16"): np.dtype("int32"), np.dtype("uint32"): np.dtype("int64"),
-         np.dtype("float64"): np.dtype("float32")}
+_WIRE: dict[np.dtype, np.dtype] = {np.dtype("uint16"): np.dtype("int32"), np.dtype("uint32"): np.dtype("int64"),
+                                   np.dtype("float64"): np.dtype("float32")}
 
 
 def wire_dtype(raw: np.ndarray) -> np.ndarray:
@@ -274,11 +274,13 @@ class BatchRing:
     def pin(self) -> None:
         """Page-lock the ring for CUDA copies (after the workers have forked: pinned pages may not be
         inherited); on failure copies stay correct, only synchronous."""
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
-        self._pinned = int(err) == 0
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
+        except (AttributeError, RuntimeError) as exc:  # a torch without the binding
+            err = exc
+        self._pinned = not isinstance(err, Exception) and int(err) == 0
         if not self._pinned:
-            log.debug("batch ring not page-locked (cudaHostRegister: %s)", err)
+            log.info("batch ring not page-locked (cudaHostRegister: %s): copies to the GPU will block", err)
 
     def unpin(self) -> None:
         if self._pinned:
@@ -301,9 +303,11 @@ class BatchRing:
         written = int(self.buffer.narrow(0, slot * self.slot_bytes, 8).view(torch.int64)[0])
         if written != position:  # a slot overwritten before use: never hand on wrong pixels
             raise RuntimeError(f"batch ring slot {slot} holds batch {written}, expected {position}")
-        parts = tuple(TilePart(self.tensor(p.pixels), None if p.invalid is None else self.tensor(p.invalid),
-                               p.model_input) for p in batch.parts)
-        return batch._replace(parts=parts)
+        return batch._replace(parts=tuple(TilePart(self._resolve(p.pixels), self._resolve(p.invalid), p.model_input)
+                                          for p in batch.parts))
+
+    def _resolve(self, t: Any) -> Any:
+        return self.tensor(t) if isinstance(t, RingView) else t  # a part too big for the slot came apart
 
 
 class RingWriter:
@@ -399,7 +403,7 @@ class TileStream(Dataset):
         """An upper bound on a batch's raw pixels and masks, as a worker lays them out."""
         if not len(self.tiles):
             return 0
-        per_pixel = np.array([len(i.bands) * np.dtype(_WIRE.get(np.dtype(i.dtype), i.dtype)).itemsize + 1
+        per_pixel = np.array([len(i.bands) * _WIRE.get(np.dtype(i.dtype), np.dtype(i.dtype)).itemsize + 1
                               for i in self.infos])
         tile = int((self.tiles[:, 2] * self.tiles[:, 3] * per_pixel[self.raster]).max())
         return self.batch_size * (tile + 128)
@@ -566,7 +570,7 @@ def iter_batches(dataset: TileStream, workers: int, device: torch.device | str =
         dataset.close()
 
 
-def _as_is(batch: TileBatch) -> TileBatch:
+def _as_is(batch: Any) -> Any:
     """No collation: torch's default would make each batch's small numpy arrays tensors in shared memory
     (a segment, a file descriptor and a mapping each, per batch)."""
     return batch
