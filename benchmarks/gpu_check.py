@@ -1,7 +1,8 @@
 """GPU check: the pipeline on a large mosaic with ResNet-50 and MobileNetV2 on CUDA, in under 5 minutes.
 
 For each backbone it runs the tile, embed and cluster stages and prints tiles/s (end to end over those
-stages, and the embed stage alone), GPU utilisation sampled during embedding, backbone-only and naive
+stages, the embed stage alone, and the input path alone: reading into uint8 batches with the run's
+workers, no model), GPU utilisation sampled during embedding, backbone-only and naive
 (read, preprocess, fp32 batch-1 forward per tile) tiles/s and their ratios, the cosine similarity of the
 fast path (fp16 autocast, channels_last) to fp32 on the same GPU, and k-means times: FAISS on the GPU
 where faiss-gpu is installed, else FAISS on the CPU and a torch k-means on the GPU, said so.
@@ -168,8 +169,11 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
     from settlements.embedding.infer import InferenceSettings
 
     workers = InferenceSettings(num_workers=cfg.embedding.num_workers).workers_for(torch.device("cuda"))
+    # the input path alone (read, decode, uint8 batches in the ring), as this run read it: an upper bound
+    inputs = bench.input_only(config, workers, n_tiles, channels_last=False)["tiles_per_s"]
     print(f"{n_tiles} tiles at {args.input_size} px, batch {args.batch_size}, {workers} DataLoader workers, "
           f"fp16 autocast + channels_last on {torch.cuda.get_device_name()}")
+    print(f"input path alone (no model), {workers} workers: {inputs:.0f} tiles/s")
     print(f"stages: tile {t_tile:.1f} s, embed {t_embed:.1f} s ({n_tiles / t_embed:.0f} tiles/s), "
           f"cluster {t_cluster:.1f} s")
     print(f"(a) end-to-end (tile+embed+cluster) {a:.0f} tiles/s; (b) backbone only {b:.0f} tiles/s; "
@@ -196,6 +200,7 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
           ", ".join(f"{k} {v:.2f}" for k, v in km.items() if k.endswith("_s")))
     return {"backbone": backbone, "weights": weights_note, "tiles": n_tiles, "e2e_tiles_per_s": a,
             "embed_tiles_per_s": n_tiles / t_embed, "backbone_tiles_per_s": b, "naive_tiles_per_s": c,
+            "input_only_tiles_per_s": inputs,
             "e2e_over_backbone": a / b, "e2e_over_naive": a / c, **util, "fp16_min_cosine": cos,
             "gpu_cpu_input_max_diff": input_diff, **km}
 

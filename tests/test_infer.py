@@ -18,9 +18,12 @@ from settlements.embedding.assemble import embedded_table, write_embeddings
 from settlements.embedding.backbones import build_backbone
 from settlements.embedding.infer import (
     BLOCK_OVERREAD,
+    BatchRing,
     InferenceSettings,
     ModelInput,
+    TileBatch,
     TileBlocks,
+    TilePart,
     TileStream,
     block_runs,
     embed_batch,
@@ -250,6 +253,21 @@ def test_a_batch_across_rasters_of_every_kind_equals_the_per_tile_path() -> None
             assert torch.equal(got[i][0], x), i
             assert got[i][1] == pytest.approx(vt)
     assert min(v for _, v in ref) < 1  # the edge tile is partly outside: finished with its invalid pixels
+
+
+def test_a_ring_slot_written_again_before_use_is_an_error_not_other_pixels() -> None:
+    ring = BatchRing(slots=2, slot_bytes=1024)
+    part = TilePart(torch.zeros(0), None, ModelInput((0.0,), (1.0,), 8))
+    for position in (0, 1, 2):  # position 2 takes slot 0 again
+        writer = ring.writer(position)
+        pixels = writer.tensor((1, 1, 4, 4), torch.uint8)
+        pixels.fill_(position)
+        view = writer.view(pixels)
+        writer.seal()
+    batch = TileBatch(np.arange(1), (part._replace(pixels=view),), np.ones(1), np.ones(1))
+    assert int(ring.take(batch, 2).parts[0].pixels.sum()) == 2 * 16
+    with pytest.raises(RuntimeError, match="slot 0 holds batch 2, expected 0"):
+        ring.take(batch, 0)
 
 
 def test_worker_count_auto() -> None:
