@@ -268,7 +268,10 @@ class BatchRing:
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slots = slots
         self.slot_bytes = self.HEADER + -(-slot_bytes // 64) * 64
-        self.buffer = torch.zeros(self.slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        storage = torch.UntypedStorage._new_shared(self.slots * self.slot_bytes)  # made in shared memory
+        self.buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+        for slot in range(slots):  # no batch yet
+            self.buffer.narrow(0, slot * self.slot_bytes, 8).view(torch.int64).fill_(-1)
         self._pinned = False
 
     def pin(self) -> None:
