@@ -417,9 +417,10 @@ class TileStream(Dataset):
         cuts = [0, *(np.flatnonzero(r[1:] != r[:-1]) + 1).tolist(), e - s]
         return [(int(r[a]), s + a, s + b) for a, b in zip(cuts[:-1], cuts[1:], strict=False)]
 
-    def _read(self, r: int, tiles: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], bool]:
-        """One raster's tiles: pixels and validity per tile (views of block reads), and whether they were
-        read band-interleaved by pixel (as a pixel-interleaved file stores them, where ``channels_last``)."""
+    def _read(self, r: int, tiles: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray | None], bool]:
+        """One raster's tiles: pixels and validity per tile (views of block reads; None where the whole
+        block is imagery), and whether they were read band-interleaved by pixel (as a pixel-interleaved
+        file stores them, where ``channels_last``)."""
         src, info = self._open[r], self.infos[r]
         interleaved = self.channels_last and src.interleaving == Interleaving.pixel
         pixels, valid = [], []
@@ -428,15 +429,16 @@ class TileStream(Dataset):
             c0, r0 = int(run[:, 0].min()), int(run[:, 1].min())
             c1, r1 = int((run[:, 0] + run[:, 2]).max()), int((run[:, 1] + run[:, 3]).max())
             block, ok = read_raw(src, info, Window(c0, r0, c1 - c0, r1 - r0), interleaved)
+            whole = bool(ok.all())  # one test per block, not two per tile
             for c, row, w, h in run:
                 pixels.append(block[:, row - r0: row - r0 + h, c - c0: c - c0 + w])
-                valid.append(ok[row - r0: row - r0 + h, c - c0: c - c0 + w])
+                valid.append(None if whole else ok[row - r0: row - r0 + h, c - c0: c - c0 + w])
         return pixels, valid, interleaved
 
     def __getitem__(self, i: int) -> TileBatch:
         s, e = self.slices[i]
         pixels: list[np.ndarray] = []
-        valid: list[np.ndarray] = []
+        valid: list[np.ndarray | None] = []
         kinds: list[tuple[int, bool]] = []
         for r, a, b in self._segments(s, e):
             px, ok, interleaved = self._read(r, self.tiles[a:b])
@@ -444,11 +446,11 @@ class TileStream(Dataset):
             valid += ok
             kinds += [(r, interleaved)] * len(px)
         tiles, cells = self.tiles[s:e], self.cells[s:e]
-        if all(v.all() for v in valid):  # the common case: only imagery
+        if all(v is None for v in valid):  # the common case: only imagery
             vt = vc = np.ones(e - s, dtype=np.float32)
         else:
-            vt = np.array([v.mean() for v in valid], dtype=np.float32)
-            vc = np.array([v[cr - r: cr - r + ch, cc - c: cc - c + cw].mean()
+            vt = np.array([1.0 if v is None else v.mean() for v in valid], dtype=np.float32)
+            vc = np.array([1.0 if v is None else v[cr - r: cr - r + ch, cc - c: cc - c + cw].mean()
                            for v, (c, r, _, _), (cc, cr, cw, ch) in zip(valid, tiles, cells, strict=True)],
                           dtype=np.float32)
         ring = self.ring if self.ring is not None and torch.utils.data.get_worker_info() is not None else None
@@ -461,13 +463,13 @@ class TileStream(Dataset):
         return TileBatch(np.arange(s, e), parts, vt, vc)
 
     @staticmethod
-    def _part(pixels: list[np.ndarray], valid: list[np.ndarray], model_input: ModelInput, interleaved: bool,
-              writer: RingWriter | None) -> TilePart:
+    def _part(pixels: list[np.ndarray], valid: list[np.ndarray | None], model_input: ModelInput,
+              interleaved: bool, writer: RingWriter | None) -> TilePart:
         """Stack tiles of one kind into one raw tensor (in the ring slot, else in shared memory in a
         worker), as the file stores them: pixel-interleaved files give (n, h, w, bands), i.e. channels_last."""
         n, (bands, h, w) = len(pixels), pixels[0].shape
         dtype = _torch_dtype(pixels[0].dtype)  # e.g. uint8 stays uint8: a quarter of float32's bytes
-        all_valid = all(v.all() for v in valid)
+        all_valid = all(v is None or v.all() for v in valid)
         size = torch.empty(0, dtype=dtype).element_size()
         if writer is not None and not writer.fits(n * h * w * (bands * size + 1) + 128):
             writer = None  # never expected (the ring is sized for the largest batch)
@@ -485,7 +487,8 @@ class TileStream(Dataset):
         invalid = None
         if not all_valid:
             invalid = alloc((n, h, w), torch.bool)
-            np.logical_not(np.stack(valid), out=invalid.numpy())
+            for v, out in zip(valid, invalid.numpy(), strict=True):
+                out[...] = False if v is None else ~v
         if writer is None:
             return TilePart(raw, invalid, model_input)
         return TilePart(writer.view(raw), None if invalid is None else writer.view(invalid),  # type: ignore[arg-type]
