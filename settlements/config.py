@@ -189,8 +189,30 @@ class Clustering(Strict):
         return v
 
 
+class LabelGroup(Strict):
+    """One class of a raster label source made of several raster classes.
+
+    A tile cell belongs to the group when the listed ``classes`` together cover at least
+    ``min_share`` (default: the source's ``min_share``) of its labelled pixels and every class in
+    ``below`` covers less than the given share, e.g. formal buildings:
+    ``{classes: [built-up, impervious], below: {informal: 0.1}}``.
+    """
+
+    classes: list[str] = Field(min_length=1)
+    below: dict[str, float] = Field(default_factory=dict)
+    min_share: float | None = Field(None, gt=0, le=1)
+
+    @field_validator("below")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: s for k, s in v.items() if not 0 < s <= 1}
+        if bad:
+            raise ValueError(f"shares must be in (0, 1], got {bad}")
+        return v
+
+
 class LabelSource(Strict):
-    """Where tiles get a class: named clusters, a labelled polygon layer, or a spectral rule.
+    """Where tiles get a class: named clusters, a labelled polygon layer, a spectral rule or a class raster.
 
     ``clusters``: each tile takes its cluster's name from the labels YAML (unnamed clusters and
     ``exclude`` names skipped; ``max_distance_quantile`` keeps only the tiles nearest their centroid).
@@ -198,9 +220,14 @@ class LabelSource(Strict):
     (``rule: centre``) or most of its stride cell (``rule: area``).
     ``spectral``: water / vegetation / built-up from NDWI and NDVI of the raw bands
     (see ``settlements.supervised.reference``).
+    ``raster``: class codes of a raster (``path``, a glob for one mask per image, any CRS) named by
+    ``classes``; a tile cell takes the class (or group of ``groups``) that covers at least
+    ``min_share`` of its labelled pixels, the largest when several do (see
+    ``settlements.supervised.raster_labels``). Nodata and ``ignore`` codes are no class; a cell less
+    than ``min_labelled`` labelled gets none.
     """
 
-    source: Literal["clusters", "polygons", "spectral"]
+    source: Literal["clusters", "polygons", "spectral", "raster"]
     max_distance_quantile: float | None = Field(None, gt=0, le=1)
     exclude: list[str] = Field(default_factory=lambda: ["unlabelled"])
     path: Path | None = None
@@ -212,12 +239,41 @@ class LabelSource(Strict):
     nir_band: int = Field(4, ge=1)
     water_ndwi: float = Field(0.3, ge=-1, le=1)
     vegetation_ndvi: float = Field(0.15, ge=-1, le=1)
+    band: int = Field(1, ge=1)
+    classes: dict[int, str] | None = None
+    ignore: list[int] = Field(default_factory=list)
+    groups: dict[str, LabelGroup] | None = None
+    min_share: float = Field(0.5, gt=0, le=1)
+    min_labelled: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _path(self) -> LabelSource:
         if self.source == "polygons" and self.path is None:
             raise ValueError("source 'polygons' needs 'path' (a GeoPackage or shapefile)")
+        if self.source == "raster":
+            self._check_raster_classes()
         return self
+
+    def _check_raster_classes(self) -> None:
+        if self.path is None:
+            raise ValueError("source 'raster' needs 'path' (a class raster, or a glob of one per image)")
+        if not self.classes:
+            raise ValueError("source 'raster' needs 'classes', a mapping of codes to names, e.g. {1: informal}")
+        both = sorted(set(self.ignore) & set(self.classes))
+        if both:
+            raise ValueError(f"codes {both} are both in 'classes' and in 'ignore'")
+        names = set(self.classes.values())
+        for group, spec in (self.groups or {}).items():
+            unknown = sorted((set(spec.classes) | set(spec.below)) - names)
+            if unknown:
+                raise ValueError(f"groups.{group}: unknown class(es) {unknown} (classes: {sorted(names)})")
+
+    def raster_groups(self) -> dict[str, LabelGroup]:
+        """The classes a raster source assigns: its ``groups``, or each class name on its own."""
+        assert self.classes is not None
+        if self.groups:
+            return dict(self.groups)
+        return {name: LabelGroup(classes=[name]) for name in dict.fromkeys(self.classes.values())}
 
 
 class TopModelSettings(Strict):

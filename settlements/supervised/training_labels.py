@@ -21,6 +21,7 @@ from ..palette import default_cluster_name
 from ..pipeline import Workspace, load_infos, workspace
 from ..rasters import RasterInfo
 from ..store import read_table
+from .raster_labels import raster_labels
 from .reference import spectral_labels
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def tile_labels(cfg: PipelineConfig, src: LabelSource) -> pd.DataFrame:
         out = cluster_labels(cfg, ws, src)
     elif src.source == "polygons":
         out = polygon_labels(load_infos(ws), tiles, src)
+    elif src.source == "raster":
+        out = raster_labels(load_infos(ws), tiles, src)
     else:
         out = spectral_labels(load_infos(ws), tiles, src)
     out = out[out["tile_id"].isin(tiles["tile_id"])].reset_index(drop=True)
