@@ -10,13 +10,14 @@ SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 puca
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
-.PHONY: venv data demo region reprocess test lint bench bench-quick gpu-wheels gpu-check clean help
+.PHONY: venv data demo region reprocess test lint bench bench-quick quality gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
 	@echo "make test            run the test suite"
 	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
 	@echo "make data            link or fetch the input scenes into data/"
 	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
+	@echo "make quality         cluster and model quality on the hand-labelled Mumbai patches and Olinda"
 	@echo "make gpu-wheels      fetch what benchmarks/gpu_check.sh needs on an offline GPU machine into .whl/"
 
 $(VENV)/.installed: pyproject.toml
@@ -64,6 +65,10 @@ bench: venv data
 
 bench-quick: venv data
 	$(PY) benchmarks/bench.py --quick
+
+# Figures, not tests: F1, NMI, ARI over k-means seeds against the Mumbai masks and the Olinda spectral rule.
+quality: venv data
+	$(PY) benchmarks/quality.py
 
 gpu-wheels: data
 	benchmarks/gpu_wheels.sh

@@ -1,0 +1,299 @@
+"""Cluster quality against hand-made references: the Mumbai masks and the Olinda spectral rule.
+
+For each setting (embedding and clustering settings over the pipeline's defaults) it runs the
+pipeline's own stages on
+
+  * ``data/mumbai_train``: the 64 hand-labelled 0.5 m Pleiades patches, tile_size 50m, k=8; reference per
+    tile from the masks (``training.labels`` ``source: raster``): informal if informal settlements cover
+    >= 50 %; formal if built-up + impervious >= 50 % and informal < 10 %; not built up if vegetation +
+    barren + water >= 50 % and informal < 10 %; else mixed (left out);
+  * ``data/olinda_brazil``: the demo scene (8px tiles of 28.5 m Landsat, k=8) against the NIR/NDVI rule
+    (``source: spectral``: water, vegetation, built-up);
+
+and prints, per scene and setting: the F1 of each reference class when every cluster is named by its
+majority reference class, NMI and ARI (min and max over k-means seeds 0-4), the same for k-means on
+colour statistics (per band mean, std, 8-bin histogram), the agreement (ARI) between k-means restarts
+where ``nredo`` > 1, the blocked 5-fold cross-validated F1 of the top model (and of the fine-tuned
+model for the settings marked so), and the embedding stage's tiles/s (a ratio to the first setting,
+measured in the same run, is what to compare: the machine is shared). Embeddings are computed once per
+embedding setting (the pipeline's embedding cache); k-means runs per seed on them. It ends with one
+JSON line for the ``defaults`` setting on Mumbai.
+
+    .venv/bin/python benchmarks/quality.py [--quick] [--workdir DIR] [--setting NAME:key=value,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = range(5)
+MUMBAI = ROOT / "data" / "mumbai_train"
+OLINDA = ROOT / "data" / "olinda_brazil"
+
+MUMBAI_LABELS = {
+    "source": "raster", "path": str(MUMBAI / "patches" / "*_mask.tif"),
+    "classes": {1: "informal", 2: "built-up", 3: "impervious", 4: "vegetation", 5: "barren", 6: "water"},
+    "ignore": [0], "min_share": 0.5,
+    "groups": {"informal": {"classes": ["informal"]},
+               "formal": {"classes": ["built-up", "impervious"], "below": {"informal": 0.1}},
+               "not built up": {"classes": ["vegetation", "barren", "water"], "below": {"informal": 0.1}}},
+}
+
+#: Settings compared, as overrides of the pipeline's defaults. ``before``: the defaults before issue 16.
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "before": {"embedding": {"input_size": 96, "layer": "features"}, "clustering": {"nredo": 1, "l2_normalize": False}},
+    "defaults": {},
+    "input 224": {"embedding": {"input_size": 224, "layer": "features"},
+                  "clustering": {"nredo": 1, "l2_normalize": False}},
+    "features.15": {"embedding": {"input_size": 96, "layer": "features.15"},
+                    "clustering": {"nredo": 10, "l2_normalize": True}},
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str
+    base: dict[str, Any]
+    labels: dict[str, Any]
+    classes: tuple[str, ...]  # the reference classes reported by F1, first is the headline
+
+
+def scenes() -> list[Scene]:
+    mumbai = {"rasters": [{"path": str(MUMBAI / "patches" / "*_image.tif")}],
+              "regions": {"path": str(MUMBAI / "patches.gpkg"), "id_field": "patch"},
+              "tiling": {"tile_size": "50m"}, "clustering": {"k": 8}}
+    olinda = {"rasters": [{"path": str(OLINDA / "L7_ETMs.tif"), "bands": [3, 2, 1],
+                           "scaling": {"method": "percentile", "low": 2, "high": 98}}],
+              "regions": {"path": str(OLINDA / "olinda1.shp"), "id_field": "CD_GEOCODI", "name_field": "NM_BAIR"},
+              "tiling": {"tile_size": "8px"}, "clustering": {"k": 8}}
+    return [Scene("mumbai", mumbai, MUMBAI_LABELS, ("informal", "formal", "not built up")),
+            Scene("olinda", olinda, {"source": "spectral"}, ("built-up", "vegetation", "water"))]
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``NAME:section.key=value,...`` (values parsed as YAML) -> name and overrides."""
+    name, _, body = text.partition(":")
+    out: dict[str, dict[str, Any]] = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        section, _, leaf = key.strip().partition(".")
+        out.setdefault(section, {})[leaf] = yaml.safe_load(value)
+    return name, out
+
+
+def pipeline_yaml(workdir: Path, scene: Scene, overrides: dict[str, dict[str, Any]], finetune: dict[str, Any],
+                  folds: int) -> Path:
+    data: dict[str, Any] = {"name": scene.name, **{k: dict(v) if isinstance(v, dict) else v
+                                                     for k, v in scene.base.items()}}
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    data["training"] = {"labels": scene.labels, "finetune": finetune,
+                        "evaluation": {"folds": folds, "finetune": bool(finetune.get("enabled"))}}
+    data["output"] = {"dir": str(workdir / "outputs" / scene.name), "work_dir": str(workdir / "work" / scene.name)}
+    path = workdir / f"{scene.name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@dataclass
+class Result:
+    scene: str
+    setting: str
+    tiles: int = 0
+    labelled: int = 0
+    tiles_per_s: float = float("nan")
+    cnn: pd.DataFrame = field(default_factory=pd.DataFrame)
+    colour: pd.DataFrame = field(default_factory=pd.DataFrame)
+    restart_ari: float | None = None
+    supervised: dict[str, float] = field(default_factory=dict)
+
+
+def seed_scores(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], clustering: Any,
+                pca: bool = True) -> pd.DataFrame:
+    """Per seed: majority-named F1 of each class, NMI, ARI, purity of k-means on ``features``."""
+    from settlements.clustering import KMeansClusterer
+    from settlements.supervised.evaluation import class_scores, cluster_quality, majority_mapping
+
+    has = pd.notna(y)
+    truth = y[has].astype(str)
+    rows = []
+    for seed in SEEDS:
+        km = KMeansClusterer(k=clustering.k, seed=seed, sample_size=clustering.sample_size, niter=clustering.niter,
+                             nredo=clustering.nredo, pca_dim=clustering.pca_dim if pca else None,
+                             l2_normalize=clustering.l2_normalize)
+        labels = km.fit(features).predict(features)[0][has]
+        mapping, fallback = majority_mapping(labels, truth)
+        named = np.asarray([mapping.get(int(c), fallback) for c in labels], dtype=object).astype(str)
+        f1 = class_scores(truth, named, list(classes)).set_index("class")["f1"]
+        rows.append({"seed": seed, **{f"f1_{c}": float(f1[c]) for c in classes}, **cluster_quality(truth, labels),
+                     "restart_ari": getattr(km, "restart_agreement_", None)})
+    return pd.DataFrame(rows)
+
+
+def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndarray]) -> Result:
+    """Run the stages, then k-means per seed, colour k-means and the blocked cross-validation."""
+    from settlements.config import load_config
+    from settlements.pipeline import load_infos, stage_cluster, stage_embed, stage_tile, workspace
+    from settlements.supervised.evaluation import standardise
+    from settlements.supervised.train import _class_column, colour_features, evaluate, supervised_paths
+    from settlements.supervised.training_labels import kept_tiles, tile_labels
+
+    cfg = load_config(config)
+    ws = workspace(cfg)
+    stage_tile(cfg)
+    t0 = time.perf_counter()
+    counts = stage_embed(cfg)
+    seconds = time.perf_counter() - t0
+    stage_cluster(cfg, refit=True)
+    tiles = kept_tiles(ws)
+    infos = load_infos(ws)
+    emb = np.load(ws.embeddings)
+    assert cfg.training is not None
+    y = _class_column(tiles, tile_labels(cfg, cfg.training.labels))
+    res = Result(scene.name, config.stem, tiles=len(tiles), labelled=int(pd.notna(y).sum()))
+    if counts["tiles_embedded"]:
+        res.tiles_per_s = counts["tiles_embedded"] / seconds
+    res.cnn = seed_scores(emb, y, scene.classes, cfg.clustering)
+    if scene.name not in colour_cache:
+        colour_cache[scene.name] = standardise(colour_features(infos, tiles))
+    res.colour = seed_scores(colour_cache[scene.name], y, scene.classes, cfg.clustering, pca=False)
+    restart = res.cnn["restart_ari"].dropna()
+    res.restart_ari = float(restart.min()) if len(restart) else None
+    evaluate(cfg, infos, tiles, emb, y, y)
+    scores = pd.read_csv(supervised_paths(cfg).evaluation)
+    for method in ("top_model", "fine_tuned", "kmeans"):
+        s = scores[scores["method"] == method].set_index("class")["f1"]
+        if len(s):
+            res.supervised[method] = float(s[scene.classes[0]])
+            res.supervised[f"{method}_macro"] = float(s["macro avg"])
+    return res
+
+
+def spread(frame: pd.DataFrame, column: str) -> str:
+    return f"{frame[column].min():.3f}-{frame[column].max():.3f}"
+
+
+def report(results: list[Result], baseline: dict[str, float]) -> None:
+    for scene in dict.fromkeys(r.scene for r in results):
+        rows = [r for r in results if r.scene == scene]
+        classes = [c.removeprefix("f1_") for c in rows[0].cnn.columns if c.startswith("f1_")]
+        print(f"\n{scene}: {rows[0].tiles} tiles, {rows[0].labelled} with a reference class; min-max over seeds "
+              f"{SEEDS.start}-{SEEDS.stop - 1}; clusters named by their majority reference class")
+        head = (f"{'setting':<14} {'features':<7} " + " ".join(f"{'F1 ' + c:<13}" for c in classes)
+                + f" {'NMI':<13} {'ARI':<13} {'restart ARI':<11} {'top model':<9} {'fine-tuned':<10} tiles/s (ratio)")
+        print(head)
+        for r in rows:
+            ratio = r.tiles_per_s / baseline[scene] if baseline.get(scene) else float("nan")
+            sup = r.supervised
+            for what, frame in (("cnn", r.cnn), ("colour", r.colour)):
+                cells = " ".join(f"{spread(frame, 'f1_' + c):<13}" for c in classes)
+                extra = (f" {r.restart_ari if r.restart_ari is not None else float('nan'):<11.3f} "
+                         f"{sup.get('top_model', float('nan')):<9.3f} {sup.get('fine_tuned', float('nan')):<10.3f} "
+                         f"{r.tiles_per_s:.1f} ({ratio:.2f})") if what == "cnn" else ""
+                print(f"{r.setting if what == 'cnn' else '':<14} {what:<7} {cells} {spread(frame, 'nmi'):<13} "
+                      f"{spread(frame, 'ari'):<13}{extra}")
+        print(f"(top model / fine-tuned: blocked {5}-fold cross-validated F1 of {classes[0]!r}; k-means labels on "
+              "the same folds: " + ", ".join(f"{r.setting} {r.supervised.get('kmeans', float('nan')):.3f}"
+                                             for r in rows) + ")")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only the settings 'before' and 'defaults', no fine tuning")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep work and outputs here (default: a temporary "
+                    "folder; an existing one reuses its embedding cache, so tiles/s are then not measured)")
+    ap.add_argument("--setting", action="append", default=[], metavar="NAME:section.key=value,...",
+                    help="add a setting, e.g. 'l13:embedding.layer=features.13,clustering.nredo=10'")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these settings")
+    ap.add_argument("--scenes", nargs="*", default=["mumbai", "olinda"])
+    ap.add_argument("--finetune-epochs", type=int, default=4)
+    ap.add_argument("--finetune-max-tiles", type=int, default=800)
+    ap.add_argument("--no-finetune", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = dict(SETTINGS)
+    settings.update(parse_setting(s) for s in args.setting)
+    if args.quick:
+        settings = {k: v for k, v in settings.items() if k in ("before", "defaults")}
+    if args.only:
+        settings = {k: v for k, v in settings.items() if k in args.only or k == "before"}
+    chosen = [s for s in scenes() if s.name in args.scenes]
+    for s in chosen:
+        probe = Path(s.base["rasters"][0]["path"]).parent
+        if not probe.exists():
+            raise SystemExit(f"{probe}: missing; run `make data`")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="settlements-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"quality benchmark in {workdir}: settings {', '.join(settings)}; scenes {', '.join(s.name for s in chosen)}",
+          flush=True)
+    results: list[Result] = []
+    colour_cache: dict[str, np.ndarray] = {}
+    baseline: dict[str, float] = {}
+    for scene in chosen:
+        for name, overrides in settings.items():
+            tune = name == "defaults" and not (args.quick or args.no_finetune)
+            finetune = {"enabled": tune, "epochs": args.finetune_epochs, "patience": 2,
+                        "max_tiles": args.finetune_max_tiles}
+            folder = workdir / name.replace(" ", "_")
+            folder.mkdir(exist_ok=True)
+            # one work folder per scene, shared by the settings: its embedding cache holds each embedding once
+            config = pipeline_yaml(folder, scene, overrides, finetune, folds=5)
+            data = yaml.safe_load(config.read_text())
+            data["output"]["work_dir"] = str(workdir / "work" / scene.name)
+            config.write_text(yaml.safe_dump(data, sort_keys=False))
+            t = time.perf_counter()
+            res = evaluate_setting(config, scene, colour_cache)
+            res.setting = name
+            results.append(res)
+            if name == "before":
+                baseline[scene.name] = res.tiles_per_s
+            head = f"f1_{scene.classes[0]}"
+            print(f"{scene.name} / {name}: {time.perf_counter() - t:.0f} s; F1 {scene.classes[0]} "
+                  f"{spread(res.cnn, head)}, NMI {spread(res.cnn, 'nmi')}, top model {res.supervised.get('top_model')}",
+                  flush=True)
+    report(results, baseline)
+    mumbai = {r.setting: r for r in results if r.scene == "mumbai"}
+    olinda = {r.setting: r for r in results if r.scene == "olinda"}
+    if "defaults" in mumbai:
+        d, b = mumbai["defaults"], mumbai.get("before")
+        out = {
+            "informal_f1_min": round(float(d.cnn["f1_informal"].min()), 4),
+            "formal_f1_min": round(float(d.cnn["f1_formal"].min()), 4),
+            "nmi_min": round(float(d.cnn["nmi"].min()), 4),
+            "colour_informal_f1": round(float(d.colour["f1_informal"].max()), 4),
+            "colour_formal_f1": round(float(d.colour["f1_formal"].max()), 4),
+            "colour_nmi": round(float(d.colour["nmi"].max()), 4),
+            "top_model_informal_f1": round(d.supervised.get("top_model", float("nan")), 4),
+            "fine_tuned_informal_f1": round(d.supervised.get("fine_tuned", float("nan")), 4),
+            "tiles_per_s": round(d.tiles_per_s, 2),
+            "restart_ari_min": d.restart_ari,
+        }
+        if b is not None:
+            out.update(before_informal_f1_min=round(float(b.cnn["f1_informal"].min()), 4),
+                       before_tiles_per_s=round(b.tiles_per_s, 2),
+                       tiles_per_s_ratio=round(d.tiles_per_s / b.tiles_per_s, 3) if b.tiles_per_s else None)
+        if "defaults" in olinda:
+            o = olinda["defaults"]
+            out.update(olinda_nmi_min=round(float(o.cnn["nmi"].min()), 4),
+                       olinda_colour_nmi=round(float(o.colour["nmi"].max()), 4))
+            if "before" in olinda:
+                out["olinda_before_nmi_min"] = round(float(olinda["before"].cnn["nmi"].min()), 4)
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
