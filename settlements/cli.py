@@ -85,7 +85,8 @@ def _config(path: Path) -> PipelineConfig:
 
 
 def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
-    """One line: what became of every tile (embedded, reused, skipped and why), clusters, time."""
+    """One line: what became of every tile (embedded, reused, skipped and why), clusters (and how much
+    k-means restarts agree), time."""
     t, e = report.tiles, report.embedding
     parts = [f"{cfg.name}: {t['tiles']} tiles in {t['rasters']} raster(s)",
              f"{e['tiles_kept']} kept ({e['tiles_embedded']} embedded, {e['tiles_reused']} reused from cache)",
@@ -95,7 +96,11 @@ def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
         parts.append(f"{t['tiles_outside_regions']} outside every region (in no histogram)")
     if t.get("cells_clipped"):
         parts.append(f"{t['cells_clipped']} grid cells outside the regions not tiled")
-    return "; ".join([*parts, f"k={report.clustering['k']}", f"{report.seconds:.1f} s"])
+    k = f"k={report.clustering['k']}"
+    restarts = report.clustering.get("restarts")
+    if restarts:  # how far the map depends on k-means' initialisation (a warning line follows when little)
+        k += f" ({restarts['restarts']} restarts, agreement ARI {restarts['mean']:.2f})"
+    return "; ".join([*parts, k, f"{report.seconds:.1f} s"])
 
 
 @app.command()

@@ -30,7 +30,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from . import __version__
-from .clustering import KMeansClusterer, dominance_warning
+from .clustering import KMeansClusterer, dominance_warning, restart_warning
 from .config import PipelineConfig
 from .embedding.assemble import embed_counts, embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
@@ -528,10 +528,14 @@ def _cluster(cfg: PipelineConfig, refit: bool, executor: Executor | None, ws: Wo
     if matching is not None:
         relabel_after_refit(cfg.name, ws.labels, ws.out(cfg.labels_path), matching, sizes, anchor_tiles(assignments),
                             cfg.output_dir)
+    # the agreement of the restarts of the fit in use (carried over while its centroids are reused)
+    restarts = previous.get("restarts") if reuse and previous is not None else model.restart_agreement_
     write_json(ws.out(ws.cluster_meta), {
         "fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse,
-        "trained_on": getattr(model, "n_train_", None), "matching": matching, "anchored": anchored})
-    return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching}
+        "trained_on": getattr(model, "n_train_", None), "restarts": restarts, "matching": matching,
+        "anchored": anchored})
+    return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching,
+            "restarts": restarts}
 
 
 def _ground_order(ws: Workspace, meta: pd.DataFrame) -> np.ndarray | None:
@@ -574,9 +578,11 @@ def _tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], la
     return t, layer
 
 
-def result_warnings(infos: list[RasterInfo], sizes: np.ndarray) -> list[str]:
-    """Signs of a result not to trust (most pixels clipped, one cluster holding nearly all); logged as one line."""
-    found = [w for w in [*(clipping_warning(i) for i in infos), dominance_warning(sizes)] if w]
+def result_warnings(infos: list[RasterInfo], sizes: np.ndarray, restarts: dict | None = None) -> list[str]:
+    """Signs of a result not to trust (most pixels clipped, one cluster holding nearly all, k-means restarts
+    that disagree); logged as one line."""
+    found = [w for w in [*(clipping_warning(i) for i in infos), dominance_warning(sizes), restart_warning(restarts)]
+             if w]
     if found:
         log.warning("result: %s", "; ".join(found))
     return found
@@ -660,9 +666,9 @@ def _export(cfg: PipelineConfig, run_started: float | None, counters: dict[str, 
         "size": sizes.astype(np.int64),
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
-    warnings = result_warnings(infos, sizes)
-    previous = read_previous(gpkg)
     cluster_info = read_json(ws.cluster_meta, "cluster")
+    warnings = result_warnings(infos, sizes, cluster_info.get("restarts"))
+    previous = read_previous(gpkg)
     before = previous_labels(labels, cluster_info.get("matching"))
     changes = region_changes(previous, long, regions_layer, labels, before)
     changed_tiles = tile_changes(previous, tiles_layer, labels, before)

@@ -59,3 +59,37 @@ def test_faiss_blas_runs_kernels_for_this_cpu() -> None:
     archs = [i.get("architecture") for i in threadpoolctl.threadpool_info()
              if i["user_api"] == "blas" and "faiss" in i["filepath"]]
     assert archs and "Prescott" not in archs
+
+
+def test_restarts_keep_faiss_best_fit_and_record_their_agreement() -> None:
+    """nredo restarts run one by one give FAISS's own nredo fit, and how much the restarts agree (ARI)."""
+    import math
+
+    import faiss
+
+    from settlements.clustering import RESTART_AGREEMENT, restart_warning
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(1500, 16)).astype(np.float32)
+    km = KMeansClusterer(k=8, seed=3, sample_size=len(noise), nredo=6).fit(noise)
+
+    def faiss_fit(nredo: int) -> np.ndarray:
+        ref = faiss.Kmeans(16, 8, niter=25, nredo=nredo, seed=3, max_points_per_centroid=math.ceil(1500 / 8) + 1,
+                           min_points_per_centroid=1)
+        ref.train(noise)
+        return ref.centroids
+
+    def same_centroids(a: np.ndarray, b: np.ndarray) -> bool:  # equal up to the order of the clusters
+        d = ((a[:, None] - b[None]) ** 2).sum(-1)
+        return sorted(d.argmin(1)) == list(range(len(b))) and bool(d.min(1).max() < 1e-8)
+
+    # the restart kept is FAISS's nredo=6 fit, which is not its first restart (so the seeds really matter)
+    redo6 = faiss_fit(6)
+    assert same_centroids(km.cluster_centers_, redo6) and not same_centroids(faiss_fit(1), redo6)
+    agreement = km.restart_agreement_
+    assert agreement["restarts"] == 6 and 0 <= agreement["min"] <= agreement["mean"] < RESTART_AGREEMENT
+    assert restart_warning(agreement).startswith("clusters: the 6 k-means restarts agree little (mean ARI ")
+    x, _ = blobs()
+    clear = KMeansClusterer(k=3, seed=0, sample_size=len(x), nredo=4).fit(x).restart_agreement_
+    assert clear == {"restarts": 4, "min": 1.0, "mean": 1.0} and restart_warning(clear) is None
+    assert KMeansClusterer(k=3, seed=0, nredo=1).fit(x).restart_agreement_ is None
