@@ -10,7 +10,7 @@ import torchvision
 from rasterio.windows import Window
 
 from settlements.config import RasterInput
-from settlements.embedding.backbones import build_backbone, resolve_weights
+from settlements.embedding.backbones import build_backbone, resolve_layer, resolve_weights
 from settlements.embedding.infer import to_model_input
 from settlements.errors import BackboneError, WeightsError
 from settlements.rasters import compute_scaling, inspect_raster, read_tile
@@ -29,12 +29,17 @@ def test_packaged_imagenet_weights_load_with_no_missing_or_unexpected_keys(mobil
     state = torch.load(mobilenet.weights.path, map_location="cpu", weights_only=True)
     result = torchvision.models.mobilenet_v2(weights=None).load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert mobilenet.dim == 1280
 
 
-def test_lower_layer_gives_a_smaller_embedding() -> None:
-    b = build_backbone("mobilenet_v2", layer="features.14", allow_download=False)
-    assert b.dim == 160
+def test_default_cut_is_the_measured_layer_and_final_names_the_last_feature_map(mobilenet) -> None:
+    """layer null: MobileNetV2 cut at features.15 (160-d), the measured default; 'final': its 1280-d last map."""
+    assert (mobilenet.layer, mobilenet.dim) == ("features.15", 160)
+    final = build_backbone("mobilenet_v2", layer="final", allow_download=False)
+    assert (final.layer, final.dim) == ("features", 1280)
+    assert resolve_layer("mobilenet_v2", None) == "features.15" and resolve_layer("resnet18", None) == "layer4"
+    assert resolve_layer("resnet18", "final") == "layer4" and resolve_layer("vgg16", "final") == "features"
+    lower = build_backbone("mobilenet_v2", layer="features.13", allow_download=False)
+    assert lower.dim == 96
 
 
 def test_overlapping_crops_are_closer_than_water_and_town(mobilenet) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from settlements.config import load_config
+from settlements.config import DEFAULT_LAYERS, load_config
 from settlements.errors import ConfigError
 
 MINIMAL = """
@@ -37,6 +37,9 @@ def test_defaults_and_lengths(tmp_path: Path) -> None:
     assert cfg.tiling.stride_length.value == 120
     assert cfg.embedding.backbone == "mobilenet_v2"
     assert cfg.output.crs == "EPSG:4326"
+    # the settings measured on the Mumbai patches (make quality): the backbone's default cut, L2, 10 restarts
+    assert cfg.embedding.layer is None and DEFAULT_LAYERS["mobilenet_v2"] == "features.15"
+    assert (cfg.clustering.l2_normalize, cfg.clustering.nredo) == (True, 10)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,9 @@ def test_defaults_and_lengths(tmp_path: Path) -> None:
         ("tiling:\n  tile_size: 10px\n  stride: 20px\n", r"stride must not exceed tile_size"),
         ("embedding:\n  device: tpu\n", r"embedding\.device: Input should be 'auto', 'cpu' or 'cuda'"),
         ("embedding:\n  bakbone: resnet50\n", r"embedding\.bakbone: unknown key"),
+        ("embedding:\n  layer: 'features 15'\n",
+         r"embedding\.layer: expected null \(the backbone's default\), 'final' or a layer name such as 'features\.14', "
+         r"got 'features 15'"),
     ],
 )
 def test_invalid_keys_and_types_name_the_key(tmp_path: Path, extra: str, message: str) -> None:

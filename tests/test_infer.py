@@ -111,7 +111,8 @@ def test_streaming_assembly_equals_the_in_memory_path(tmp_path: Path, monkeypatc
     stage_tile(cfg)
     stage_embed(cfg)
     ws = workspace(cfg)
-    keys = __import__("json").loads(ws.embed_meta.read_text())["keys"]
+    meta_json = __import__("json").loads(ws.embed_meta.read_text())
+    keys, dim = meta_json["keys"], meta_json["dim"]  # 160: MobileNetV2's default cut, features.15
     # drop the first chunk of the first raster: the rerun re-embeds its tiles into a newer chunk, so rows
     # now come from chunks out of tile order
     first = sorted(EmbeddingCache(ws.cache).shard(keys[0]).glob("chunk-*.npz"))[0]
@@ -121,11 +122,11 @@ def test_streaming_assembly_equals_the_in_memory_path(tmp_path: Path, monkeypatc
     tiles = pd.read_parquet(ws.tiles)
     cache = EmbeddingCache(ws.cache)
     min_valid = 1 - cfg.tiling.max_invalid_fraction
-    ref = _in_memory(tiles, keys, cache, 1280, min_valid)
+    ref = _in_memory(tiles, keys, cache, dim, min_valid)
     assert np.array_equal(np.load(ws.embeddings), ref)
     meta, source = embedded_table(tiles, keys, cache, min_valid)
     out = tmp_path / "small-blocks.npy"
-    write_embeddings(out, source, keys, cache, 1280, block_rows=37, open_chunks=1)
+    write_embeddings(out, source, keys, cache, dim, block_rows=37, open_chunks=1)
     assert np.array_equal(np.load(out), ref)
     rows = NpyRows(out)
     pick = np.array([5, 3, 4, 100, len(ref) - 1])

@@ -248,7 +248,7 @@ def test_counters_say_what_became_of_every_tile(mumbai: Pair) -> None:
     line = run_summary(mumbai.mosaic.cfg, mosaic)
     assert line.startswith("mmosaic: 1333 tiles in 1 raster(s); 576 kept (576 embedded, 0 reused from cache); "
                            "757 skipped (757 without valid pixels, 0 over 50% invalid); "
-                           "757 outside every region (in no histogram); k=6; "), line
+                           "757 outside every region (in no histogram); k=6 (10 restarts, agreement ARI "), line
     runs = pyogrio.read_dataframe(mumbai.mosaic.gpkg, layer="runs", read_geometry=False)
     assert runs[["tiles_total", "tiles_kept", "tiles_embedded", "tiles_reused", "tiles_skipped",
                  "tiles_skipped_nodata", "tiles_skipped_invalid", "tiles_outside_regions",
@@ -281,7 +281,8 @@ def test_validate_predicts_the_edge_skips_of_a_run(tmp_path: Path, monkeypatch, 
     code, out, err = run_cli(monkeypatch, capsys, "run", str(config))
     assert code == 0, err
     assert out.startswith("edge: 36 tiles in 1 raster(s); 25 kept (25 embedded, 0 reused from cache); "
-                          "11 skipped (0 without valid pixels, 11 over 50% invalid); k=2; "), out
+                          "11 skipped (0 without valid pixels, 11 over 50% invalid); "
+                          "k=2 (10 restarts, agreement ARI "), out
     code, out, err = run_cli(monkeypatch, capsys, "run", str(config), "--force")
     assert code == 0 and "25 kept (0 embedded, 25 reused from cache); 11 skipped (0 without valid pixels, 11 " in out
 

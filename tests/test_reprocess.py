@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -30,13 +31,19 @@ def tile_clusters(gpkg: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypatch, capsys, caplog) -> None:
     config = kampala_chips(tmp_path, 3)
     cfg = load_config(config)
     first = run(cfg, skip_unchanged=True)
     n3 = first.tiles["tiles"]
     assert first.embedding["tiles_embedded"] == n3 and first.embedding["tiles_reused"] == 0
     gpkg = first.outputs["gpkg"]
+    # the 10 k-means restarts (the default) and their agreement with the kept fit, in clusters.json and runs
+    restarts = json.loads((cfg.work_dir / "clusters.json").read_text())["restarts"]
+    assert restarts == first.clustering["restarts"] and restarts["restarts"] == 10
+    assert 0 < restarts["min"] <= restarts["mean"] <= 1
+    row = layer(gpkg, "runs").iloc[-1]
+    assert (row["restarts"], row["restart_ari_min"], row["restart_ari_mean"]) == (10, restarts["min"], restarts["mean"])
 
     # unchanged: the scheduler's rerun is a no-op with exit code 3 and leaves every output as it was
     before = snapshot(gpkg.parent)
@@ -44,10 +51,20 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     assert code == 3 and "nothing to do" in out
     assert snapshot(gpkg.parent) == before
 
-    # forced, the unchanged rerun re-exports from the cache: no tile is embedded again
-    code, out = cli(monkeypatch, capsys, "run", str(config), "--force")
+    # forced, the unchanged rerun re-exports from the cache: no tile is embedded again. Its summary says how
+    # much the restarts of the fit in use agree, and warns in one line when that is below the threshold
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="settlements"):
+        m.setattr("settlements.clustering.RESTART_AGREEMENT", restarts["mean"] + 0.01)
+        caplog.clear()
+        code, out = cli(monkeypatch, capsys, "run", str(config), "--force")
     assert code == 0, out
+    assert f"k=4 (10 restarts, agreement ARI {restarts['mean']:.2f}); " in out
+    warned = [r.getMessage() for r in caplog.records if "k-means restarts agree little" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert f"(mean ARI {restarts['mean']:.2f} with the kept one, below " in warned[0]
     runs = layer(gpkg, "runs")
+    assert any("restarts agree little" in w for w in json.loads(runs["warnings"].iloc[-1]))
+    assert runs["restart_ari_mean"].iloc[-1] == restarts["mean"]
     assert runs["tiles_embedded"].iloc[-1] == 0 and runs["tiles_reused"].iloc[-1] == n3
     assert json.loads((cfg.work_dir / "embedding.json").read_text())["tiles_embedded"] == 0
     old = tile_clusters(gpkg)
@@ -62,6 +79,7 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     assert second.embedding["tiles_embedded"] == int((tiles["raster"] == 3).sum()) > 0
     assert second.embedding["tiles_reused"] == n3
     assert second.clustering["reused_centroids"]
+    assert second.clustering["restarts"] == restarts  # the agreement of the fit in use, carried over
     now = tile_clusters(gpkg)
     both = old.merge(now, on=["raster", "row", "col"], suffixes=("_old", "_new"))
     assert len(both) == len(old)
@@ -101,6 +119,9 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
         assert d[cid].argmin() == cid and d[:, cid].argmin() == cid
     runs = layer(gpkg, "runs")
     assert len(runs) == 4 and runs["refit"].tolist() == [0, 0, 0, 1]
+    refitted = json.loads((cfg.work_dir / "clusters.json").read_text())["restarts"]
+    assert runs[["restart_ari_min", "restart_ari_mean"]].iloc[-1].tolist() == [refitted["min"], refitted["mean"]]
+    assert runs["restarts"].tolist() == [10] * 4
     assert json.loads(runs["clusters_kept"].iloc[-1]) == meta["kept"]
     changed = layer(gpkg, "tile_changes")
     assert len(changed) == runs["tiles_changed"].iloc[-1]

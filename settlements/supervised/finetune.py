@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..embedding.backbones import PooledFeatures, build_backbone
+from ..config import FINAL_LAYER
+from ..embedding.backbones import PooledFeatures, build_backbone, resolve_layer
 from ..embedding.infer import to_model_input
 from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..store import settings_key
@@ -111,7 +112,7 @@ class FineTuner:
                  augment: bool = True, max_shift: float = 0.125, seed: int = 0, device: str = "auto",
                  num_workers: int = 0) -> None:
         self.backbone = backbone
-        self.layer = layer
+        self.layer = resolve_layer(backbone, layer)  # the node itself: a saved model keeps its cut
         self.weights = weights
         self.input_size = input_size
         self.unfreeze = unfreeze
@@ -247,14 +248,17 @@ class FineTuner:
         """The model saved at ``path``, built on the pipeline's own backbone, layer and weights file.
 
         The file is data: its tensors are loaded, but no path it names is opened, and it must have
-        been trained on the backbone and layer given here.
+        been trained on the backbone and layer given here (both resolved to the node they cut at).
         """
         blob = load_state(path)
         try:
             params = {**blob["params"], "weights": weights}
-            if (params["backbone"], params["layer"]) != (backbone, layer):
+            # files that saved a null layer were cut at the final map, the default of their time
+            params["layer"] = resolve_layer(params["backbone"], params["layer"] or FINAL_LAYER)
+            node = resolve_layer(backbone, layer)
+            if (params["backbone"], params["layer"]) != (backbone, node):
                 raise ModelFileError(f"{path}: fine tuned from {params['backbone']} at {params['layer']}, but the "
-                                     f"pipeline embeds with {backbone} at {layer}; train again")
+                                     f"pipeline embeds with {backbone} at {node}; train again")
             obj = cls(**params)
             obj.classes_ = np.asarray(blob["classes"], dtype=object).astype(str)
             bb = build_backbone(obj.backbone, obj.layer, obj.weights)

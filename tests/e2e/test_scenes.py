@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import geopandas as gpd
@@ -14,6 +15,7 @@ import rasterio.features
 import shapely
 from pyproj import CRS, Geod
 
+from settlements.clustering import RESTART_AGREEMENT
 from settlements.palette import column_keys
 
 from ..conftest import Ran
@@ -165,6 +167,15 @@ def test_clusters_and_runs_tables(any_scene: Ran) -> None:
     assert len(runs) == 1
     assert len(runs["weights_sha256"].iloc[0]) == 64
     assert runs["backbone"].iloc[0] == "mobilenet_v2"
+    # the defaults: MobileNetV2 cut at features.15, 10 k-means restarts whose agreement is recorded
+    assert runs["layer"].iloc[0] == "features.15"
+    restarts = json.loads((any_scene.work / "clusters.json").read_text())["restarts"]
+    assert runs[["restarts", "restart_ari_min", "restart_ari_mean"]].iloc[0].tolist() == [
+        10, restarts["min"], restarts["mean"]]
+    assert 0 < restarts["min"] <= restarts["mean"] <= 1
+    # on real scenes the restarts agree, so no warning (structureless data warns: test_clustering)
+    assert restarts["mean"] >= RESTART_AGREEMENT
+    assert not any("restarts agree little" in w for w in json.loads(runs["warnings"].iloc[0]))
 
 
 def test_multi_file_input_reads_all_six_chips(kampala: Ran) -> None:
