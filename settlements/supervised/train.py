@@ -205,14 +205,20 @@ def train(cfg: PipelineConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
+def blocked_tiles(cfg: PipelineConfig, infos: list[RasterInfo]) -> pd.DataFrame:
+    """The embedded tiles with their spatial ``block``: one partition of the ground for training and evaluation."""
+    tiles = kept_tiles(workspace(cfg))
+    side = block_side_m(cfg.tiling.stride_length, infos, tiles, training_settings(cfg).evaluation.block_tiles)
+    tiles["block"] = spatial_blocks(tiles, side)
+    return tiles
+
+
 def _train(cfg: PipelineConfig) -> dict[str, Any]:
     t = training_settings(cfg)
     ws = workspace(cfg)
     paths = supervised_paths(cfg)
     infos = load_infos(ws)
-    tiles = kept_tiles(ws)
-    side = block_side_m(cfg.tiling.stride_length, infos, tiles, t.evaluation.block_tiles)
-    tiles["block"] = spatial_blocks(tiles, side)  # one partition of the ground for training and evaluation
+    tiles = blocked_tiles(cfg, infos)
     emb = np.load(ws.embeddings, mmap_mode="r")
     labels = tile_labels(cfg, t.labels)
     reference = tile_labels(cfg, t.reference) if t.reference is not None else labels
