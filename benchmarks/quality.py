@@ -102,17 +102,17 @@ def parse_setting(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
     return name, out
 
 
-def pipeline_yaml(workdir: Path, scene: Scene, overrides: dict[str, dict[str, Any]], finetune: dict[str, Any],
-                  folds: int, work_dir: Path | None = None) -> Path:
+def pipeline_yaml(path: Path, scene: Scene, overrides: dict[str, dict[str, Any]], finetune: dict[str, Any],
+                  folds: int, work_dir: Path, out_dir: Path) -> Path:
+    """Write the scene's pipeline with ``overrides`` to ``path``: one config file per scene, rewritten for
+    each setting, so its work folder (and the embedding cache in it) stays that one pipeline's."""
     data: dict[str, Any] = {"name": scene.name, **{k: dict(v) if isinstance(v, dict) else v
                                                      for k, v in scene.base.items()}}
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}
     data["training"] = {"labels": scene.labels, "finetune": finetune,
                         "evaluation": {"folds": folds, "finetune": bool(finetune.get("enabled"))}}
-    data["output"] = {"dir": str(workdir / "outputs" / scene.name),
-                      "work_dir": str(work_dir or workdir / "work" / scene.name)}
-    path = workdir / f"{scene.name}.yaml"
+    data["output"] = {"dir": str(out_dir), "work_dir": str(work_dir)}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -203,12 +203,12 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     return res
 
 
-def forward_rates(configs: dict[str, Path], tile_px: int, rounds: int = 4, batch: int = 64) -> dict[str, float]:
-    """Tiles/s of each setting's CNN on one batch of ``tile_px`` tiles: best of ``rounds``, the settings
-    interleaved, so the load of a shared machine weighs on all alike (settings of one CNN share a figure)."""
+def forward_rates(embeddings: dict[str, Any], tile_px: int, rounds: int = 10, batch: int = 64) -> dict[str, float]:
+    """Tiles/s of each setting's CNN (its ``embedding`` settings) on one batch of ``tile_px`` tiles: best of
+    ``rounds``, the settings interleaved, so the load of a shared machine weighs on all alike (settings of
+    one CNN share a figure)."""
     import torch
 
-    from settlements.config import load_config
     from settlements.embedding.backbones import build_backbone
     from settlements.embedding.infer import forward, prepare_model, to_model_input
 
@@ -216,8 +216,7 @@ def forward_rates(configs: dict[str, Path], tile_px: int, rounds: int = 4, batch
     models: dict[tuple[str, str, int], tuple[Any, torch.Tensor]] = {}
     which = {}
     raw = torch.rand(batch, 3, tile_px, tile_px)
-    for name, path in configs.items():
-        e = load_config(path).embedding
+    for name, e in embeddings.items():
         bb = build_backbone(e.backbone, e.layer, e.weights, allow_download=False)
         key = (bb.name, bb.layer, e.input_size)
         which[name] = key
@@ -344,22 +343,25 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"quality benchmark in {workdir}: settings {', '.join(settings)}; scenes {', '.join(s.name for s in chosen)}",
           flush=True)
+    from settlements.config import load_config
+
     results: list[Result] = []
     colour_cache: dict[str, np.ndarray] = {}
     for scene in chosen:
-        configs: dict[str, Path] = {}
+        embeddings: dict[str, Any] = {}  # each setting's embedding settings, for the CNN's tiles/s
         tuned: dict[tuple[str, str, int], Result] = {}  # per CNN (backbone, layer, input size): its fine tuning
         for name, overrides in settings.items():
-            folder = workdir / name.replace(" ", "_").replace(",", "")
-            folder.mkdir(exist_ok=True)
-            # one work folder per scene, shared by the settings: its embedding cache holds each embedding once
             cnn = cnn_key(scene, overrides)
             # fine tuning (the slow part on a CPU) once per CNN: settings that only cluster otherwise share it
             tune = cnn not in tuned and scene.name in args.finetune_scenes and not (args.quick or args.no_finetune)
-            config = pipeline_yaml(folder, scene, overrides, {"enabled": tune, "epochs": args.finetune_epochs,
-                                                              "patience": 1, "max_tiles": args.finetune_max_tiles},
-                                   folds=5, work_dir=workdir / "work" / scene.name)
-            configs[name] = config
+            # one pipeline per scene: its work folder (and embedding cache) is shared by the settings, each
+            # setting has an output folder of its own
+            config = pipeline_yaml(workdir / f"{scene.name}.yaml", scene, overrides,
+                                   {"enabled": tune, "epochs": args.finetune_epochs, "patience": 1,
+                                    "max_tiles": args.finetune_max_tiles},
+                                   folds=5, work_dir=workdir / "work" / scene.name,
+                                   out_dir=workdir / "outputs" / name.replace(" ", "_").replace(",", "") / scene.name)
+            embeddings[name] = load_config(config).embedding
             t = time.perf_counter()
             res = evaluate_setting(config, scene, colour_cache)
             res.setting = name
@@ -374,7 +376,7 @@ def main() -> None:
                   f"{spread(res.cnn, head)}, NMI {spread(res.cnn, 'nmi')}, top model {res.supervised.get('top_model')}",
                   flush=True)
         tile_px = int(pd.read_parquet(workdir / "work" / scene.name / "tiles.parquet")["tile_w"].median())
-        for name, rate in forward_rates(configs, tile_px).items():
+        for name, rate in forward_rates(embeddings, tile_px).items():
             next(r for r in results if r.scene == scene.name and r.setting == name).forward_per_s = rate
     report(results)
     out = closing(results)
