@@ -21,7 +21,7 @@ machine is shared: ratios within one run are what to compare). Embeddings are co
 (the pipeline's embedding cache); k-means runs per seed on them. It ends with one JSON line: the
 ``defaults`` on Mumbai against the issue's targets, ``before``, and Olinda.
 
-Time: about an hour on a shared 2-core CPU (fine tuning is most of it: ``--no-finetune`` or ``--quick``
+Time: about 45 minutes on a shared, loaded 2-core CPU (fine tuning is most of it: ``--no-finetune`` or ``--quick``
 for a first look, ``--finetune-epochs`` / ``--finetune-max-tiles`` to bound it).
 
     .venv/bin/python benchmarks/quality.py [--quick] [--workdir DIR] [--setting NAME:key=value,...]
