@@ -226,7 +226,7 @@ class LabelGroup(Strict):
 
     classes: list[str] = Field(min_length=1)
     below: dict[str, float] = Field(default_factory=dict)
-    min_share: float | None = Field(None, gt=0, le=1)
+    min_share: float | None = Field(default=None, gt=0, le=1)
 
     @field_validator("below")
     @classmethod
