@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from .config import PipelineConfig, load_config
-from .errors import SettlementsError
-from .interrupts import Interrupted, handle_signals, received
+from .errors import Interrupted, SettlementsError
+from .interrupts import handle_signals, received
 
 if TYPE_CHECKING:
     from .pipeline import RunReport

@@ -6,6 +6,8 @@ Subclasses also inherit a builtin so callers can catch either.
 
 from __future__ import annotations
 
+import signal
+
 
 class SettlementsError(Exception):
     """Root of every error a user can act on."""
@@ -49,3 +51,23 @@ class StageError(SettlementsError, RuntimeError):
 
 class RunLockedError(SettlementsError, RuntimeError):
     """Raised when another run of the same pipeline holds its lock (and ``--wait`` ran out)."""
+
+
+class TrainingError(SettlementsError, ValueError):
+    """Raised when training labels cannot train a model (fewer than two classes, no tiles)."""
+
+
+class ModelFileError(SettlementsError, OSError):
+    """Raised when a saved model or checkpoint is unreadable, holds more than tensors and plain data, or
+    does not fit the pipeline."""
+
+
+class Interrupted(BaseException):
+    """Raised in the main process when it receives SIGINT or SIGTERM (see :mod:`settlements.interrupts`).
+
+    Not an Exception, so no ``except Exception`` swallows it; the command line exits 128 + the signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -18,16 +18,9 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from .errors import Interrupted
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(BaseException):
-    """A SIGINT or SIGTERM received by the main process. Not an Exception: no ``except Exception``
-    swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 _main_pid: int | None = None

@@ -299,7 +299,8 @@ def test_a_model_file_from_elsewhere_is_refused_and_runs_nothing(base: Path, tmp
         code, _, err = run_cli(monkeypatch, capsys, "predict", str(config), *args)
         one_error_line(code, err, rf"{name}: not a model file of tensors and plain data \(.*\); train again")
         assert not marker.exists()
-    from settlements.supervised.top_model import ModelFileError, load_state
+    from settlements.errors import ModelFileError
+    from settlements.supervised.top_model import load_state
 
     checkpoint = models / "finetune_checkpoint.pt"
     torch.save([_Payload(marker)], checkpoint)

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 from ..config import FINAL_LAYER
 from ..embedding.backbones import PooledFeatures, build_backbone, resolve_layer
 from ..embedding.infer import to_model_input
+from ..errors import ModelFileError, TrainingError
 from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..store import settings_key
-from .top_model import Head, ModelFileError, TopModel, TrainingError, balanced_weights, encode, load_state, save_state
+from .top_model import Head, TopModel, balanced_weights, encode, load_state, save_state
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from ..errors import SettlementsError
-
-
-class TrainingError(SettlementsError, ValueError):
-    """Raised when training labels cannot train a model (fewer than two classes, no tiles)."""
-
-
-class ModelFileError(SettlementsError, OSError):
-    """Raised when a saved model or checkpoint is unreadable, holds more than tensors and plain data, or
-    does not fit the pipeline."""
+from ..errors import ModelFileError, TrainingError
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, Training
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError, StageError, TrainingError
 from ..pipeline import load_infos, workspace
 from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..reprocess import pipeline_lock
@@ -38,7 +38,7 @@ from .evaluation import (
 )
 from .figures import confusion_figure
 from .finetune import FineTuner, TileImages, targets_of
-from .top_model import TopModel, TrainingError, save_state
+from .top_model import TopModel, save_state
 from .training_labels import kept_tiles, tile_labels
 
 log = logging.getLogger(__name__)
