@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .config import PipelineConfig, load_config
+from .config import (
+    DEFAULT_EXECUTOR,
+    DEFAULT_PREDICT_MODEL,
+    EXECUTORS,
+    PipelineConfig,
+    check_executor,
+    check_predict_model,
+    load_config,
+)
 from .errors import Interrupted, SettlementsError
 from .interrupts import handle_signals, received
 
@@ -109,12 +117,12 @@ def run(
     refit: bool = typer.Option(False, help="Re-run k-means, keeping the ids and names of matching clusters."),
     wait: float = WAIT,
     force: bool = typer.Option(False, help="Run even when nothing changed since the last successful run."),
-    executor: str = typer.Option("local", help="local, or dask: embed and assign on a Dask cluster."),
+    executor: str = typer.Option(DEFAULT_EXECUTOR, help=f"{' or '.join(EXECUTORS)}: where embedding and "
+                                                       "assignment run (dask: on a Dask cluster)."),
     scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://HOST:PORT); default a LocalCluster."),
     workers: int = typer.Option(None, help="Workers of the LocalCluster (default: one per core)."),
 ) -> None:
     """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 2 bad input, 1 failure."""
-    from .executors import check_executor
     from .reprocess import EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
 
     check_executor(executor, scheduler)  # before anything is created
@@ -209,15 +217,14 @@ def train(config: Path = CONFIG) -> None:
 @app.command()
 def predict(
     config: Path = CONFIG,
-    model: str = typer.Option("auto", help="auto (fine_tuned when trained, else top_model), top_model or fine_tuned."),
+    model: str = typer.Option(DEFAULT_PREDICT_MODEL, help="auto (fine_tuned when trained, else top_model), "
+                                                          "top_model or fine_tuned."),
 ) -> None:
     """Predict every tile's class; write <name>_supervised.gpkg, map and histograms."""
-    from .errors import ConfigError
     from .supervised.predict import predict as predict_tiles
 
-    if model not in ("auto", "top_model", "fine_tuned"):
-        raise ConfigError(f"--model: expected auto, top_model or fine_tuned, got {model!r}")
-    for name, path in predict_tiles(_config(config), model).items():  # type: ignore[arg-type]
+    chosen = check_predict_model(model)
+    for name, path in predict_tiles(_config(config), chosen).items():
         typer.echo(f"{name}: {path}")
 
 

@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.extmath import randomized_svd
 
-from .errors import ClusteringError
+from .config import Clustering, check_k
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,18 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+#: The config's defaults (``clustering:``), the only place they are written.
+_DEFAULTS = Clustering()
+
+
 class KMeansClusterer:
     """Seeded FAISS k-means with optional L2-normalisation and PCA before clustering."""
 
-    def __init__(self, k: int = 8, seed: int = 0, sample_size: int = 100_000, niter: int = 25,
-                 nredo: int = 1, pca_dim: int | None = None, l2_normalize: bool = False,
-                 use_gpu: bool | None = None) -> None:
+    def __init__(self, k: int = _DEFAULTS.k, seed: int = _DEFAULTS.seed, sample_size: int = _DEFAULTS.sample_size,
+                 niter: int = _DEFAULTS.niter, nredo: int = 1, pca_dim: int | None = _DEFAULTS.pca_dim,
+                 l2_normalize: bool = False, use_gpu: bool | None = None) -> None:
+        """The estimator alone is one plain k-means run (``nredo`` 1, no L2-normalisation); a pipeline's
+        ``clustering:`` section (:meth:`from_settings`) brings the restarts and normalisation measured for maps."""
         self.k = k
         self.seed = seed
         self.sample_size = sample_size
@@ -81,6 +87,12 @@ class KMeansClusterer:
         self.pca_dim = pca_dim
         self.l2_normalize = l2_normalize
         self.use_gpu = use_gpu
+
+    @classmethod
+    def from_settings(cls, c: Clustering, pca: bool = True) -> KMeansClusterer:
+        """The estimator a pipeline's ``clustering:`` section describes (``pca`` False: without its PCA)."""
+        return cls(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
+                   pca_dim=c.pca_dim if pca else None, l2_normalize=c.l2_normalize)
 
     # learned state: mean_, components_ (PCA), cluster_centers_, n_train_, on_gpu_, restart_agreement_
     def _transform(self, x: np.ndarray) -> np.ndarray:
@@ -99,9 +111,7 @@ class KMeansClusterer:
         or one mosaic) give the same fit only when both runs pass their canonical order.
         """
         n = len(x)
-        if n < self.k:
-            raise ClusteringError(f"clustering.k: k={self.k} exceeds the number of valid tiles ({n}); "
-                                  "lower k or use smaller tiles")
+        check_k(self.k, n, "valid tiles")
         rng = np.random.default_rng(self.seed)
         take = min(self.sample_size, n)
         picked = np.sort(rng.choice(n, size=take, replace=False)) if take < n else None

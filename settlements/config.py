@@ -7,8 +7,9 @@ YAML file's folder. Defaults live here and nowhere else.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import BackboneError, ClusteringError, ConfigError
 
 _LENGTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(km|m|px)\s*$")
 
@@ -530,3 +531,48 @@ def load_config(path: str | Path) -> PipelineConfig:
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(path, exc)) from None
     return resolve_paths(cfg, path)
+
+
+# ------------------------------------------------------------------------------ static checks
+# Checks of settings that need no input file: command-line choices, and values checked against a
+# registry or a count. Each raises one message naming the key (or option), what is allowed and what
+# was received.
+
+#: Where the per-block work runs (``settlements run --executor``); the first is the default.
+EXECUTORS = ("local", "dask")
+DEFAULT_EXECUTOR = EXECUTORS[0]
+
+#: Which supervised model ``settlements predict --model`` uses; ``auto`` (the default) is the fine-tuned
+#: model when the config fine tunes and it was trained, else the top model.
+PredictModel = Literal["auto", "top_model", "fine_tuned"]
+PREDICT_MODELS: tuple[str, ...] = get_args(PredictModel)
+DEFAULT_PREDICT_MODEL: PredictModel = "auto"
+
+
+def check_executor(name: str, scheduler: str | None = None) -> None:
+    """Reject a bad executor choice before any work starts."""
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor: unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
+    if scheduler and name != "dask":
+        raise ConfigError("--scheduler: only used with --executor dask")
+
+
+def check_predict_model(model: str) -> PredictModel:
+    """``model`` as a :data:`PredictModel`, or one error naming the option."""
+    if model not in PREDICT_MODELS:
+        raise ConfigError(f"--model: expected auto, top_model or fine_tuned, got {model!r}")
+    return model  # type: ignore[return-value]
+
+
+def check_backbone_name(name: str, known: Sequence[str]) -> None:
+    """``embedding.backbone`` must be one of ``known``: torchvision's registry
+    (:func:`settlements.embedding.backbones.list_backbones`, which needs torch, so it is passed in)."""
+    if name not in known:
+        raise BackboneError(f"embedding.backbone: unknown backbone {name!r} (choose from: {', '.join(known)})")
+
+
+def check_k(k: int, n_tiles: int, tiles: str = "tiles") -> None:
+    """k-means needs at least ``k`` tiles (``tiles`` says which: all tiles, or the valid ones)."""
+    if k > n_tiles:
+        raise ClusteringError(f"clustering.k: k={k} exceeds the number of {tiles} ({n_tiles}); "
+                              "lower k or use smaller tiles")

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .clustering import KMeansClusterer
+from .config import DEFAULT_EXECUTOR, check_executor
 from .embedding.backbones import Backbone, build_backbone
 from .embedding.infer import EmbeddedChunk, InferenceSettings, TileStream, iter_embeddings
 from .errors import SettlementsError, WeightsError
@@ -263,18 +264,7 @@ class DaskExecutor:
             self._cluster.close()
 
 
-EXECUTORS = ("local", "dask")
-
-
-def check_executor(name: str, scheduler: str | None = None) -> None:
-    """Reject a bad executor choice before any work starts."""
-    if name not in EXECUTORS:
-        raise SettlementsError(f"--executor: unknown executor {name!r} (choose from: {', '.join(EXECUTORS)})")
-    if scheduler and name != "dask":
-        raise SettlementsError("--scheduler: only used with --executor dask")
-
-
-def make_executor(name: str = "local", scheduler: str | None = None, n_workers: int | None = None,
+def make_executor(name: str = DEFAULT_EXECUTOR, scheduler: str | None = None, n_workers: int | None = None,
                   block_tiles: int = 1024) -> LocalExecutor | DaskExecutor:
     check_executor(name, scheduler)
     if name == "dask":

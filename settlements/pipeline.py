@@ -31,19 +31,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .clustering import KMeansClusterer, dominance_warning, restart_warning
-from .config import PipelineConfig
+from .config import PipelineConfig, check_backbone_name, check_executor, check_k
 from .embedding.assemble import embed_counts, embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
 from .embedding.infer import InferenceSettings
 from .errors import (
-    BackboneError,
-    ClusteringError,
     ConfigError,
     OutputError,
     RegionError,
     TilingError,
 )
-from .executors import EmbedJob, Executor, LocalExecutor, check_executor, make_executor
+from .executors import EmbedJob, Executor, LocalExecutor, make_executor
 from .export import plots
 from .export.geopackage import write_geopackage
 from .export.qgis_project import write_project
@@ -222,9 +220,7 @@ def grid_table(grid: TileGrid, info: RasterInfo) -> pd.DataFrame:
 
 def check_inputs(cfg: PipelineConfig) -> tuple[list[RasterInfo], gpd.GeoDataFrame]:
     """Open and check every raster and the regions; nothing is written."""
-    if cfg.embedding.backbone not in list_backbones():
-        raise BackboneError(f"embedding.backbone: unknown backbone {cfg.embedding.backbone!r} "
-                            f"(choose from: {', '.join(list_backbones())})")
+    check_backbone_name(cfg.embedding.backbone, list_backbones())
     check_output_settings(cfg)
     infos = [inspect_raster(path, spec) for path, spec in expand_inputs(cfg.rasters)]
     regions = load_all_regions(cfg.regions)
@@ -311,9 +307,7 @@ def _tile(cfg: PipelineConfig, ws: Workspace) -> dict[str, int]:
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
         raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")
     tiles = pd.concat(tables, ignore_index=True)
-    if cfg.clustering.k > len(tiles):
-        raise ClusteringError(f"clustering.k: k={cfg.clustering.k} exceeds the number of tiles ({len(tiles)}); "
-                              "lower k or use smaller tiles")
+    check_k(cfg.clustering.k, len(tiles))
     infos = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
     counts = {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions), "cells_clipped": clipped,
               "tiles_outside_regions": int((~tiles["tile_id"].isin(shares["tile_id"])).sum())}
@@ -408,8 +402,7 @@ def inference_settings(cfg: PipelineConfig) -> InferenceSettings:
 
     Resolved once here, so workers of another kind (a Dask cluster) compute what the cache key says.
     """
-    e = cfg.embedding
-    settings = InferenceSettings(e.device, e.precision, e.batch_size, e.num_workers)
+    settings = InferenceSettings.from_settings(cfg.embedding)
     settings.precision = settings.precision_name(settings.torch_device())
     return settings
 
@@ -503,16 +496,13 @@ def _cluster(cfg: PipelineConfig, refit: bool, executor: Executor | None, ws: Wo
                             "weights": info["weights_sha256"]})
     previous = json.loads(ws.cluster_meta.read_text()) if ws.cluster_meta.exists() else None
     reuse = not refit and previous is not None and previous.get("fit_key") == fit_key and ws.clusters.exists()
-    if len(emb) < c.k:
-        raise ClusteringError(f"clustering.k: k={c.k} exceeds the number of valid tiles ({len(emb)}); "
-                              "lower k or use smaller tiles")
+    check_k(c.k, len(emb), "valid tiles")
     space_key = settings_key({"backbone": info["backbone"], "layer": info["layer"], "weights": info["weights_sha256"]})
     matching = anchored = None
     if reuse:
         model = KMeansClusterer.load(ws.clusters)
     else:
-        model = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
-                                pca_dim=c.pca_dim, l2_normalize=c.l2_normalize).fit(emb, _ground_order(ws, meta))
+        model = KMeansClusterer.from_settings(c).fit(emb, _ground_order(ws, meta))
         if previous is not None and ws.clusters.exists():
             matching = keep_cluster_ids(ws.labels, model, KMeansClusterer.load(ws.clusters),
                                         previous.get("space_key") == space_key)

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from .config import PipelineConfig
+from .config import PipelineConfig, check_k
 from .embedding.backbones import check_backbone, resolve_weights
-from .errors import ClusteringError, RegionError, WeightsError
+from .errors import RegionError, WeightsError
 from .pipeline import EarlierRasters, check_inputs, raster_grid, raster_tiles
 from .rasters import RasterInfo, clipping_warning, compute_scaling, expand_inputs, only_imagery
 from .regions import area_m2, equal_area_crs, format_area
@@ -136,7 +136,5 @@ def validate(cfg: PipelineConfig) -> ValidationReport:
     if not any(r.regions_met for r in report.rasters):
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
         raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")
-    if cfg.clustering.k > report.tiles:
-        raise ClusteringError(f"clustering.k: k={cfg.clustering.k} exceeds the number of tiles ({report.tiles}); "
-                              "lower k or use smaller tiles")
+    check_k(cfg.clustering.k, report.tiles)
     return report

@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from ..config import DEFAULT_LAYERS, FINAL_LAYER
+from ..config import DEFAULT_LAYERS, FINAL_LAYER, check_backbone_name
 from ..errors import BackboneError, WeightsError
 from ..store import sha256_file
 
@@ -79,9 +79,7 @@ def _weight_file_names(name: str) -> list[str]:
 
 def resolve_weights(name: str, explicit: Path | None = None, allow_download: bool = True) -> ResolvedWeights:
     """Find pretrained weights for ``name``; raise :class:`WeightsError` listing what was searched."""
-    if name not in list_backbones():
-        choices = ", ".join(list_backbones())
-        raise BackboneError(f"embedding.backbone: unknown backbone {name!r} (choose from: {choices})")
+    check_backbone_name(name, list_backbones())
     if explicit is not None:
         if not explicit.is_file():
             raise WeightsError(f"{explicit}: weights file not found")

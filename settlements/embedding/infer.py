@@ -33,6 +33,7 @@ from rasterio.windows import Window
 from torch.fx.experimental import optimization as fx_optimization
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import Embedding
 from ..errors import SettlementsError
 from ..rasters import OpenRasters, RasterInfo, read_raw
 
@@ -619,12 +620,21 @@ def _one_line_errors(loader: Iterable[Any]) -> Iterator[Any]:
         yield from loader
 
 
+#: The config's defaults (``embedding:``), the only place they are written.
+_DEFAULTS = Embedding()
+
+
 @dataclass
 class InferenceSettings:
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    num_workers: int | str = "auto"
+    device: str = _DEFAULTS.device
+    precision: str = _DEFAULTS.precision
+    batch_size: int = _DEFAULTS.batch_size
+    num_workers: int | str = _DEFAULTS.num_workers
+
+    @classmethod
+    def from_settings(cls, e: Embedding) -> InferenceSettings:
+        """The settings of a pipeline's ``embedding:`` section (precision still ``auto`` where it says so)."""
+        return cls(e.device, e.precision, e.batch_size, e.num_workers)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import FINAL_LAYER
+from ..config import FINAL_LAYER, Embedding, FineTuneSettings
 from ..embedding.backbones import PooledFeatures, build_backbone, resolve_layer
 from ..embedding.infer import to_model_input
 from ..errors import ModelFileError, TrainingError
@@ -105,13 +105,18 @@ def torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+#: The config's defaults (``embedding:`` and ``training.finetune:``), the only place they are written.
+_EMBEDDING, _FT = Embedding(), FineTuneSettings()
+
+
 class FineTuner:
     """Fine tunes ``backbone`` (name, layer, weights) from a fitted top model; ``fit`` returns self."""
 
-    def __init__(self, backbone: str, layer: str | None = None, weights: Path | None = None, input_size: int = 96,
-                 unfreeze: int = 2, lr: float = 1e-4, epochs: int = 10, patience: int = 3, batch_size: int = 32,
-                 augment: bool = True, max_shift: float = 0.125, seed: int = 0, device: str = "auto",
-                 num_workers: int = 0) -> None:
+    def __init__(self, backbone: str, layer: str | None = None, weights: Path | None = None,
+                 input_size: int = _EMBEDDING.input_size, unfreeze: int = _FT.unfreeze, lr: float = _FT.lr,
+                 epochs: int = _FT.epochs, patience: int = _FT.patience, batch_size: int = _FT.batch_size,
+                 augment: bool = _FT.augment, max_shift: float = _FT.max_shift, seed: int = _FT.seed,
+                 device: str = _FT.device, num_workers: int = 0) -> None:
         self.backbone = backbone
         self.layer = resolve_layer(backbone, layer)  # the node itself: a saved model keeps its cut
         self.weights = weights
@@ -126,6 +131,13 @@ class FineTuner:
         self.seed = seed
         self.device = device
         self.num_workers = num_workers
+
+    @classmethod
+    def from_settings(cls, e: Embedding, ft: FineTuneSettings) -> FineTuner:
+        """The fine tuner a pipeline's ``embedding:`` and ``training.finetune:`` sections describe."""
+        return cls(backbone=e.backbone, layer=e.layer, weights=e.weights, input_size=e.input_size,
+                   unfreeze=ft.unfreeze, lr=ft.lr, epochs=ft.epochs, patience=ft.patience, batch_size=ft.batch_size,
+                   augment=ft.augment, max_shift=ft.max_shift, seed=ft.seed, device=ft.device)
 
     def params(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items() if not k.endswith("_")}

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import shapely
 
-from ..config import PipelineConfig
+from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
 from ..errors import StageError
 from ..export import plots
 from ..export.geopackage import LayerStyle, write_geopackage
@@ -35,10 +34,7 @@ from .training_labels import kept_tiles
 
 log = logging.getLogger(__name__)
 
-Model = Literal["auto", "top_model", "fine_tuned"]
-
-
-def choose_model(cfg: PipelineConfig, model: Model) -> str:
+def choose_model(cfg: PipelineConfig, model: PredictModel) -> str:
     """``auto``: the fine-tuned model when the config fine tunes and it exists, else the top model."""
     paths = supervised_paths(cfg)
     if model == "auto":
@@ -67,13 +63,13 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
     return top.classes_, top.predict_proba(np.asarray(emb)[tiles["emb_row"].to_numpy()])
 
 
-def predict(cfg: PipelineConfig, model: Model = "auto") -> dict[str, Path]:
+def predict(cfg: PipelineConfig, model: PredictModel = DEFAULT_PREDICT_MODEL) -> dict[str, Path]:
     """Predict every kept tile with the chosen model and write the supervised outputs."""
     with pipeline_lock(cfg):
         return _predict(cfg, model)
 
 
-def _predict(cfg: PipelineConfig, model: Model) -> dict[str, Path]:
+def _predict(cfg: PipelineConfig, model: PredictModel) -> dict[str, Path]:
     ws = workspace(cfg)
     paths = supervised_paths(cfg)
     chosen = choose_model(cfg, model)

@@ -16,6 +16,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from ..config import TopModelSettings
 from ..errors import ModelFileError, TrainingError
 
 
@@ -72,11 +73,16 @@ def encode(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.searchsorted(classes, y).astype(np.int64)
 
 
+#: The config's defaults (``training.top_model:``), the only place they are written.
+_DEFAULTS = TopModelSettings()
+
+
 class TopModel:
     """Class-balanced logistic regression (``hidden=0``) or small MLP on embeddings, full-batch Adam."""
 
-    def __init__(self, hidden: int = 0, C: float = 0.1, weight_decay: float = 1e-3, lr: float = 0.01,  # noqa: N803
-                 epochs: int = 300, seed: int = 0) -> None:
+    def __init__(self, hidden: int = _DEFAULTS.hidden, C: float = _DEFAULTS.C,  # noqa: N803
+                 weight_decay: float = _DEFAULTS.weight_decay, lr: float = _DEFAULTS.lr, epochs: int = _DEFAULTS.epochs,
+                 seed: int = _DEFAULTS.seed) -> None:
         self.hidden = hidden
         self.C = C
         self.weight_decay = weight_decay

@@ -77,11 +77,7 @@ def training_settings(cfg: PipelineConfig) -> Training:
 
 
 def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
-    e = cfg.embedding
-    return FineTuner(backbone=e.backbone, layer=e.layer, weights=e.weights, input_size=e.input_size,
-                     unfreeze=ft.unfreeze, lr=ft.lr, epochs=ft.epochs, patience=ft.patience,
-                     batch_size=ft.batch_size, augment=ft.augment, max_shift=ft.max_shift, seed=ft.seed,
-                     device=ft.device)
+    return FineTuner.from_settings(cfg.embedding, ft)
 
 
 def fine_tune(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, y: np.ndarray, emb: np.ndarray,
@@ -189,8 +185,7 @@ def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.D
     rows = []
     for name, feats in (("cnn", np.asarray(emb, dtype=np.float32)),
                         ("colour", standardise(colour_features(infos, tiles)))):
-        km = KMeansClusterer(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
-                             pca_dim=c.pca_dim if name == "cnn" else None, l2_normalize=c.l2_normalize)
+        km = KMeansClusterer.from_settings(c, pca=name == "cnn")
         labels, _ = km.fit(feats, order).predict(feats)
         rows.append({"features": name, **cluster_quality(y_ref[has].astype(str), labels[has])})
     return pd.DataFrame(rows, columns=["features", "nmi", "ari", "purity"])
