@@ -149,7 +149,9 @@ def _backbone_only(cfg, n_batches: int) -> float:  # noqa: ANN001
 
     from settlements.embedding.backbones import build_backbone
     from settlements.embedding.infer import TileBlocks, embed_batch, prepare_model
-    from settlements.pipeline import inference_settings, load_infos, workspace
+    from settlements.pipeline import inference_settings
+    from settlements.rasters import load_infos
+    from settlements.store import workspace
 
     e = cfg.embedding
     settings = inference_settings(cfg)
@@ -181,8 +183,8 @@ def _naive(cfg, n_tiles: int, device: str = "cpu") -> float:  # noqa: ANN001
 
     from settlements.embedding.backbones import build_backbone
     from settlements.embedding.infer import to_model_input
-    from settlements.pipeline import load_infos, workspace
-    from settlements.rasters import read_tile
+    from settlements.rasters import load_infos, read_tile
+    from settlements.store import workspace
 
     e = cfg.embedding
     ws = workspace(cfg)
@@ -239,8 +241,9 @@ def input_only(config: Path, workers: int, n_tiles: int, channels_last: bool) ->
 
     from settlements.config import load_config
     from settlements.embedding.infer import TileStream, iter_batches
-    from settlements.pipeline import load_infos, workspace
-    from settlements.store import WINDOW_COLUMNS
+    from settlements.rasters import load_infos
+    from settlements.store import workspace
+    from settlements.tiling import WINDOW_COLUMNS
 
     cfg = load_config(config)
     ws = workspace(cfg)

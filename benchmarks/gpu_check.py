@@ -104,7 +104,8 @@ def fidelity(cfg, n: int = 256) -> tuple[float, float]:  # noqa: ANN001
 
     from settlements.embedding.backbones import build_backbone
     from settlements.embedding.infer import TileBlocks, embed_batch, prepare_model
-    from settlements.pipeline import load_infos, workspace
+    from settlements.rasters import load_infos
+    from settlements.store import workspace
 
     e = cfg.embedding
     ws = workspace(cfg)

@@ -167,7 +167,9 @@ def seed_scores(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], c
 def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndarray]) -> Result:
     """Run the stages, then k-means per seed, colour k-means and the blocked cross-validation."""
     from settlements.config import load_config
-    from settlements.pipeline import load_infos, stage_cluster, stage_embed, stage_tile, workspace
+    from settlements.pipeline import stage_cluster, stage_embed, stage_tile
+    from settlements.rasters import load_infos
+    from settlements.store import workspace
     from settlements.supervised.evaluation import standardise
     from settlements.supervised.train import _class_column, blocked_tiles, colour_features, evaluate, supervised_paths
     from settlements.supervised.training_labels import tile_labels

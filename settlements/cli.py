@@ -239,8 +239,8 @@ def labels_template(
 
     from .history import anchor_tiles
     from .labels import default_labels, read_labels, write_labels
-    from .pipeline import workspace
     from .reprocess import pipeline_lock
+    from .store import workspace
 
     cfg = _config(config)
     with pipeline_lock(cfg, wait):  # never beside a run that is about to commit its own version
@@ -275,9 +275,9 @@ def cache_prune(
     wait: float = WAIT,
 ) -> None:
     """Remove cache shards the current config does not use (old rasters, settings, backbones)."""
-    from .pipeline import workspace
+    from .embedding.cache import EmbeddingCache
     from .reprocess import current_cache_keys, pipeline_lock
-    from .store import EmbeddingCache
+    from .store import workspace
 
     cfg = _config(config)
     with pipeline_lock(cfg, wait):

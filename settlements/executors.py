@@ -24,10 +24,10 @@ import numpy as np
 from .clustering import KMeansClusterer
 from .config import DEFAULT_EXECUTOR, check_executor
 from .embedding.backbones import Backbone, build_backbone
+from .embedding.cache import EmbeddingCache, NpyRows
 from .embedding.infer import EmbeddedChunk, InferenceSettings, TileStream, iter_embeddings
 from .errors import SettlementsError, WeightsError
 from .rasters import RasterInfo
-from .store import EmbeddingCache, NpyRows
 
 log = logging.getLogger(__name__)
 

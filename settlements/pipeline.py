@@ -8,7 +8,6 @@ its success) is staged beside its final place and renamed into place at one comm
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -34,6 +33,7 @@ from .clustering import KMeansClusterer, dominance_warning, restart_warning
 from .config import PipelineConfig, check_backbone_name, check_executor, check_k
 from .embedding.assemble import embed_counts, embedded_table, write_embeddings
 from .embedding.backbones import build_backbone, list_backbones
+from .embedding.cache import EmbeddingCache, NpyRows
 from .embedding.infer import InferenceSettings
 from .errors import (
     ConfigError,
@@ -67,8 +67,8 @@ from .rasters import (
     RasterInfo,
     clipping_warning,
     compute_scaling,
-    expand_inputs,
     inspect_raster,
+    load_infos,
     read_tile,
     valid_footprint,
 )
@@ -84,7 +84,6 @@ from .regions import (
 )
 from .reprocess import (
     claim,
-    journal_path,
     labels_hash,
     last_run_id,
     output_paths,
@@ -95,72 +94,26 @@ from .reprocess import (
     up_to_date,
 )
 from .store import (
-    WINDOW_COLUMNS,
     Commit,
-    EmbeddingCache,
-    NpyRows,
+    Workspace,
     check_writable_dir,
     ensure_dir,
+    expand_inputs,
     read_json,
     read_table,
     remove_stale_temps,
     settings_key,
+    workspace,
     write_atomic,
     write_json,
     write_table,
 )
-from .tiling import TileGrid, ground_order, length_to_pixels
+from .tiling import WINDOW_COLUMNS, TileGrid, ground_order, length_to_pixels
 
 log = logging.getLogger(__name__)
 
 #: GDAL's block cache (bytes) while this process reads scattered tiles (the atlas).
 SCATTERED_READ_CACHE = 16 << 20
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """Where each stage's artifact lives for one pipeline.
-
-    With a ``commit`` (a run in progress), artifacts are written staged (:meth:`out`) and read back
-    from there until the commit puts them, the outputs and the labels file in place together.
-    """
-
-    root: Path
-    labels_file: Path | None = None
-    commit: Commit | None = None
-
-    def _at(self, name: str) -> Path:
-        return self.current(self.root / name)
-
-    rasters = property(lambda self: self._at("rasters.json"))
-    tiles = property(lambda self: self._at("tiles.parquet"))
-    regions = property(lambda self: self._at("regions.parquet"))
-    shares = property(lambda self: self._at("shares.parquet"))
-    embedded = property(lambda self: self._at("embedded.parquet"))
-    embeddings = property(lambda self: self._at("embeddings.npy"))
-    embed_meta = property(lambda self: self._at("embedding.json"))
-    clusters = property(lambda self: self._at("clusters.npz"))
-    cluster_meta = property(lambda self: self._at("clusters.json"))
-    assignments = property(lambda self: self._at("assignments.parquet"))
-    cache = property(lambda self: self.root / "cache")
-    lock = property(lambda self: self.root / ".lock")
-
-    @property
-    def labels(self) -> Path:
-        """The labels YAML as this run sees it (its own staged version once it wrote one)."""
-        assert self.labels_file is not None
-        return self.current(self.labels_file)
-
-    def current(self, path: Path) -> Path:
-        return self.commit.current(path) if self.commit is not None else path
-
-    def out(self, path: Path) -> Path:
-        """Where this run writes ``path``: staged until the commit, or in place without one."""
-        return self.commit.stage(path) if self.commit is not None else path
-
-
-def workspace(cfg: PipelineConfig) -> Workspace:
-    return Workspace(cfg.work_dir, cfg.labels_path)
 
 
 @contextmanager
@@ -169,12 +122,12 @@ def committing(cfg: PipelineConfig, ws: Workspace | None = None) -> Iterator[Wor
     if ws is not None and ws.commit is not None:
         yield ws
         return
-    with Commit(journal_path(cfg)) as commit:
+    with Commit(workspace(cfg).journal) as commit:
         seen = labels_hash(cfg)
         # the labels file is the analyst's: never replace an edit made while this run was working
         commit.guard(lambda: not commit.staged(cfg.labels_path) or labels_hash(cfg) == seen, cfg.labels_path,
                      "edited while the run was writing its own version of it; nothing was replaced: run again")
-        yield Workspace(cfg.work_dir, cfg.labels_path, commit)
+        yield workspace(cfg, commit)
         claim(cfg, cfg.work_dir, commit)
 
 
@@ -311,7 +264,7 @@ def _tile(cfg: PipelineConfig, ws: Workspace) -> dict[str, int]:
     infos = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
     counts = {"tiles": len(tiles), "rasters": len(infos), "regions": len(regions), "cells_clipped": clipped,
               "tiles_outside_regions": int((~tiles["tile_id"].isin(shares["tile_id"])).sum())}
-    write_json(ws.out(ws.rasters), {"equal_area_crs": ea.to_wkt(), "rasters": [_info_json(i) for i in infos],
+    write_json(ws.out(ws.rasters), {"equal_area_crs": ea.to_wkt(), "rasters": [i.to_json() for i in infos],
                                     "counts": counts})
     write_table(ws.out(ws.tiles), tiles)
     write_atomic(ws.out(ws.regions), lambda p: regions.assign(region=np.arange(len(regions))).to_parquet(p))
@@ -335,7 +288,7 @@ class EarlierRasters:
         groups: dict[str, list[int]] = {}
         for i, info in enumerate(infos):
             groups.setdefault(info.crs_wkt, []).append(i)
-        self.groups = {wkt: (np.asarray(idx), shapely.STRtree([shapely.box(*_extent(infos[i])) for i in idx]))
+        self.groups = {wkt: (np.asarray(idx), shapely.STRtree([shapely.box(*infos[i].extent) for i in idx]))
                        for wkt, idx in groups.items()}
         self.footprints: dict[int, shapely.Geometry] = {}
 
@@ -348,7 +301,7 @@ class EarlierRasters:
                 out += [int(e) for e in idx[tree.query(here, predicate="intersects")] if e < r]
             else:
                 out += [int(e) for e in idx[idx < r]
-                        if raster_extent_in(_extent(self.infos[e]), self.crs[e], self.crs[r]).intersects(here)]
+                        if raster_extent_in(self.infos[e].extent, self.crs[e], self.crs[r]).intersects(here)]
         return sorted(out)
 
     def covered(self, r: int, bounds: tuple[float, float, float, float]) -> shapely.Geometry | None:
@@ -360,30 +313,6 @@ class EarlierRasters:
                 log.info("%s: valid footprint traced for overlap with later rasters", self.infos[e].path.name)
             parts.append(geometry_in(self.footprints[e], self.crs[e], self.crs[r]))
         return shapely.union_all(parts) if parts else None
-
-
-def _extent(info: RasterInfo) -> tuple[float, float, float, float]:
-    a = info.affine
-    xs, ys = (a.c, a.c + a.a * info.width), (a.f, a.f + a.e * info.height)
-    return min(xs), min(ys), max(xs), max(ys)
-
-
-def _info_json(info: RasterInfo) -> dict[str, Any]:
-    d = dataclasses.asdict(info)
-    d["path"] = str(info.path)
-    return d
-
-
-def load_infos(ws: Workspace) -> list[RasterInfo]:
-    data = read_json(ws.rasters, "tile")
-    out = []
-    for d in data["rasters"]:
-        d = dict(d)
-        d["path"] = Path(d["path"])
-        for k in ("transform", "bands", "scale_low", "scale_high"):
-            d[k] = tuple(d[k])
-        out.append(RasterInfo(**d))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- embed

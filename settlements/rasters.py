@@ -1,12 +1,11 @@
-"""Opening input rasters: checks, band selection, scaling, validity masks, fingerprints.
+"""Opening input rasters: checks, band selection, scaling, validity masks.
 
 Every function here reads by window; none loads a whole full-resolution raster.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -29,6 +28,7 @@ from rasterio.windows import Window
 
 from .config import RasterInput
 from .errors import RasterError
+from .store import Workspace, fingerprint, read_json
 from .tiling import clip_window
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,30 @@ class RasterInfo:
     def affine(self) -> rasterio.Affine:
         return rasterio.Affine(*self.transform[:6])
 
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """(minx, miny, maxx, maxy) in the raster's CRS."""
+        a = self.affine
+        xs, ys = (a.c, a.c + a.a * self.width), (a.f, a.f + a.e * self.height)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def to_json(self) -> dict[str, object]:
+        """As stored in the tile stage's ``rasters.json`` (read back by :func:`load_infos`)."""
+        return {**dataclasses.asdict(self), "path": str(self.path)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> RasterInfo:
+        d = dict(data)
+        d["path"] = Path(str(d["path"]))
+        for k in ("transform", "bands", "scale_low", "scale_high"):
+            d[k] = tuple(d[k])  # type: ignore[call-overload]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+def load_infos(ws: Workspace) -> list[RasterInfo]:
+    """The rasters as the tile stage checked and scaled them (``rasters.json``)."""
+    return [RasterInfo.from_json(d) for d in read_json(ws.rasters, "tile")["rasters"]]
+
 
 class OpenRasters:
     """Datasets of ``infos`` opened on demand and kept open, at most ``limit`` at a time (the least
@@ -95,38 +119,6 @@ class OpenRasters:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict()}
-
-
-def expand_inputs(specs: list[RasterInput]) -> list[tuple[Path, RasterInput]]:
-    """Expand glob patterns so one config entry can name several files (sorted, stable)."""
-    out: list[tuple[Path, RasterInput]] = []
-    for spec in specs:
-        pattern = str(spec.path)
-        if any(ch in pattern for ch in "*?["):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise RasterError(f"{pattern}: no raster matches this pattern")
-            out.extend((Path(m), spec) for m in matches)
-        else:
-            out.append((Path(pattern), spec))
-    return out
-
-
-def fingerprint(path: Path) -> str:
-    """Content key of a raster file: size, and SHA-256 of its first and last MiB.
-
-    Cheap on huge files yet changes whenever GDAL would read different header or pixels at
-    either end; a rewritten file of equal size with different middle pixels is not caught
-    (documented in the README).
-    """
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), 2)
-            h.update(f.read(1 << 20))
-    return h.hexdigest()[:32]
 
 
 @contextmanager

@@ -31,27 +31,23 @@ from filelock import FileLock, Timeout
 from . import __version__
 from .config import PipelineConfig
 from .errors import ConfigError, RunLockedError
-from .rasters import expand_inputs, fingerprint
-from .store import Commit, check_writable_dir, ensure_dir, finish_commit, sha256_file, write_json
+from .store import (
+    Commit,
+    check_writable_dir,
+    ensure_dir,
+    expand_inputs,
+    fingerprint,
+    finish_commit,
+    sha256_file,
+    workspace,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 #: Exit codes for schedulers: 0 outputs written, 2 bad input (or the pipeline is locked),
 #: 3 nothing to do, 1 any other failure (a bug or the machine: see the traceback).
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO = 0, 1, 2, 3
-
-
-def lock_path(cfg: PipelineConfig) -> Path:
-    return cfg.work_dir / ".lock"
-
-
-def last_run_path(cfg: PipelineConfig) -> Path:
-    return cfg.work_dir / "last_run.json"
-
-
-def journal_path(cfg: PipelineConfig) -> Path:
-    """The commit journal of a run being committed (see :class:`settlements.store.Commit`)."""
-    return cfg.work_dir / ".settlements-commit.json"
 
 
 #: The marker file naming the pipeline that owns a work or output folder.
@@ -112,18 +108,19 @@ def pipeline_lock(cfg: PipelineConfig, timeout: float = 0) -> Iterator[None]:
         raise ConfigError(f"--wait: expected 0 or more seconds, got {timeout:g}")
     check_writable_dir(cfg.work_dir, "output.work_dir")
     ensure_dir(cfg.work_dir, "output.work_dir")
-    lock = FileLock(str(lock_path(cfg)))
+    ws = workspace(cfg)
+    lock = FileLock(str(ws.lock))
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
         waited = f" after waiting {timeout:g} s" if timeout > 0 else ""
         raise RunLockedError(f"{cfg.source}: another run of pipeline '{cfg.name}' is in progress "
-                             f"(lock {lock_path(cfg)}){waited}; try again when it finishes, "
+                             f"(lock {ws.lock}){waited}; try again when it finishes, "
                              "or pass --wait SECONDS") from None
     try:
         check_owner(cfg, cfg.work_dir, "output.work_dir")
         check_owner(cfg, cfg.output_dir, "output.dir")
-        finished = finish_commit(journal_path(cfg))
+        finished = finish_commit(ws.journal)
         if finished:
             log.warning("%s: completed the commit of a run killed while replacing its outputs (%d file(s))",
                         cfg.name, finished)
@@ -216,7 +213,7 @@ def unchanged(path: Path, record: dict[str, Any]) -> bool:
 
 def up_to_date(cfg: PipelineConfig) -> bool:
     """True when the last successful run saw exactly this state and every output it wrote is unchanged."""
-    path = last_run_path(cfg)
+    path = workspace(cfg).last_run
     if not path.exists():
         return False
     try:
@@ -241,7 +238,7 @@ def record_success(cfg: PipelineConfig, run_id: str, parts: dict[str, Any], outp
     labels = commit.current(cfg.labels_path)
     if labels != cfg.labels_path:
         parts = {**parts, "labels": hashlib.sha256(labels.read_bytes()).hexdigest()}
-    write_json(commit.stage(last_run_path(cfg)), {
+    write_json(commit.stage(workspace(cfg).last_run), {
         "state_key": state_key(cfg, parts), "run_id": run_id,
         "outputs": {p.name: file_record(p) for p in sorted(outputs)}})
 

@@ -17,6 +17,9 @@ from rasterio.windows import Window
 
 from .errors import TilingError
 
+#: The 8 integers that identify a tile's pixels in a raster: tile window and stride cell window.
+WINDOW_COLUMNS = ["tile_col", "tile_row", "tile_w", "tile_h", "cell_col", "cell_row", "cell_w", "cell_h"]
+
 
 @dataclass(frozen=True)
 class TileGrid:

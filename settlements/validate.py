@@ -19,8 +19,9 @@ from .config import PipelineConfig, check_k
 from .embedding.backbones import check_backbone, resolve_weights
 from .errors import RegionError, WeightsError
 from .pipeline import EarlierRasters, check_inputs, raster_grid, raster_tiles
-from .rasters import RasterInfo, clipping_warning, compute_scaling, expand_inputs, only_imagery
+from .rasters import RasterInfo, clipping_warning, compute_scaling, only_imagery
 from .regions import area_m2, equal_area_crs, format_area
+from .store import expand_inputs
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from rasterio.control import GroundControlPoint
 
 from settlements.cli import main
 from settlements.config import load_config
-from settlements.pipeline import run, stage_tile, workspace
-from settlements.store import read_table
+from settlements.pipeline import run, stage_tile
+from settlements.store import read_table, workspace
 
 from .conftest import scene, write_pipeline
 

@@ -19,9 +19,9 @@ import shapely
 from pyproj import CRS, Geod, Transformer
 
 from settlements.config import load_config
-from settlements.pipeline import stage_tile, workspace
+from settlements.pipeline import stage_tile
 from settlements.regions import equal_area_crs, regions_in_crs
-from settlements.store import read_table
+from settlements.store import read_table, workspace
 
 from .conftest import scene, write_pipeline
 

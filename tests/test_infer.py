@@ -16,6 +16,7 @@ from settlements import executors
 from settlements.config import RasterInput, load_config
 from settlements.embedding.assemble import embedded_table, write_embeddings
 from settlements.embedding.backbones import build_backbone
+from settlements.embedding.cache import EmbeddingCache, NpyRows
 from settlements.embedding.infer import (
     BLOCK_OVERREAD,
     BatchRing,
@@ -34,9 +35,10 @@ from settlements.embedding.infer import (
     to_model_input,
     wire_dtype,
 )
-from settlements.pipeline import stage_embed, stage_tile, workspace
+from settlements.pipeline import stage_embed, stage_tile
 from settlements.rasters import RasterInfo, compute_scaling, inspect_raster, read_tile, scale_pixels
-from settlements.store import WINDOW_COLUMNS, EmbeddingCache, NpyRows
+from settlements.store import workspace
+from settlements.tiling import WINDOW_COLUMNS
 
 from .conftest import scene, write_pipeline
 

@@ -27,13 +27,15 @@ from settlements.cli import run_summary
 from settlements.config import LabelSource, load_config
 from settlements.embedding import infer
 from settlements.embedding.infer import TileStream, forward, iter_batches
-from settlements.pipeline import load_infos, stage_embed, workspace
-from settlements.store import WINDOW_COLUMNS
+from settlements.pipeline import stage_embed
+from settlements.rasters import load_infos
+from settlements.store import workspace
 from settlements.supervised.evaluation import block_side_m, spatial_blocks
 from settlements.supervised.finetune import TileImages
 from settlements.supervised.predict import predict
 from settlements.supervised.train import colour_features, train
 from settlements.supervised.training_labels import kept_tiles, tile_labels
+from settlements.tiling import WINDOW_COLUMNS
 from settlements.validate import validate
 
 from .conftest import Ran, run_cli, scene, write_pipeline

@@ -15,8 +15,9 @@ from rasterio.enums import Resampling
 
 from settlements.config import LabelSource, load_config
 from settlements.errors import ConfigError
-from settlements.pipeline import load_infos, run, stage_tile, workspace
-from settlements.store import read_table
+from settlements.pipeline import run, stage_tile
+from settlements.rasters import load_infos
+from settlements.store import read_table, workspace
 from settlements.supervised.raster_labels import raster_labels
 
 from .conftest import scene, write_pipeline

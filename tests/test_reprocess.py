@@ -14,8 +14,8 @@ import yaml
 
 from settlements.clustering import KMeansClusterer, match_centroids
 from settlements.config import load_config
+from settlements.embedding.cache import EmbeddingCache, folder_bytes
 from settlements.pipeline import run
-from settlements.store import EmbeddingCache, folder_bytes
 
 from .conftest import run_cli
 from .reprocess_helpers import kampala_chips, layer, name_clusters, snapshot

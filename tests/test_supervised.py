@@ -25,7 +25,9 @@ from settlements.cli import main
 from settlements.config import LabelSource, load_config
 from settlements.errors import ConfigError
 from settlements.palette import column_keys
-from settlements.pipeline import load_infos, run, workspace
+from settlements.pipeline import run
+from settlements.rasters import load_infos
+from settlements.store import workspace
 from settlements.supervised.evaluation import block_folds, class_scores, cluster_quality, majority_mapping
 from settlements.supervised.finetune import FineTuner, TileImages, augment
 from settlements.supervised.reference import classify_pixels

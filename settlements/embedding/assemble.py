@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..store import WINDOW_COLUMNS, EmbeddingCache, atomic_path
+from ..store import atomic_path
+from ..tiling import WINDOW_COLUMNS
+from .cache import EmbeddingCache
 
 
 def embedded_table(tiles: pd.DataFrame, keys: list[str], cache: EmbeddingCache,

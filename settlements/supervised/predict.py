@@ -24,9 +24,9 @@ from ..export.raster import code_grid, tile_cells, write_cluster_map
 from ..export.styles import categorized_qml
 from ..histograms import region_histograms
 from ..palette import build_palette
-from ..pipeline import load_infos, workspace
+from ..rasters import load_infos
 from ..reprocess import pipeline_lock
-from ..store import read_table
+from ..store import read_table, workspace
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel, load_state
 from .train import supervised_paths, training_settings

@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, Training
 from ..errors import ConfigError, StageError, TrainingError
-from ..pipeline import load_infos, workspace
-from ..rasters import OpenRasters, RasterInfo, read_tile
+from ..rasters import OpenRasters, RasterInfo, load_infos, read_tile
 from ..reprocess import pipeline_lock
-from ..store import read_table, write_atomic, write_json
+from ..store import read_table, workspace, write_atomic, write_json
 from ..tiling import ground_order
 from .evaluation import (
     block_folds,

@@ -18,9 +18,8 @@ from ..config import LabelSource, PipelineConfig
 from ..errors import ConfigError, StageError
 from ..labels import read_labels
 from ..palette import default_cluster_name
-from ..pipeline import Workspace, load_infos, workspace
-from ..rasters import RasterInfo
-from ..store import read_table
+from ..rasters import RasterInfo, load_infos
+from ..store import Workspace, read_table, workspace
 from .raster_labels import raster_labels
 from .reference import spectral_labels
 
