@@ -149,8 +149,8 @@ def _backbone_only(cfg, n_batches: int) -> float:  # noqa: ANN001
 
     from settlements.embedding.backbones import build_backbone
     from settlements.embedding.infer import TileBlocks, embed_batch, prepare_model
-    from settlements.pipeline import inference_settings
     from settlements.rasters import load_infos
+    from settlements.stages.embed import inference_settings
     from settlements.store import workspace
 
     e = cfg.embedding

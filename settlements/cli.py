@@ -197,11 +197,14 @@ def export(config: Path = CONFIG, wait: float = WAIT) -> None:
 
 
 @app.command()
-def validate(config: Path = CONFIG) -> None:
+def validate(config: Path = CONFIG,
+             weights: bool = typer.Option(True, "--weights/--no-weights",
+                                          help="Load the backbone with its weights and check the layer "
+                                               "(--no-weights: inputs and tiles only, without torch).")) -> None:
     """Check inputs (readable, CRS, bands, overlap with regions, tile counts) without running the CNN."""
     from .validate import validate as check
 
-    for line in check(_config(config)).lines():
+    for line in check(_config(config), weights).lines():
         typer.echo(line)
 
 
@@ -276,12 +279,13 @@ def cache_prune(
 ) -> None:
     """Remove cache shards the current config does not use (old rasters, settings, backbones)."""
     from .embedding.cache import EmbeddingCache
-    from .reprocess import current_cache_keys, pipeline_lock
+    from .reprocess import pipeline_lock
+    from .stages.embed import cache_keys
     from .store import workspace
 
     cfg = _config(config)
     with pipeline_lock(cfg, wait):
-        keep = current_cache_keys(cfg)
+        keep = cache_keys(cfg)
         report = EmbeddingCache(workspace(cfg).cache).prune(keep, dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     typer.echo(f"{cfg.name}: {len(report.removed)} shard(s) removed, {len(report.kept)} kept; "
@@ -298,9 +302,9 @@ def labels_pull(
 ) -> None:
     """Read names and colours edited in the GeoPackage's `clusters` table (e.g. in QGIS) into the
     labels YAML, then regenerate every output and style."""
-    from .labels import pull
+    from .pipeline import pull_labels
 
-    changes, outputs = pull(gpkg, config, wait)
+    changes, outputs = pull_labels(gpkg, config, wait)
     typer.echo("\n".join(changes) if changes else f"{gpkg}: no edits in the clusters table")
     for name, path in outputs.items():
         typer.echo(f"  {name}: {path}")

@@ -339,22 +339,3 @@ def pipeline_of(gpkg: Path, config: Path | None = None) -> PipelineConfig:
     if gpkg.name != f"{cfg.name}.gpkg":
         raise ConfigError(f"{gpkg}: expected the file name {cfg.name}.gpkg (pipeline '{cfg.name}')")
     return cfg
-
-
-def pull(gpkg: Path, config: Path | None = None, wait: float = 0) -> tuple[list[str], dict[str, Path]]:
-    """``settlements labels pull``: edits in ``gpkg`` -> the labels YAML -> every output, regenerated.
-
-    The pipeline is :func:`pipeline_of`; outputs are rewritten beside ``gpkg``, wherever it now lies.
-    Under the pipeline's lock, the labels file and the outputs are committed together.
-    """
-    from .pipeline import committing, stage_export
-    from .reprocess import pipeline_lock
-
-    gpkg = Path(gpkg)
-    if not gpkg.is_file():
-        raise ConfigError(f"{gpkg}: GeoPackage not found")
-    cfg = pipeline_of(gpkg, config)
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": gpkg.resolve().parent})})
-    with pipeline_lock(cfg, wait), committing(cfg) as ws:
-        changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path))
-        return changes, stage_export(cfg, ws=ws)

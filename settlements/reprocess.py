@@ -241,18 +241,3 @@ def record_success(cfg: PipelineConfig, run_id: str, parts: dict[str, Any], outp
     write_json(commit.stage(workspace(cfg).last_run), {
         "state_key": state_key(cfg, parts), "run_id": run_id,
         "outputs": {p.name: file_record(p) for p in sorted(outputs)}})
-
-
-def current_cache_keys(cfg: PipelineConfig) -> set[str]:
-    """The embedding-cache shards the current config uses (one per input raster)."""
-    from .embedding.backbones import build_backbone
-    from .pipeline import check_inputs, embedding_key, inference_settings
-    from .rasters import compute_scaling
-
-    infos, _ = check_inputs(cfg)
-    specs = [spec for _, spec in expand_inputs(cfg.rasters)]
-    e = cfg.embedding
-    backbone = build_backbone(e.backbone, e.layer, e.weights, allow_download=False)
-    precision = inference_settings(cfg).precision
-    return {embedding_key(compute_scaling(info, spec), cfg, backbone.weights.sha256, backbone.layer, precision)
-            for info, spec in zip(infos, specs, strict=True)}

@@ -11,11 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from rasterio.windows import Window
 
+from .config import Tiling
 from .errors import TilingError
+
+if TYPE_CHECKING:
+    from affine import Affine
 
 #: The 8 integers that identify a tile's pixels in a raster: tile window and stride cell window.
 WINDOW_COLUMNS = ["tile_col", "tile_row", "tile_w", "tile_h", "cell_col", "cell_row", "cell_w", "cell_h"]
@@ -50,22 +56,66 @@ class TileGrid:
     def __len__(self) -> int:
         return self.n_rows * self.n_cols
 
+    def cell_windows(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(col_off, row_off, width, height) of the stride cells of ``row``, ``col``, clipped to the raster."""
+        c0, r0 = col * self.stride_w, row * self.stride_h
+        return c0, r0, np.minimum(self.stride_w, self.width - c0), np.minimum(self.stride_h, self.height - r0)
+
+    def tile_windows(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(col_off, row_off, width, height) of the tiles of ``row``, ``col``: each centred on its unclipped
+        cell, so it may reach past the raster edge."""
+        c0 = col * self.stride_w - (self.tile_w - self.stride_w) // 2
+        r0 = row * self.stride_h - (self.tile_h - self.stride_h) // 2
+        return c0, r0, np.full(np.shape(c0), self.tile_w), np.full(np.shape(r0), self.tile_h)
+
     def cell_window(self, row: int, col: int) -> Window:
         """The stride cell of (row, col), clipped to the raster."""
-        c0, r0 = col * self.stride_w, row * self.stride_h
-        return Window(c0, r0, min(self.stride_w, self.width - c0), min(self.stride_h, self.height - r0))
+        return Window(*(int(v) for v in self.cell_windows(np.int64(row), np.int64(col))))
 
     def tile_window(self, row: int, col: int) -> Window:
         """The tile of (row, col): centred on the unclipped cell; may reach past the raster edge."""
-        c0 = col * self.stride_w - (self.tile_w - self.stride_w) // 2
-        r0 = row * self.stride_h - (self.tile_h - self.stride_h) // 2
-        return Window(c0, r0, self.tile_w, self.tile_h)
+        return Window(*(int(v) for v in self.tile_windows(np.int64(row), np.int64(col))))
 
     def cells(self) -> Iterator[tuple[int, int]]:
         """(row, col) in row-major order, so reads walk the raster contiguously."""
         for row in range(self.n_rows):
             for col in range(self.n_cols):
                 yield row, col
+
+
+def tile_plan(grid: TileGrid, transform: Affine) -> pd.DataFrame:
+    """Every cell of ``grid`` in row-major order: row, col, tile window, cell window and cell bounds in the
+    CRS of ``transform`` (north-up: rotation is rejected when a raster is inspected)."""
+    row, col = np.divmod(np.arange(len(grid), dtype=np.int64), grid.n_cols)
+    cell_col, cell_row, cell_w, cell_h = grid.cell_windows(row, col)
+    tile_col, tile_row, tile_w, tile_h = grid.tile_windows(row, col)
+    a = transform
+    x0, y0 = a.c + a.a * cell_col, a.f + a.e * cell_row
+    x1, y1 = a.c + a.a * (cell_col + cell_w), a.f + a.e * (cell_row + cell_h)
+    return pd.DataFrame({
+        "row": row, "col": col,
+        "tile_col": tile_col, "tile_row": tile_row, "tile_w": tile_w, "tile_h": tile_h,
+        "cell_col": cell_col, "cell_row": cell_row, "cell_w": cell_w, "cell_h": cell_h,
+        "minx": np.minimum(x0, x1), "miny": np.minimum(y0, y1),
+        "maxx": np.maximum(x0, x1), "maxy": np.maximum(y0, y1),
+    })
+
+
+def raster_grid(tiling: Tiling, width: int, height: int, pixel_w_m: float, pixel_h_m: float,
+                name: object) -> TileGrid:
+    """The tile grid of one raster (``name``, for messages), tile and stride lengths converted to its pixels."""
+    t = tiling
+    tw, th = length_to_pixels(t.tile_size.value, t.tile_size.unit, pixel_w_m, pixel_h_m)
+    s = t.stride_length
+    sw, sh = length_to_pixels(s.value, s.unit, pixel_w_m, pixel_h_m)
+    for key, length, (w, h) in (("tile_size", t.tile_size, (tw, th)), ("stride", s, (sw, sh))):
+        if min(w, h) < 1:
+            raise TilingError(f"tiling.{key}: {length} is smaller than a pixel of {name} "
+                              f"({pixel_w_m:.3g} x {pixel_h_m:.3g} m)")
+    if tw > width or th > height:
+        raise TilingError(f"tiling.tile_size: {t.tile_size} ({tw} x {th} px) is larger than {name} "
+                          f"({width} x {height} px)")
+    return TileGrid(width, height, tw, th, min(sw, tw), min(sh, th))
 
 
 def length_to_pixels(value: float, unit: str, pixel_w_m: float, pixel_h_m: float) -> tuple[int, int]:

@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import rasterio
 
-from .config import PipelineConfig, check_k
-from .embedding.backbones import check_backbone, resolve_weights
-from .errors import RegionError, WeightsError
-from .pipeline import EarlierRasters, check_inputs, raster_grid, raster_tiles
+from .config import PipelineConfig
+from .errors import WeightsError
 from .rasters import RasterInfo, clipping_warning, compute_scaling, only_imagery
 from .regions import area_m2, equal_area_crs, format_area
+from .stages.tile import check_inputs, grid_of, plan_tiles
 from .store import expand_inputs
 
 
@@ -83,7 +82,12 @@ class ValidationReport:
 
 
 def _weights_note(cfg: PipelineConfig) -> str:
-    """Where the weights come from, once loaded into the backbone and its layer found (no forward pass)."""
+    """Where the weights come from, once loaded into the backbone and its layer found (no forward pass).
+
+    torch is imported here, for this check only.
+    """
+    from .embedding.backbones import check_backbone, resolve_weights
+
     e = cfg.embedding
     try:
         w = resolve_weights(e.backbone, e.weights, allow_download=False)
@@ -111,22 +115,25 @@ def edge_skips(info: RasterInfo, table: pd.DataFrame, min_valid: float) -> int |
     return int((inside_w * inside_h / (w * h) < min_valid - 1e-9).sum())
 
 
-def validate(cfg: PipelineConfig) -> ValidationReport:
-    """Check the inputs of ``cfg`` as ``settlements tile`` would; raise the first problem found."""
-    infos, regions = check_inputs(cfg)
+def validate(cfg: PipelineConfig, weights: bool = True) -> ValidationReport:
+    """Check the inputs of ``cfg`` as ``settlements tile`` would; raise the first problem found.
+
+    ``weights`` False leaves out the backbone (its name, weights and layer), and so torch.
+    """
+    infos, regions = check_inputs(cfg, backbone=weights)
     ea = equal_area_crs(regions)
-    grids = [raster_grid(info, cfg) for info in infos]
+    for info in infos:  # tile-size errors before any pixel is read
+        grid_of(info, cfg)
     specs = [spec for _, spec in expand_inputs(cfg.rasters)]
     # reads the scaling sample: all-nodata and damaged blocks, and scalings that cannot work, show here
     scaled = [compute_scaling(info, spec) for info, spec in zip(infos, specs, strict=True)]
     report = ValidationReport(config=str(cfg.source), regions=len(regions),
                               regions_km2=float(area_m2(regions, ea).sum() / 1e6),
-                              weights=_weights_note(cfg), k=cfg.clustering.k,
-                              max_invalid=cfg.tiling.max_invalid_fraction,
+                              weights=_weights_note(cfg) if weights else "not checked (--no-weights)",
+                              k=cfg.clustering.k, max_invalid=cfg.tiling.max_invalid_fraction,
                               warnings=[w for w in map(clipping_warning, scaled) if w])
-    earlier = EarlierRasters(infos)
-    for r, (info, grid) in enumerate(zip(infos, grids, strict=True)):
-        rt = raster_tiles(cfg, earlier, r, grid, regions, ea)
+    for info, rt in zip(infos, plan_tiles(cfg, infos, regions, ea), strict=True):
+        grid = rt.grid
         report.rasters.append(RasterCheck(
             path=str(info.path), crs=info.crs.to_string(), size=(info.width, info.height), bands=info.bands,
             dtype=info.dtype, tile_px=(grid.tile_w, grid.tile_h),
@@ -134,8 +141,4 @@ def validate(cfg: PipelineConfig) -> ValidationReport:
             regions_met=int(rt.shares["region"].nunique()), overlap_km2=float(rt.shares["area_m2"].sum() / 1e6),
             skips=edge_skips(info, rt.table, 1.0 - cfg.tiling.max_invalid_fraction),
             outside=int(len(rt.table) - rt.shares["cell"].nunique()), clipped=rt.clipped))
-    if not any(r.regions_met for r in report.rasters):
-        where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
-        raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")
-    check_k(cfg.clustering.k, report.tiles)
     return report

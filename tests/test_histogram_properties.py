@@ -1,6 +1,6 @@
 """Properties of the tiling and histogram maths, over random grids, regions and tile tables (hypothesis).
 
-- stride = tile size: the cells of ``grid_table`` cover the raster exactly, no gap and no double count;
+- stride = tile size: the cells of ``tile_plan`` cover the raster exactly, no gap and no double count;
 - a region's cell shares add up to the region's area inside the raster, and splitting a region
   splits its shares (areas are additive);
 - ``region_histograms``: counts and fractions agree, label and cluster areas add up to the mapped
@@ -18,10 +18,9 @@ from pyproj import CRS, Transformer
 
 from settlements.histograms import region_histograms
 from settlements.palette import column_keys
-from settlements.pipeline import grid_table
 from settlements.rasters import RasterInfo
 from settlements.regions import cell_region_shares
-from settlements.tiling import TileGrid
+from settlements.tiling import TileGrid, tile_plan
 
 UTM = CRS.from_epsg(32633)
 LAEA = CRS.from_proj4("+proj=laea +lat_0=45 +lon_0=15 +datum=WGS84 +units=m +no_defs")
@@ -44,7 +43,7 @@ grids = st.tuples(st.integers(1, 60), st.integers(1, 60), st.integers(1, 16),
 def test_cells_cover_the_raster_once_at_stride_equal_to_tile(g) -> None:
     width, height, tile, px, x0, y0 = g
     grid = TileGrid(width, height, tile, tile, tile, tile)
-    table = grid_table(grid, info(width, height, px, x0, y0))
+    table = tile_plan(grid, info(width, height, px, x0, y0).affine)
     assert len(table) == grid.n_rows * grid.n_cols
     assert (table["cell_w"] * table["cell_h"]).sum() == width * height  # no pixel twice ...
     cells = shapely.box(table["minx"], table["miny"], table["maxx"], table["maxy"])
@@ -82,7 +81,7 @@ SLIVER = shapely.Polygon([(500327, 4999549), (499944, 4999860), (500103, 4999732
 @example((13, 14, 2, 30.0, 500000.0, 5000000.0, [SLIVER], 500390.0))
 def test_shares_add_up_to_each_region_inside_the_raster_and_split_additively(scene) -> None:
     width, height, tile, px, x0, y0, regions, cut_x = scene
-    table = grid_table(TileGrid(width, height, tile, tile, tile, tile), info(width, height, px, x0, y0))
+    table = tile_plan(TileGrid(width, height, tile, tile, tile, tile), info(width, height, px, x0, y0).affine)
     cells = shapely.box(table["minx"], table["miny"], table["maxx"], table["maxy"])
     extent = shapely.box(x0, y0 - height * px, x0 + width * px, y0)
     shares = cell_region_shares(cells, np.array(regions, dtype=object), TO_AREA)

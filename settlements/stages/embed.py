@@ -1,0 +1,118 @@
+"""The embed stage: every tile through the CNN once, cached per raster content and settings.
+
+Reads the tile stage's artifacts; writes ``embedded.parquet`` (per tile: validity, kept, row in the
+array), ``embeddings.npy`` (kept tiles, streamed from the cache) and ``embedding.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import PipelineConfig
+from ..embedding.assemble import embed_counts, embedded_table, write_embeddings
+from ..embedding.backbones import build_backbone
+from ..embedding.cache import EmbeddingCache
+from ..embedding.infer import InferenceSettings
+from ..errors import TilingError
+from ..executors import EmbedJob, Executor, LocalExecutor
+from ..rasters import RasterInfo, compute_scaling, load_infos
+from ..store import Workspace, expand_inputs, read_table, settings_key, write_json, write_table
+from ..tiling import WINDOW_COLUMNS
+from .tile import check_inputs
+
+log = logging.getLogger(__name__)
+
+
+def no_tile_message(max_invalid_fraction: float) -> str:
+    """Why no tile was embedded, with advice only where it can help."""
+    if max_invalid_fraction >= 1:  # every tile qualifies: the CNN gave no usable features for any
+        return ("tiling.max_invalid_fraction: no tile could be embedded although every tile qualifies "
+                "(max_invalid_fraction 1); the pixels or their scaling give the CNN nothing (check rasters.scaling)")
+    return (f"tiling.max_invalid_fraction: no tile has at least {1 - max_invalid_fraction:.0%} valid pixels in any "
+            f"raster (most pixels are nodata, masked or non-finite); raise max_invalid_fraction (now "
+            f"{max_invalid_fraction:g}, at most 1) or use smaller tiles")
+
+
+def inference_settings(cfg: PipelineConfig) -> InferenceSettings:
+    """Inference settings with the precision resolved for this machine's device.
+
+    Resolved once here, so workers of another kind (a Dask cluster) compute what the cache key says.
+    """
+    settings = InferenceSettings.from_settings(cfg.embedding)
+    settings.precision = settings.precision_name(settings.torch_device())
+    return settings
+
+
+def embedding_key(info: RasterInfo, cfg: PipelineConfig, weights_sha: str, layer: str,
+                  precision: str = "fp32") -> str:
+    """Cache key of a raster's embeddings: what changes pixels in, or features out."""
+    e = cfg.embedding
+    parts = {
+        "raster": info.fingerprint, "bands": info.bands, "low": info.scale_low, "high": info.scale_high,
+        "nodata": info.nodata, "input_size": e.input_size, "backbone": e.backbone, "layer": layer,
+        "weights": weights_sha,
+    }
+    if precision != "fp32":  # fp32 keys stay those of earlier versions
+        parts["precision"] = precision
+    return settings_key(parts)
+
+
+def embed(cfg: PipelineConfig, ws: Workspace, executor: Executor | None = None) -> dict[str, int]:
+    """Embed every tile not already in the cache; assemble the pipeline's embedding array, streaming.
+
+    The cache is written as chunks are embedded (a killed run resumes there); the rest is staged.
+    """
+    infos = load_infos(ws)
+    tiles = read_table(ws.tiles, "tile")
+    e = cfg.embedding
+    backbone = build_backbone(e.backbone, e.layer, e.weights)
+    settings = inference_settings(cfg)
+    device = settings.torch_device()
+    min_valid = 1.0 - cfg.tiling.max_invalid_fraction
+    cache = EmbeddingCache(ws.cache)
+    keys = [embedding_key(info, cfg, backbone.weights.sha256, backbone.layer, settings.precision) for info in infos]
+    jobs, read = [], []
+    by_raster = tiles.groupby("raster").indices  # one pass, not one scan of every tile per raster
+    for r, info in enumerate(infos):
+        rt = tiles.iloc[by_raster.get(r, np.empty(0, np.int64))]
+        done = cache.index(keys[r])[[*WINDOW_COLUMNS, "valid_tile", "embedded"]]
+        merged = rt[WINDOW_COLUMNS].merge(done, on=WINDOW_COLUMNS, how="left")
+        # new windows, and windows cached as skipped that a lower threshold now keeps
+        need = (merged["valid_tile"].isna() | ((merged["valid_tile"] >= min_valid - 1e-9)
+                                               & (merged["embedded"] != True))).to_numpy()  # noqa: E712
+        if need.any():
+            jobs.append(EmbedJob(keys[r], info, rt[WINDOW_COLUMNS].to_numpy()[need], e.input_size, min_valid))
+            read.append(rt["tile_id"].to_numpy()[need])
+    n_new = sum(len(j.windows) for j in jobs)
+    with tqdm(total=n_new, desc="embedding", unit="tile", disable=None) as bar:
+        (executor or LocalExecutor()).embed(jobs, backbone, settings, cache, bar)
+    meta, source = embedded_table(tiles, keys, cache, min_valid)
+    if len(source) == 0:
+        raise TilingError(no_tile_message(cfg.tiling.max_invalid_fraction))
+    write_embeddings(ws.out(ws.embeddings), source, keys, cache, backbone.dim)
+    write_table(ws.out(ws.embedded), meta)
+    counts = embed_counts(meta, np.concatenate(read) if read else np.empty(0, np.int64))
+    write_json(ws.out(ws.embed_meta), {
+        **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim,
+        "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
+        "weights_path": str(backbone.weights.path), "device": str(device), "precision": settings.precision,
+        "executor": getattr(executor, "name", "local"), "keys": keys,
+    })
+    log.info("embedding: %d read, %d embedded, %d reused, %d skipped (%d without valid pixels, %d too few)",
+             n_new, counts["tiles_embedded"], counts["tiles_reused"], counts["tiles_skipped"],
+             counts["tiles_skipped_nodata"], counts["tiles_skipped_invalid"])
+    return counts
+
+
+def cache_keys(cfg: PipelineConfig) -> set[str]:
+    """The embedding-cache shards the current config uses (one per input raster)."""
+    infos, _ = check_inputs(cfg)
+    specs = [spec for _, spec in expand_inputs(cfg.rasters)]
+    e = cfg.embedding
+    backbone = build_backbone(e.backbone, e.layer, e.weights, allow_download=False)
+    precision = inference_settings(cfg).precision
+    return {embedding_key(compute_scaling(info, spec), cfg, backbone.weights.sha256, backbone.layer, precision)
+            for info, spec in zip(infos, specs, strict=True)}

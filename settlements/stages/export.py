@@ -1,0 +1,216 @@
+"""The export stage: labels, histograms and every output file, from the artifacts of the other stages.
+
+Writes ``outputs/<name>/``: the GeoPackage (tiles, regions, clusters, histogram, runs, changes),
+the cluster-map COG, the QGIS project and the pictures, all staged and committed with the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from rasterio.windows import Window
+
+from ..clustering import KMeansClusterer, dominance_warning, restart_warning
+from ..config import PipelineConfig
+from ..embedding.assemble import embed_counts
+from ..errors import OutputError
+from ..export import plots
+from ..export.geopackage import write_geopackage
+from ..export.qgis_project import write_project
+from ..export.raster import code_grid, tile_cells, write_cluster_map
+from ..export.styles import vector_styles
+from ..histograms import region_histograms
+from ..history import (
+    anchor_tiles,
+    change_styles,
+    concat_runs,
+    previous_labels,
+    read_previous,
+    region_changes,
+    run_columns,
+    tile_changes,
+)
+from ..labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
+from ..rasters import OpenRasters, RasterInfo, clipping_warning, load_infos, read_tile
+from ..reprocess import claim
+from ..store import Workspace, ensure_dir, read_json, read_table
+
+log = logging.getLogger(__name__)
+
+#: GDAL's block cache (bytes) while this process reads scattered tiles (the atlas).
+SCATTERED_READ_CACHE = 16 << 20
+
+
+def tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], labels: ClusterLabels,
+                 regions: gpd.GeoDataFrame) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
+    tiles = read_table(ws.tiles, "tile")
+    meta = read_table(ws.embedded, "embed")
+    assign = read_table(ws.assignments, "cluster")
+    shares = read_table(ws.shares, "tile")
+    t = tiles.merge(meta, on="tile_id").merge(assign, on="tile_id", how="left")
+    t["cluster"] = t["cluster"].fillna(-1).astype(int)
+    t["label"] = [labels.label_of(c) if c >= 0 else None for c in t["cluster"]]
+    best = shares.sort_values("area_m2", ascending=False).drop_duplicates("tile_id")
+    best = best.merge(regions[["region", "region_id"]], on="region")[["tile_id", "region_id"]]
+    t = t.merge(best, on="tile_id", how="left")
+    kept = t[t["kept"]]
+    parts = []
+    for r, info in enumerate(infos):
+        k = kept[kept["raster"] == r]
+        geom = shapely.box(*(k[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))  # arrays: no index alignment
+        g = gpd.GeoDataFrame({
+            "tile_id": k["tile_id"].to_numpy(), "cluster": k["cluster"].to_numpy().astype(np.int32),
+            "label": k["label"].to_numpy(), "distance": k["distance"].to_numpy().astype(np.float64),
+            "region_id": k["region_id"].to_numpy(), "raster": info.path.name,
+            "row": k["row"].to_numpy(), "col": k["col"].to_numpy(),
+            "valid_fraction": k["valid_cell"].to_numpy().astype(np.float64),
+        }, geometry=geom, crs=info.crs).to_crs(cfg.output.crs)
+        parts.append(g)
+    layer = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=cfg.output.crs)
+    return t, layer
+
+
+def result_warnings(infos: list[RasterInfo], sizes: np.ndarray, restarts: dict | None = None) -> list[str]:
+    """Signs of a result not to trust (most pixels clipped, one cluster holding nearly all, k-means restarts
+    that disagree); logged as one line."""
+    found = [w for w in [*(clipping_warning(i) for i in infos), dominance_warning(sizes), restart_warning(restarts)]
+             if w]
+    if found:
+        log.warning("result: %s", "; ".join(found))
+    return found
+
+
+def atlas_panels(t: pd.DataFrame, infos: list[RasterInfo], labels: ClusterLabels, k: int,
+                  per_cluster: int) -> list[tuple[int, str, int, list[np.ndarray]]]:
+    kept = t[t["kept"]]
+    panels = []
+    # scattered tiles reuse no cached block: a small GDAL cache (the default let this process grow by
+    # 250 MB of blocks, and keep them, for 128 atlas tiles of a 30k^2 mosaic)
+    with rasterio.Env(GDAL_CACHEMAX=SCATTERED_READ_CACHE), OpenRasters(infos) as sources:
+        for cid in range(k):
+            members = kept[kept["cluster"] == cid].nsmallest(per_cluster, "distance")
+            chips = []
+            for _, tile in members.iterrows():
+                r = int(tile["raster"])
+                px, _ = read_tile(sources[r], infos[r], Window(tile["tile_col"], tile["tile_row"],
+                                                               tile["tile_w"], tile["tile_h"]))
+                chips.append(np.transpose(px, (1, 2, 0)))
+            panels.append((cid, labels.label_of(cid), int((kept["cluster"] == cid).sum()), chips))
+    return panels
+
+
+def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counters: dict[str, Any] | None,
+           run_info: dict[str, Any]) -> dict[str, Path]:
+    """Labels, histograms and every output file; return the outputs' final paths.
+
+    All outputs are built in a hidden staging folder beside them, and put in place with the rest
+    of the run (or of this export) at its commit, so a run killed while writing leaves the previous
+    outputs as they were. ``run_info``: what the runner knows of the run (start, stage times, state
+    key, library versions) for its row in the ``runs`` table.
+    """
+    assert ws.commit is not None
+    infos = load_infos(ws)
+    k = cfg.clustering.k
+    regions = gpd.read_parquet(ws.regions)
+    assign = read_table(ws.assignments, "cluster")
+    sizes = np.bincount(assign["cluster"].to_numpy(), minlength=k)
+    out_dir = cfg.output_dir
+    ensure_dir(out_dir, "output.dir")
+    gpkg = out_dir / f"{cfg.name}.gpkg"
+    # edits made in QGIS go to the YAML (committed with the outputs)
+    pull_edits(gpkg, ws.labels, cfg.name, k, need_snapshot=True, target=ws.out(cfg.labels_path))
+    labels = read_labels(ws.labels, k)
+    if not ws.labels.exists():
+        write_labels(ws.out(cfg.labels_path), cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
+                     out_dir=out_dir)
+        log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
+    palette = labels.palette
+    t, tiles_layer = tiles_frame(cfg, ws, infos, labels, regions)
+    shares = read_table(ws.shares, "tile")
+    wide, long = region_histograms(t[["tile_id", "kept", "valid_cell", "cluster", "label"]], shares,
+                                   regions.drop(columns="geometry"), list(palette.labels), k)
+    regions_layer = gpd.GeoDataFrame(
+        wide.drop(columns=["region"]), geometry=regions.geometry.values, crs=regions.crs
+    ).to_crs(cfg.output.crs)
+    centroids = KMeansClusterer.load(ws.clusters).cluster_centers_
+    clusters = pd.DataFrame({
+        "cluster": np.arange(k, dtype=np.int32),
+        "label": [labels.label_of(i) for i in range(k)],
+        "colour": [palette.colour(labels.label_of(i)) for i in range(k)],
+        "size": sizes.astype(np.int64),
+        "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
+    })
+    cluster_info = read_json(ws.cluster_meta, "cluster")
+    warnings = result_warnings(infos, sizes, cluster_info.get("restarts"))
+    previous = read_previous(gpkg)
+    before = previous_labels(labels, cluster_info.get("matching"))
+    changes = region_changes(previous, long, regions_layer, labels, before)
+    changed_tiles = tile_changes(previous, tiles_layer, labels, before)
+    embed_info = read_json(ws.embed_meta, "embed")
+    skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
+    now = datetime.now(timezone.utc)
+    run_row = pd.DataFrame([{
+        "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
+        "finished_utc": now.isoformat(timespec="seconds"),
+        "duration_s": float(time.time() - run_started) if run_started else float("nan"),
+        "config": json.dumps(cfg.to_yaml_dict(), default=str),
+        "config_path": str(cfg.source or ""),
+        "labels_path": str(cfg.labels_path),
+        "labels": json.dumps(exported_snapshot(labels)),
+        "backbone": embed_info["backbone"], "layer": embed_info["layer"],
+        "weights_sha256": embed_info["weights_sha256"], "weights_source": embed_info["weights_source"],
+        "device": embed_info["device"],
+        "versions": json.dumps(run_info.get("versions", {})),
+        "inputs": json.dumps([{"path": str(i.path), "fingerprint": i.fingerprint} for i in infos]),
+        "k": k,
+        "tiles_total": int(len(t)),
+        "tiles_kept": int(t["kept"].sum()),
+        "tiles_embedded": int((counters or embed_info).get("tiles_embedded", 0)),
+        "tiles_reused": int((counters or embed_info).get("tiles_reused", 0)),
+        **{key: skips[key] for key in ("tiles_skipped", "tiles_skipped_nodata", "tiles_skipped_invalid")},
+        "tiles_outside_regions": int((~t["tile_id"].isin(shares["tile_id"])).sum()),
+        "cells_clipped": int(read_json(ws.rasters, "tile").get("counts", {}).get("cells_clipped", -1)),
+        "warnings": json.dumps(warnings),
+        **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
+    }])
+    runs = run_row
+    if gpkg.exists():
+        import pyogrio  # imported where used: a compute-only machine (tile, embed, cluster) needs no OGR
+
+        try:
+            old = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
+            runs = concat_runs(old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row)
+        except Exception:  # an older file without a runs table: start the history here
+            log.warning("%s: could not read earlier runs; history restarts", gpkg)
+    styles = vector_styles(palette, k) + change_styles(labels)
+    cluster_map = out_dir / f"{cfg.name}_labels.tif"
+    project = out_dir / f"{cfg.name}.qgz"
+    stage = ws.commit.folder(out_dir)
+    try:
+        write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
+                                             "histogram": long, "runs": runs, "changes": changes,
+                                             "tile_changes": changed_tiles}, styles)
+        write_cluster_map(stage / cluster_map.name, code_grid(tile_cells(t, [i.crs for i in infos], palette)),
+                          palette)
+        write_project(stage / project.name, stage / gpkg.name, stage / cluster_map.name, palette, k,
+                      f"settlements: {cfg.name}")
+        panels = atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
+        plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
+        plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
+                         f"{cfg.name}: label histograms")
+        plots.label_map(stage / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
+    except OutputError as exc:  # name the output, not the hidden staging folder it was built in
+        raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
+    claim(cfg, out_dir, ws.commit)
+    return {"gpkg": gpkg, "atlas": out_dir / "atlas.png", "histograms": out_dir / "histograms.png",
+            "map": out_dir / "map.png", "cluster_map": cluster_map, "project": project}

@@ -1,0 +1,139 @@
+"""The shape of the code: an import graph without cycles, and light commands that stay light.
+
+The graph is read from the source with ``ast``: every import of a ``settlements`` module, at module
+level or inside a function (a function-level import is still an edge: it can hide a cycle, not
+break it). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from .conftest import scene, write_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "settlements"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Line numbers of statements under ``if TYPE_CHECKING:``."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            for stmt in node.body:
+                lines.update(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+    return lines
+
+
+def imports_of(path: Path, modules: set[str]) -> dict[str, bool]:
+    """The ``settlements`` modules ``path`` imports at run time, each with whether only inside a function."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_lines(tree)
+    top_level = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, ast.Try | ast.If)
+                                             for n in ast.walk(s)}
+    found: dict[str, bool] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom) or node.lineno in skip:
+            continue
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # ``from .stages import tile`` imports the submodule; ``from .store import Commit`` the module
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        for target in targets:
+            while target and target not in modules:  # settlements.export.plots.x -> settlements.export.plots
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found[target] = found.get(target, True) and id(node) not in top_level
+    return found
+
+
+def import_graph() -> tuple[nx.DiGraph, dict[tuple[str, str], bool]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in files}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(modules)
+    lazy: dict[tuple[str, str], bool] = {}
+    for path in files:
+        for target, in_function in imports_of(path, modules).items():
+            graph.add_edge(module_name(path), target)
+            lazy[(module_name(path), target)] = in_function
+    return graph, lazy
+
+
+def test_the_import_graph_has_no_cycle_even_through_function_level_imports() -> None:
+    graph, lazy = import_graph()
+    assert len(graph) > 30 and graph.number_of_edges() > 100  # the graph was really read
+    assert lazy[("settlements.stages.tile", "settlements.embedding.backbones")]  # function-level edges counted
+    # importing a package runs its __init__, so a submodule importing its own package is no cycle: drop those
+    edges = [(a, b) for a, b in graph.edges if not a.startswith(b + ".")]
+    cycles = list(nx.simple_cycles(nx.DiGraph(edges)))
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles)
+
+
+def test_the_runner_and_the_stages_depend_one_way() -> None:
+    graph, _ = import_graph()
+    for module in graph:
+        if not module.startswith(("settlements.pipeline", "settlements.cli")):
+            assert "settlements.pipeline" not in graph.successors(module), module
+        if module.startswith(("settlements.supervised", "settlements.stages", "settlements.export")):
+            assert "settlements.cli" not in graph.successors(module), module
+    # no stage calls another stage's module except the tile stage's input checks
+    for stage in ("tile", "embed", "cluster", "export"):
+        others = {s for s in graph.successors(f"settlements.stages.{stage}") if s.startswith("settlements.stages.")}
+        assert others <= {"settlements.stages.tile", "settlements.stages"}, (stage, others)
+
+
+HEAVY = ("torch", "torchvision", "faiss", "matplotlib")
+
+
+def command_imports(*args: str) -> tuple[int, set[str]]:
+    """Run ``settlements ARGS`` in a fresh interpreter: its exit code and the heavy libraries it imported."""
+    probe = ("import sys\nfrom settlements.cli import main\n"
+             f"sys.argv = ['settlements', *{list(args)!r}]\n"
+             "try:\n    main()\n    code = 0\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
+             f"print(code, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    code, heavy = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    return int(code), set(ast.literal_eval(heavy))
+
+
+def test_help_imports_no_heavy_library() -> None:
+    assert command_imports("--help") == (0, set())
+    assert command_imports("run", "--help") == (0, set())
+
+
+def test_validate_without_weights_imports_no_torch_or_faiss(tmp_path: Path) -> None:
+    scene("olinda_brazil", "L7_ETMs.tif")
+    cfg = write_pipeline(tmp_path, "light", "olinda")
+    assert command_imports("validate", "--no-weights", str(cfg)) == (0, set())
+    code, heavy = command_imports("validate", str(cfg))  # the weights check is where torch comes in
+    assert code == 0 and "torch" in heavy and "faiss" not in heavy
+
+
+@pytest.mark.slow
+def test_an_unchanged_rerun_imports_no_heavy_library(olinda) -> None:
+    """The nothing-to-do path of ``settlements run`` (what cron starts every night) stays light."""
+    assert command_imports("run", str(olinda.config_path)) == (3, set())
