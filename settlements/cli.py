@@ -240,7 +240,7 @@ def labels_template(
 
     import pandas as pd
 
-    from .history import anchor_tiles
+    from .identity import anchor_tiles
     from .labels import default_labels, read_labels, write_labels
     from .reprocess import pipeline_lock
     from .store import workspace

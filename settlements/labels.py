@@ -19,6 +19,7 @@ import yaml
 
 from .config import PipelineConfig, load_config, read_yaml
 from .errors import ConfigError
+from .export.previous import clusters_rows, last_run_value
 from .palette import Palette, build_palette, default_cluster_name, is_colour
 from .store import write_atomic
 
@@ -176,14 +177,7 @@ def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], di
     if not gpkg.is_file():
         raise ConfigError(f"{gpkg}: GeoPackage not found")
     try:
-        con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
-        try:
-            rows = con.execute("SELECT cluster, label, colour, size FROM clusters ORDER BY cluster").fetchall()
-            cols = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
-            snap = (con.execute("SELECT labels FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
-                    if "labels" in cols else None)
-        finally:
-            con.close()
+        rows, snap = clusters_rows(gpkg)
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"{gpkg}: not a settlements GeoPackage with a 'clusters' table ({exc})") from None
     table: dict[int, tuple[str, str, int]] = {}
@@ -200,7 +194,7 @@ def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], di
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{gpkg}: clusters.{cid}.{column}: expected text, got {value!r}")
         table[cid] = (label, colour, count)
-    return table, _snapshot(gpkg, snap[0] if snap else None)
+    return table, _snapshot(gpkg, snap)
 
 
 def _whole_number(value: object) -> int | None:
@@ -292,8 +286,6 @@ def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapsh
 
 def stored_config_json(gpkg: Path) -> dict:
     """The resolved pipeline config of the last run that wrote ``gpkg`` (its ``runs`` table)."""
-    from .reprocess import last_run_value
-
     try:
         row = last_run_value(gpkg, "config")
     except sqlite3.DatabaseError as exc:
@@ -317,8 +309,6 @@ def pipeline_of(gpkg: Path, config: Path | None = None) -> PipelineConfig:
     pipeline, labels file and work folder the GeoPackage records; otherwise pass ``--config``.
     No path is ever taken from the GeoPackage itself.
     """
-    from .reprocess import last_run_value
-
     if config is not None:
         cfg = load_config(config)
     else:

@@ -24,11 +24,11 @@ from . import __version__
 from .config import PipelineConfig, check_executor
 from .errors import ConfigError
 from .executors import Executor, make_executor
+from .export.previous import last_run_id
 from .labels import pipeline_of, pull_edits
 from .reprocess import (
     claim,
     labels_hash,
-    last_run_id,
     output_paths,
     pipeline_lock,
     record_success,

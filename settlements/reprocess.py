@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,24 +167,6 @@ def output_paths(cfg: PipelineConfig) -> dict[str, Path]:
     d = cfg.output_dir
     return {"gpkg": d / f"{cfg.name}.gpkg", "atlas": d / "atlas.png", "histograms": d / "histograms.png",
             "map": d / "map.png"}
-
-
-def last_run_value(gpkg: Path, column: str) -> tuple | None:
-    """``column`` of the last row of a GeoPackage's ``runs`` table, read-only (raises sqlite3.Error)."""
-    con = sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True)
-    try:
-        return con.execute(f"SELECT {column} FROM runs ORDER BY fid DESC LIMIT 1").fetchone()
-    finally:
-        con.close()
-
-
-def last_run_id(gpkg: Path) -> str | None:
-    """The ``run_id`` of the last row of a GeoPackage's ``runs`` table (None if unreadable)."""
-    try:
-        row = last_run_value(gpkg, "run_id")
-    except sqlite3.Error:
-        return None
-    return row[0] if row else None
 
 
 def file_record(path: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import yaml
 from settlements.clustering import KMeansClusterer
 from settlements.config import load_config
 from settlements.errors import ConfigError
-from settlements.history import ANCHORS_PER_CLUSTER, align_to_anchors, anchor_tiles
+from settlements.identity import ANCHORS_PER_CLUSTER, align_to_anchors, anchor_tiles
 from settlements.labels import ClusterLabels, read_labels, write_labels
 from settlements.pipeline import run
 

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from settlements.history import PreviousRun, previous_labels, region_changes, tile_changes
+from settlements.changes import previous_labels, region_changes, tile_changes
+from settlements.export.previous import PreviousRun
 from settlements.labels import ClusterLabels
 
 LABELS = ClusterLabels({0: "forest", 1: "water", 2: "forest"}, {0: None, 1: None, 2: None})

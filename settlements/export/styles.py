@@ -238,3 +238,27 @@ def vector_styles(palette: Palette, k: int) -> list[LayerStyle]:
         LayerStyle("regions", "settlements dominant label", _document(regions_qml_body(palette, k)),
                    "regions coloured by their dominant label"),
     ]
+
+
+def change_styles(palette: Palette) -> list[LayerStyle]:
+    """QGIS default styles for the change layers (``changes``, ``tile_changes``), from the one palette."""
+    tip = ("<b>[% region_name %]</b><br>since run [% previous_run %]: [% round(changed_share * 100, 1) %] % "
+           "of the mapped area changed label<br>" + "<br>".join(
+               f"{escape(lb)}: [% round(\"dfrac_{palette.key(lb)}\" * 100, 1) %] points, "
+               f"[% round(\"dkm2_{palette.key(lb)}\", 3) %] km²" for lb in palette.labels))
+    return [
+        LayerStyle("changes", "settlements largest gain",
+                   categorized_qml("largest_gain", palette,
+                                   aliases={"region_name": "Region", "largest_gain": "Label that grew most",
+                                            "largest_loss": "Label that shrank most",
+                                            "changed_share": "Share of mapped area that changed label",
+                                            "previous_run": "Compared with run"},
+                                   outline_width=0.2, map_tip=tip, display_field="region_name"),
+                   "regions coloured by the label whose share grew most since the previous run"),
+        LayerStyle("tile_changes", "settlements new label",
+                   categorized_qml("new_label", palette,
+                                   aliases={"old_label": "Label before", "new_label": "Label now",
+                                            "change": "Change", "raster": "Source raster"},
+                                   outline_width=0.05, map_tip="[% change %]", display_field="change"),
+                   "tiles whose label changed since the previous run, coloured by their new label"),
+    ]

@@ -17,7 +17,7 @@ from ..clustering import KMeansClusterer
 from ..config import PipelineConfig, check_k
 from ..embedding.cache import NpyRows
 from ..executors import Executor, LocalExecutor
-from ..history import align_to_anchors, anchor_tiles, keep_cluster_ids, relabel_after_refit
+from ..identity import align_to_anchors, anchor_tiles, keep_cluster_ids, relabel_after_refit
 from ..store import Workspace, read_json, read_table, settings_key, write_json, write_table
 from ..tiling import ground_order
 

@@ -17,29 +17,23 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import rasterio
-import shapely
 from rasterio.windows import Window
 
+from ..changes import previous_labels, region_changes, tile_changes
 from ..clustering import KMeansClusterer, dominance_warning, restart_warning
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts
 from ..errors import OutputError
 from ..export import plots
 from ..export.geopackage import write_geopackage
+from ..export.layers import regions_layer, tile_regions, tiles_layer
+from ..export.previous import read_previous, read_runs
 from ..export.qgis_project import write_project
 from ..export.raster import code_grid, tile_cells, write_cluster_map
-from ..export.styles import vector_styles
+from ..export.runs import concat_runs, run_columns
+from ..export.styles import change_styles, vector_styles
 from ..histograms import region_histograms
-from ..history import (
-    anchor_tiles,
-    change_styles,
-    concat_runs,
-    previous_labels,
-    read_previous,
-    region_changes,
-    run_columns,
-    tile_changes,
-)
+from ..identity import anchor_tiles
 from ..labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
 from ..rasters import OpenRasters, RasterInfo, clipping_warning, load_infos, read_tile
 from ..reprocess import claim
@@ -60,23 +54,14 @@ def tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], lab
     t = tiles.merge(meta, on="tile_id").merge(assign, on="tile_id", how="left")
     t["cluster"] = t["cluster"].fillna(-1).astype(int)
     t["label"] = [labels.label_of(c) if c >= 0 else None for c in t["cluster"]]
-    best = shares.sort_values("area_m2", ascending=False).drop_duplicates("tile_id")
-    best = best.merge(regions[["region", "region_id"]], on="region")[["tile_id", "region_id"]]
-    t = t.merge(best, on="tile_id", how="left")
-    kept = t[t["kept"]]
-    parts = []
-    for r, info in enumerate(infos):
-        k = kept[kept["raster"] == r]
-        geom = shapely.box(*(k[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))  # arrays: no index alignment
-        g = gpd.GeoDataFrame({
-            "tile_id": k["tile_id"].to_numpy(), "cluster": k["cluster"].to_numpy().astype(np.int32),
-            "label": k["label"].to_numpy(), "distance": k["distance"].to_numpy().astype(np.float64),
-            "region_id": k["region_id"].to_numpy(), "raster": info.path.name,
-            "row": k["row"].to_numpy(), "col": k["col"].to_numpy(),
-            "valid_fraction": k["valid_cell"].to_numpy().astype(np.float64),
-        }, geometry=geom, crs=info.crs).to_crs(cfg.output.crs)
-        parts.append(g)
-    layer = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=cfg.output.crs)
+    t = t.merge(tile_regions(shares, regions), on="tile_id", how="left")
+    layer = tiles_layer(t[t["kept"]], infos, cfg.output.crs, lambda k, info: {
+        "tile_id": k["tile_id"].to_numpy(), "cluster": k["cluster"].to_numpy().astype(np.int32),
+        "label": k["label"].to_numpy(), "distance": k["distance"].to_numpy().astype(np.float64),
+        "region_id": k["region_id"].to_numpy(), "raster": info.path.name,
+        "row": k["row"].to_numpy(), "col": k["col"].to_numpy(),
+        "valid_fraction": k["valid_cell"].to_numpy().astype(np.float64),
+    })
     return t, layer
 
 
@@ -135,13 +120,11 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
                      out_dir=out_dir)
         log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
     palette = labels.palette
-    t, tiles_layer = tiles_frame(cfg, ws, infos, labels, regions)
+    t, tiles_out = tiles_frame(cfg, ws, infos, labels, regions)
     shares = read_table(ws.shares, "tile")
     wide, long = region_histograms(t[["tile_id", "kept", "valid_cell", "cluster", "label"]], shares,
                                    regions.drop(columns="geometry"), list(palette.labels), k)
-    regions_layer = gpd.GeoDataFrame(
-        wide.drop(columns=["region"]), geometry=regions.geometry.values, crs=regions.crs
-    ).to_crs(cfg.output.crs)
+    regions_out = regions_layer(wide, regions, cfg.output.crs)
     centroids = KMeansClusterer.load(ws.clusters).cluster_centers_
     clusters = pd.DataFrame({
         "cluster": np.arange(k, dtype=np.int32),
@@ -154,8 +137,8 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     warnings = result_warnings(infos, sizes, cluster_info.get("restarts"))
     previous = read_previous(gpkg)
     before = previous_labels(labels, cluster_info.get("matching"))
-    changes = region_changes(previous, long, regions_layer, labels, before)
-    changed_tiles = tile_changes(previous, tiles_layer, labels, before)
+    changes = region_changes(previous, long, regions_out, labels, before)
+    changed_tiles = tile_changes(previous, tiles_out, labels, before)
     embed_info = read_json(ws.embed_meta, "embed")
     skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
     now = datetime.now(timezone.utc)
@@ -183,21 +166,14 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         "warnings": json.dumps(warnings),
         **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
     }])
-    runs = run_row
-    if gpkg.exists():
-        import pyogrio  # imported where used: a compute-only machine (tile, embed, cluster) needs no OGR
-
-        try:
-            old = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
-            runs = concat_runs(old.drop(columns=[c for c in ("fid",) if c in old.columns]), run_row)
-        except Exception:  # an older file without a runs table: start the history here
-            log.warning("%s: could not read earlier runs; history restarts", gpkg)
-    styles = vector_styles(palette, k) + change_styles(labels)
+    old_runs = read_runs(gpkg)
+    runs = run_row if old_runs is None else concat_runs(old_runs, run_row)
+    styles = vector_styles(palette, k) + change_styles(palette)
     cluster_map = out_dir / f"{cfg.name}_labels.tif"
     project = out_dir / f"{cfg.name}.qgz"
     stage = ws.commit.folder(out_dir)
     try:
-        write_geopackage(stage / gpkg.name, {"tiles": tiles_layer, "regions": regions_layer, "clusters": clusters,
+        write_geopackage(stage / gpkg.name, {"tiles": tiles_out, "regions": regions_out, "clusters": clusters,
                                              "histogram": long, "runs": runs, "changes": changes,
                                              "tile_changes": changed_tiles}, styles)
         write_cluster_map(stage / cluster_map.name, code_grid(tile_cells(t, [i.crs for i in infos], palette)),
@@ -208,7 +184,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
         plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
                          f"{cfg.name}: label histograms")
-        plots.label_map(stage / "map.png", tiles_layer, regions_layer, palette, f"{cfg.name}: tiles by label")
+        plots.label_map(stage / "map.png", tiles_out, regions_out, palette, f"{cfg.name}: tiles by label")
     except OutputError as exc:  # name the output, not the hidden staging folder it was built in
         raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
     claim(cfg, out_dir, ws.commit)

@@ -14,12 +14,12 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import shapely
 
 from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
 from ..errors import StageError
 from ..export import plots
 from ..export.geopackage import LayerStyle, write_geopackage
+from ..export.layers import regions_layer, tile_regions, tiles_layer
 from ..export.raster import code_grid, tile_cells, write_cluster_map
 from ..export.styles import categorized_qml
 from ..histograms import region_histograms
@@ -87,24 +87,15 @@ def _predict(cfg: PipelineConfig, model: PredictModel) -> dict[str, Path]:
     wide = wide.drop(columns=[f"{p}_c{i}" for i in range(len(classes)) for p in ("n", "frac", "km2")])
     wide = wide.rename(columns={"dominant_label": "dominant_class"})
     long = long[long["kind"] == "label"].drop(columns="kind")
-    regions_layer = gpd.GeoDataFrame(wide.drop(columns=["region"]), geometry=regions.geometry.values,
-                                     crs=regions.crs).to_crs(cfg.output.crs)
-    top_share = shares.sort_values("area_m2", ascending=False).drop_duplicates("tile_id")
-    top_share = top_share.merge(regions[["region", "region_id"]], on="region")[["tile_id", "region_id"]]
+    regions_out = regions_layer(wide, regions, cfg.output.crs)
     t = tiles.assign(**{"class": classes[best], "probability": proba.max(axis=1).astype(np.float64)})
     for j, c in enumerate(classes):
         t[f"p_{palette.key(c)}"] = proba[:, j].astype(np.float64)
-    t = t.merge(top_share, on="tile_id", how="left")
+    t = t.merge(tile_regions(shares, regions), on="tile_id", how="left")
     infos = load_infos(ws)
     cols = ["tile_id", "class", "probability", *[f"p_{palette.key(c)}" for c in classes], "region_id", "row", "col"]
-    parts = []
-    for r, info in enumerate(infos):
-        k = t[t["raster"] == r]
-        parts.append(gpd.GeoDataFrame(k[cols].assign(raster=info.path.name, model=chosen).reset_index(drop=True),
-                                      geometry=shapely.box(*(k[c].to_numpy() for c in ("minx", "miny", "maxx",
-                                                                                        "maxy"))),
-                                      crs=info.crs).to_crs(cfg.output.crs))  # arrays: no index to align
-    tiles_layer = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs=cfg.output.crs)
+    tiles_out = tiles_layer(t, infos, cfg.output.crs,
+                            lambda k, info: k[cols].assign(raster=info.path.name, model=chosen).reset_index(drop=True))
     tip = "<b>[% region_name %]</b><br>dominant: [% dominant_class %]<br>" + "<br>".join(
         f"{c}: [% round(\"frac_{palette.key(c)}\" * 100, 1) %] %" for c in classes)
     styles = [
@@ -121,13 +112,13 @@ def _predict(cfg: PipelineConfig, model: PredictModel) -> dict[str, Path]:
                                    outline_width=0.2, map_tip=tip, display_field="region_name"),
                    "regions coloured by their dominant predicted class"),
     ]
-    write_geopackage(paths.gpkg, {"predicted_tiles": tiles_layer, "predicted_regions": regions_layer,
+    write_geopackage(paths.gpkg, {"predicted_tiles": tiles_out, "predicted_regions": regions_out,
                                   "predicted_histogram": long}, styles)
     out = cfg.output_dir
     class_map = out / f"{cfg.name}_predicted.tif"  # the cluster map's twin: class codes, one pixel per tile cell
     write_cluster_map(class_map, code_grid(tile_cells(t.assign(label=t["class"]), [i.crs for i in infos], palette)),
                       palette)
-    plots.label_map(out / "supervised_map.png", tiles_layer.rename(columns={"class": "label"}), regions_layer,
+    plots.label_map(out / "supervised_map.png", tiles_out.rename(columns={"class": "label"}), regions_out,
                     palette, f"{cfg.name}: tiles by predicted class ({chosen})")
     plots.histograms(out / "supervised_histograms.png", wide, palette, cfg.output.max_plot_regions,
                      f"{cfg.name}: predicted class histograms ({chosen})")

@@ -1,0 +1,52 @@
+"""The ``runs`` table of the GeoPackage: one row per run that wrote outputs, appended to the history.
+
+The row's clock, timing and state-key fields come from the runner (:mod:`settlements.pipeline`);
+the counts from the stages (:mod:`settlements.stages.export`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .previous import PreviousRun
+
+#: Integer columns of the runs table; -1 marks a value an older version did not record.
+RUN_INT_COLUMNS = ["k", "tiles_total", "tiles_kept", "tiles_embedded", "tiles_reused", "tiles_skipped",
+                   "tiles_skipped_nodata", "tiles_skipped_invalid", "tiles_outside_regions", "cells_clipped",
+                   "tiles_changed", "refit", "restarts"]
+
+
+def run_columns(run_info: dict[str, Any] | None, cluster_info: dict[str, Any], previous: PreviousRun | None,
+                n_tile_changes: int) -> dict[str, Any]:
+    """The runs-table fields this module adds: timings, refit report, k-means restarts' agreement, what it
+    was compared with."""
+    info = run_info or {}
+    m = cluster_info.get("matching") or {}
+    restarts = cluster_info.get("restarts") or {}
+    return {
+        "started_utc": info.get("started_utc"),
+        "stage_seconds": json.dumps(info.get("stage_seconds", {})),
+        "refit": int(bool(m)),
+        "clusters_kept": json.dumps(m.get("kept", [])),
+        "clusters_new": json.dumps(m.get("new", [])),
+        "clusters_gone": json.dumps(m.get("gone", [])),
+        "restarts": int(restarts.get("restarts", 1)),
+        "restart_ari_min": float(restarts.get("min", float("nan"))),
+        "restart_ari_mean": float(restarts.get("mean", float("nan"))),
+        "previous_run_id": previous.run_id if previous is not None else None,
+        "tiles_changed": int(n_tile_changes),
+        "state_key": info.get("state_key"),
+    }
+
+
+def concat_runs(old: pd.DataFrame, row: pd.DataFrame) -> pd.DataFrame:
+    """Append this run's row to the history, keeping integer columns integer."""
+    runs = pd.concat([old, row], ignore_index=True)
+    for c in RUN_INT_COLUMNS:
+        if c in runs.columns:
+            runs[c] = pd.to_numeric(runs[c], errors="coerce").fillna(-1).astype(np.int64)
+    return runs
