@@ -22,12 +22,11 @@ import shapely
 import torch
 from rasterio.control import GroundControlPoint
 
-from settlements.cli import main
 from settlements.config import load_config
 from settlements.pipeline import run, stage_tile
 from settlements.store import read_table, workspace
 
-from .conftest import scene, write_pipeline
+from .conftest import run_cli, scene, write_pipeline
 
 SMALL = {"tiling": {"tile_size": "64px"}, "embedding": {"input_size": 32, "num_workers": 0},
          "clustering": {"k": 2}}
@@ -41,13 +40,6 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and "work" not in p.relative_to(root).parts}
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["settlements", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return int(info.value.code), capsys.readouterr().err
-
-
 def expect_error(tmp: Path, monkeypatch, capsys, cfg: Path, pattern: str, command: str = "run") -> str:
     """Run ``command cfg`` with an earlier output in place; assert the clean failure; return the line."""
     earlier = tmp / "outputs" / cfg.stem / f"{cfg.stem}.gpkg"
@@ -55,7 +47,7 @@ def expect_error(tmp: Path, monkeypatch, capsys, cfg: Path, pattern: str, comman
         earlier.parent.mkdir(parents=True, exist_ok=True)
         earlier.write_bytes(b"earlier output")
     before = snapshot(tmp)
-    code, err = cli(monkeypatch, capsys, command, str(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, command, str(cfg))
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1, err
@@ -295,9 +287,8 @@ def test_regions_without_geometry_are_reported_and_left_out(tmp_path, monkeypatc
     geoms[200] = shapely.Polygon()
     tracts.set_geometry(geoms).to_file(tmp_path / "holes.gpkg")
     cfg = bad(tmp_path, regions=[{"path": str(tmp_path / "holes.gpkg"), "id_field": "CD_GEOCODI"}])
-    monkeypatch.setattr(sys, "argv", ["settlements", "tile", str(cfg)])
     with caplog.at_level(logging.WARNING, logger="settlements"):
-        main()
+        assert run_cli(monkeypatch, capsys, "tile", str(cfg))[0] == 0
     ours = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(ours) == 1 and "holes.gpkg: 3 region(s) without geometry (NULL or empty) left out" in ours[0]
     assert all(i in ours[0] for i in ids)
@@ -326,9 +317,8 @@ def test_self_intersecting_regions_are_repaired_and_reported(tmp_path, monkeypat
     assert not bowtie.is_valid
     cfg = write_pipeline(tmp_path, "shapes", "olinda", regions=[{"path": str(tmp_path / "shapes.gpkg"),
                                                                  "name_field": "name"}])
-    monkeypatch.setattr(sys, "argv", ["settlements", "tile", str(cfg)])
     with caplog.at_level(logging.WARNING, logger="settlements.regions"):
-        main()
+        assert run_cli(monkeypatch, capsys, "tile", str(cfg))[0] == 0
     assert re.search(r"shapes\.gpkg: repaired 1 invalid polygon\(s\) with make_valid: 1", caplog.text)
     c = load_config(cfg)
     shares = read_table(workspace(c).shares, "tile")
@@ -469,13 +459,11 @@ def test_disk_full_while_writing_keeps_earlier_outputs(small_run, monkeypatch, c
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # files may not grow past 64 KiB
     try:
-        monkeypatch.setattr(sys, "argv", ["settlements", "export", str(small_run)])
-        with pytest.raises(SystemExit) as info:
-            main()
+        code, _, stderr = run_cli(monkeypatch, capsys, "export", str(small_run))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2
+    err = stderr.strip().splitlines()
+    assert code == 2
     assert len(err) == 1 and re.search(
         r"^error: \S*small\.gpkg: cannot write \((disk full|file size limit of 65536 bytes reached)\): ", err[0]), err
     assert snapshot(tmp) == before  # earlier outputs intact, no temporary file left
@@ -522,9 +510,8 @@ def test_layer_the_backbone_lacks(tmp_path, monkeypatch, capsys, command) -> Non
 def test_validate_reports_inputs_and_tile_counts(tmp_path, monkeypatch, capsys) -> None:
     cfg = write_pipeline(tmp_path, "check", "olinda", tiling={"tile_size": "32px"})
     before = snapshot(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["settlements", "validate", str(cfg)])
-    main()
-    out = capsys.readouterr().out
+    code, out, _ = run_cli(monkeypatch, capsys, "validate", str(cfg))
+    assert code == 0
     assert f"{cfg}: ok" in out
     assert "regions: 470 (" in out
     # 349 x 352 px in 32 px tiles: 11 x 11 cells

@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 import rasterio
 
-from settlements.cli import main
-
-from .conftest import scene, write_pipeline
-
-
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["settlements", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    return int(info.value.code), capsys.readouterr().err
+from .conftest import run_cli, scene, write_pipeline
 
 
 def run_bad(tmp_path: Path, monkeypatch, capsys, **overrides) -> tuple[int, str, Path]:
     cfg = write_pipeline(tmp_path, "bad", "olinda", **overrides)
-    code, err = cli(monkeypatch, capsys, "run", str(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(cfg))
     return code, err, tmp_path / "outputs" / "bad"
 
 
@@ -97,7 +88,7 @@ def test_tile_larger_than_raster(tmp_path, monkeypatch, capsys, olinda_raster) -
 def test_malformed_yaml(tmp_path, monkeypatch, capsys) -> None:
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("rasters:\n  - path: a.tif\n    bands: [1, 2\n")
-    code, err = cli(monkeypatch, capsys, "run", str(cfg))
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(cfg))
     assert_clean_failure(code, err, tmp_path / "outputs" / "broken", r"broken\.yaml: malformed YAML at line")
 
 

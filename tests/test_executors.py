@@ -15,8 +15,7 @@ from settlements.config import load_config
 from settlements.executors import EmbedJob, split_jobs
 from settlements.pipeline import run
 
-from .conftest import scene, write_pipeline
-from .test_cli_errors import cli
+from .conftest import run_cli, scene, write_pipeline
 
 pytest.importorskip("distributed")
 
@@ -70,7 +69,7 @@ def test_dask_local_cluster_matches_single_process(tmp_path: Path, monkeypatch: 
 def test_bad_executor_options_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, args, pattern) -> None:
     scene("olinda_brazil", "L7_ETMs.tif")
     cfg = write_pipeline(tmp_path, "ex", "olinda")
-    code, err = cli(monkeypatch, capsys, "run", str(cfg), *args)
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(cfg), *args)
     assert code == 2
     assert __import__("re").match(pattern, err.strip()), err
     assert not (tmp_path / "work" / "ex").exists()

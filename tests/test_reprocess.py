@@ -21,11 +21,6 @@ from .conftest import run_cli
 from .reprocess_helpers import kampala_chips, layer, name_clusters, snapshot
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    code, out, err = run_cli(monkeypatch, capsys, *args)
-    return code, out + err
-
-
 def tile_clusters(gpkg: Path) -> pd.DataFrame:
     return layer(gpkg, "tiles")[["raster", "row", "col", "cluster", "label"]]
 
@@ -47,7 +42,7 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
 
     # unchanged: the scheduler's rerun is a no-op with exit code 3 and leaves every output as it was
     before = snapshot(gpkg.parent)
-    code, out = cli(monkeypatch, capsys, "run", str(config))
+    code, out, err = run_cli(monkeypatch, capsys, "run", str(config))
     assert code == 3 and "nothing to do" in out
     assert snapshot(gpkg.parent) == before
 
@@ -56,8 +51,8 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="settlements"):
         m.setattr("settlements.clustering.RESTART_AGREEMENT", restarts["mean"] + 0.01)
         caplog.clear()
-        code, out = cli(monkeypatch, capsys, "run", str(config), "--force")
-    assert code == 0, out
+        code, out, err = run_cli(monkeypatch, capsys, "run", str(config), "--force")
+    assert code == 0, out + err
     assert f"k=4 (10 restarts, agreement ARI {restarts['mean']:.2f}); " in out
     warned = [r.getMessage() for r in caplog.records if "k-means restarts agree little" in r.getMessage()]
     assert len(warned) == 1 and "\n" not in warned[0]
@@ -96,8 +91,8 @@ def test_incremental_reruns_keep_cluster_ids_and_names(tmp_path: Path, monkeypat
     # --refit: new k-means, Hungarian-matched to the old centroids; matched ids keep their names
     old_model = KMeansClusterer.load(cfg.work_dir / "clusters.npz")
     before_refit = tile_clusters(gpkg)
-    code, out = cli(monkeypatch, capsys, "run", str(config4), "--refit")
-    assert code == 0, out
+    code, out, err = run_cli(monkeypatch, capsys, "run", str(config4), "--refit")
+    assert code == 0, out + err
     assert "refit: ids kept" in out
     meta = json.loads((cfg.work_dir / "clusters.json").read_text())["matching"]
     assert meta["matched"] and sorted(meta["kept"] + meta["new"]) == [0, 1, 2, 3]
@@ -153,9 +148,9 @@ def test_cache_prune_removes_only_shards_the_config_no_longer_uses(tmp_path: Pat
         (cfg.work_dir / "embedding.json").read_text())["keys"][1])
     size = folder_bytes(gone)
     config1 = kampala_chips(tmp_path, 1)  # the second chip leaves the pipeline
-    code, out = cli(monkeypatch, capsys, "cache", "prune", str(config1), "--dry-run")
+    code, out, err = run_cli(monkeypatch, capsys, "cache", "prune", str(config1), "--dry-run")
     assert code == 0 and gone.exists() and f"would free {size} bytes" in out
-    code, out = cli(monkeypatch, capsys, "cache", "prune", str(config1))
+    code, out, err = run_cli(monkeypatch, capsys, "cache", "prune", str(config1))
     assert code == 0 and f"1 shard(s) removed, 1 kept; freed {size} bytes" in out, out
     assert not gone.exists() and {s.name for s in cache.shards()} == keys - {gone.name}
     rerun = run(load_config(config1))
