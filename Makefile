@@ -13,7 +13,7 @@ REGION ?= olinda
 .PHONY: venv data demo region reprocess test lint bench bench-quick quality gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
-	@echo "make test            run the test suite"
+	@echo "make test            run the linter, the type checker and the test suite"
 	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
 	@echo "make data            link or fetch the input scenes into data/"
 	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
@@ -57,6 +57,7 @@ reprocess: venv data
 
 test: venv data
 	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
+	$(BIN)/mypy settlements
 	$(BIN)/python -m pytest -q
 
 # Figures, not tests: tiles/s, peak RSS and k-means times on large mosaics of real pixels (see benchmarks/).

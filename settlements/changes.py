@@ -81,10 +81,10 @@ def region_changes(previous: PreviousRun | None, long: pd.DataFrame, regions: gp
     out["largest_gain_dfrac"] = np.where(has, g, np.nan)
     out["largest_loss"] = [names[loss[i]] if has[i] and lo[i] < -1e-9 else None for i in rows]
     out["largest_loss_dfrac"] = np.where(has, lo, np.nan)
-    keys = column_keys(names)  # the current labels first: their keys are those of the regions layer
+    columns = column_keys(names)  # the current labels first: their keys are those of the regions layer
     for j, name in enumerate(names):
-        out[f"dfrac_{keys[name]}"] = dfrac[:, j]
-        out[f"dkm2_{keys[name]}"] = dkm2[:, j]
+        out[f"dfrac_{columns[name]}"] = dfrac[:, j]
+        out[f"dkm2_{columns[name]}"] = dkm2[:, j]
     return gpd.GeoDataFrame(out, geometry=regions.geometry.values, crs=regions.crs)
 
 

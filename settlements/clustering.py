@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import faiss
 import numpy as np
@@ -19,6 +20,9 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.extmath import randomized_svd
 
 from .config import Clustering, check_k
+
+if TYPE_CHECKING:
+    from .embedding.cache import NpyRows
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,14 @@ _DEFAULTS = Clustering()
 class KMeansClusterer:
     """Seeded FAISS k-means with optional L2-normalisation and PCA before clustering."""
 
+    # learned state, set by fit or load
+    cluster_centers_: np.ndarray
+    components_: np.ndarray | None
+    mean_: np.ndarray
+    n_train_: int
+    on_gpu_: bool
+    restart_agreement_: dict[str, Any] | None
+
     def __init__(self, k: int = _DEFAULTS.k, seed: int = _DEFAULTS.seed, sample_size: int = _DEFAULTS.sample_size,
                  niter: int = _DEFAULTS.niter, nredo: int = 1, pca_dim: int | None = _DEFAULTS.pca_dim,
                  l2_normalize: bool = False, use_gpu: bool | None = None) -> None:
@@ -99,11 +111,11 @@ class KMeansClusterer:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.l2_normalize:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        if getattr(self, "components_", None) is not None:
-            x = x @ self.components_.T - self.mean_ @ self.components_.T  # no centred copy of x
+        if (components := getattr(self, "components_", None)) is not None:
+            x = x @ components.T - self.mean_ @ components.T  # no centred copy of x
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def fit(self, x: np.ndarray, order: np.ndarray | None = None) -> KMeansClusterer:
+    def fit(self, x: np.ndarray | NpyRows, order: np.ndarray | None = None) -> KMeansClusterer:
         """Fit on a seeded sample of the rows of ``x``.
 
         ``order``: the rows in a canonical order (e.g. by ground position). The sample and FAISS's
@@ -161,7 +173,8 @@ class KMeansClusterer:
             )
             km.train(sample)
             _, lab = km.index.search(sample, 1)
-            runs.append((float(km.obj[-1]), np.array(km.centroids), lab[:, 0].astype(np.min_scalar_type(self.k))))
+            inertia = float(cast(np.ndarray, km.obj)[-1])
+            runs.append((inertia, np.array(km.centroids), lab[:, 0].astype(np.min_scalar_type(self.k))))
         best = min(range(len(runs)), key=lambda i: runs[i][0])  # the first of equal inertia, like FAISS
         agreement = None
         if len(runs) > 1:
@@ -169,7 +182,7 @@ class KMeansClusterer:
             agreement = {"restarts": len(runs), "min": float(np.min(aris)), "mean": float(np.mean(aris))}
         return runs[best][1], runs[best][2], agreement
 
-    def predict(self, x: np.ndarray, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: np.ndarray | NpyRows, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid and Euclidean distance to it, for every row, in batches."""
         index = faiss.IndexFlatL2(self.cluster_centers_.shape[1])
         index.add(self.cluster_centers_)
@@ -187,8 +200,8 @@ class KMeansClusterer:
         Two fits with PCA project onto different bases, so centroids are compared here.
         """
         c = np.asarray(self.cluster_centers_, dtype=np.float32)
-        if getattr(self, "components_", None) is not None:
-            c = self.mean_ + c @ self.components_
+        if (components := getattr(self, "components_", None)) is not None:
+            c = self.mean_ + c @ components
         return c
 
     def reorder(self, ids: np.ndarray) -> KMeansClusterer:
@@ -201,8 +214,8 @@ class KMeansClusterer:
     def save(self, path: Path) -> None:
         from .store import write_atomic
 
-        arrays = {"cluster_centers": self.cluster_centers_, "k": np.int64(self.k), "seed": np.int64(self.seed),
-                  "l2_normalize": np.bool_(self.l2_normalize)}
+        arrays: dict[str, Any] = {"cluster_centers": self.cluster_centers_, "k": np.int64(self.k),
+                                  "seed": np.int64(self.seed), "l2_normalize": np.bool_(self.l2_normalize)}
         if self.components_ is not None:
             arrays.update(mean=self.mean_, components=self.components_)
 

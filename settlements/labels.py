@@ -14,6 +14,7 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -147,7 +148,8 @@ def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[i
     anchors = {int(c): list(t) for c, t in (labels.anchors if anchors is None else anchors).items()}
     body: dict = {"clusters": {}}
     for cid in sorted(labels.names):
-        entry = {"name": labels.names[cid], "colour": labels.colours.get(cid), "size": int(sizes.get(cid, 0))}
+        entry: dict[str, Any] = {"name": labels.names[cid], "colour": labels.colours.get(cid),
+                                 "size": int(sizes.get(cid, 0))}
         if anchors.get(cid):
             entry["anchors"] = _TileIds(int(t) for t in anchors[cid])
         body["clusters"][cid] = entry

@@ -79,7 +79,7 @@ class RasterInfo:
         d = dict(data)
         d["path"] = Path(str(d["path"]))
         for k in ("transform", "bands", "scale_low", "scale_high"):
-            d[k] = tuple(d[k])  # type: ignore[call-overload]
+            d[k] = tuple(d[k])  # type: ignore[call-overload, arg-type]
         return cls(**d)  # type: ignore[arg-type]
 
 
@@ -423,7 +423,7 @@ def _replace(info: RasterInfo, **kw: object) -> RasterInfo:
     return replace(info, **kw)  # type: ignore[arg-type]
 
 
-def _bands_array(bands: int, h: int, w: int, dtype: str, pixel_interleaved: bool) -> np.ndarray:
+def _bands_array(bands: int, h: int, w: int, dtype: str | np.dtype, pixel_interleaved: bool) -> np.ndarray:
     """Zeros shaped (bands, h, w), stored band by band or pixel by pixel (a transposed (h, w, bands))."""
     if pixel_interleaved:
         return np.zeros((h, w, bands), dtype=dtype).transpose(2, 0, 1)

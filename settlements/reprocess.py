@@ -148,7 +148,8 @@ def state_parts(cfg: PipelineConfig) -> dict[str, Any]:
     them with ``embedding.weights``, a file, which is included), and library versions.
     """
     try:
-        inputs = [{"path": str(p), "fingerprint": fingerprint(p)} for p, _ in expand_inputs(cfg.rasters)]
+        inputs: list[dict[str, Any]] = [{"path": str(p), "fingerprint": fingerprint(p)}
+                                        for p, _ in expand_inputs(cfg.rasters)]
     except (OSError, ValueError):
         inputs = [{"unreadable": True}]  # the run itself reports the problem
     regions = [f for r in cfg.regions if r.path is not None for f in _file_keys(r.path)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -56,12 +56,12 @@ class TileGrid:
     def __len__(self) -> int:
         return self.n_rows * self.n_cols
 
-    def cell_windows(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, ...]:
+    def cell_windows(self, row: Any, col: Any) -> tuple[Any, ...]:
         """(col_off, row_off, width, height) of the stride cells of ``row``, ``col``, clipped to the raster."""
         c0, r0 = col * self.stride_w, row * self.stride_h
         return c0, r0, np.minimum(self.stride_w, self.width - c0), np.minimum(self.stride_h, self.height - r0)
 
-    def tile_windows(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, ...]:
+    def tile_windows(self, row: Any, col: Any) -> tuple[Any, ...]:
         """(col_off, row_off, width, height) of the tiles of ``row``, ``col``: each centred on its unclipped
         cell, so it may reach past the raster edge."""
         c0 = col * self.stride_w - (self.tile_w - self.stride_w) // 2

@@ -90,5 +90,5 @@ def write_embeddings(target: Path, source: pd.DataFrame, keys: list[str], cache:
             pairs = pd.DataFrame({"r": rasters[s:e], "c": chunks[s:e]})
             for (r, name), pos in pairs.groupby(["r", "c"], sort=False).indices.items():
                 out[pos] = chunk(int(r), str(name))[rows[s:e][pos]]
-            f.write(memoryview(out).cast("B"))  # no copy
+            f.write(memoryview(out).cast("B"))  # type: ignore[arg-type]  # no copy
     return n

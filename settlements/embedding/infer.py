@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def new_tensor(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool =
                            else torch.contiguous_format)
     numel = int(np.prod(shape))
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    out = torch.empty(0, dtype=dtype).set_(storage._untyped_storage, 0, shape)
+    out = torch.empty(0, dtype=dtype).set_(storage._untyped_storage, 0, shape)  # type: ignore[call-overload]
     if channels_last:
         n, c, h, w = shape
         out = out.as_strided(shape, (h * w * c, 1, w * c, c))
@@ -360,7 +360,7 @@ class TileBatch(NamedTuple):
     tile and cell is imagery. :meth:`TileStream.inputs` makes the model input of all parts on the model's
     device."""
 
-    index: np.ndarray
+    index: np.ndarray  # type: ignore[assignment]  # (a field named like tuple.index)
     parts: tuple[TilePart, ...]
     valid_tile: np.ndarray
     valid_cell: np.ndarray
@@ -717,7 +717,7 @@ def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(model, "body", None), torch.fx.GraphModule):
             try:
                 folded = copy.deepcopy(model).eval()  # a deep copy of a feature extractor starts in train mode
-                folded.body = fx_optimization.fuse(folded.body, inplace=True)
+                folded.body = fx_optimization.fuse(cast(torch.fx.GraphModule, folded.body), inplace=True)
             except Exception as exc:  # a graph FX cannot trace again: run it unfolded
                 log.debug("batch norms not folded: %s", exc)
                 folded = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -127,12 +128,18 @@ def project_xml(title: str, layers: list[ProjectLayer], crs: CRS, view: Bounds) 
 """
 
 
+def _bounds(values: Any) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) as floats."""
+    minx, miny, maxx, maxy = (float(v) for v in values)
+    return minx, miny, maxx, maxy
+
+
 def _vector_layer(gpkg: Path, layer: str, name: str, style: str, checked: bool = True) -> ProjectLayer:
     info = pyogrio.read_info(gpkg, layer=layer, force_total_bounds=True)
     wkb = str(info["geometry_type"]).replace(" ", "")
     return ProjectLayer(f"settlements_{name.replace(' ', '_').replace(':', '')}", name,
                         f"./{gpkg.name}|layername={layer}", "ogr", CRS.from_user_input(info["crs"]),
-                        tuple(float(v) for v in info["total_bounds"]), style, checked,
+                        _bounds(info["total_bounds"]), style, checked,
                         "Polygon", wkb)
 
 
@@ -175,7 +182,7 @@ def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k
     """
     with rasterio.open(cluster_map) as src:
         rcrs = CRS.from_wkt(src.crs.to_wkt())
-        rb = tuple(float(v) for v in src.bounds)
+        rb = _bounds(src.bounds)
     layers = [
         _vector_layer(gpkg, "regions", "regions: label mix", regions_mix_qml_body(palette, k), checked=False),
         _vector_layer(gpkg, "regions", "regions", regions_qml_body(palette, k)),

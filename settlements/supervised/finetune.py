@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -174,7 +174,7 @@ class FineTuner:
         trainable = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(trainable, lr=self.lr)
         loss_fn = nn.CrossEntropyLoss(weight=balanced_weights(train.targets, len(top.classes_)).to(device))
-        state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
+        state: dict[str, Any] = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": []}
         best = copy.deepcopy(net.state_dict())
         if checkpoint is not None and checkpoint.exists():
             saved = load_state(checkpoint)
@@ -286,7 +286,7 @@ class FineTuner:
 
 
 def _head_hidden(head: Head) -> int:
-    return head.net[0].out_features if isinstance(head.net, nn.Sequential) else 0
+    return cast(nn.Linear, head.net[0]).out_features if isinstance(head.net, nn.Sequential) else 0
 
 
 def targets_of(y: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -48,6 +48,9 @@ def load_state(path: Path) -> dict[str, Any]:
 class Head(nn.Module):
     """Standardise features with fixed mean/scale, then classify."""
 
+    mean: torch.Tensor  # buffers (registered below)
+    scale: torch.Tensor
+
     def __init__(self, dim: int, n_classes: int, hidden: int = 0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

@@ -127,7 +127,8 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     clusters = tiles[["tile_id"]].merge(assign, on="tile_id", how="left")["cluster"].to_numpy()
     do_ft = t.finetune.enabled and ev.finetune
     methods = [m for m in METHODS if m != "fine_tuned" or do_ft]
-    truth, preds = [], {m: [] for m in methods}
+    truth: list[np.ndarray] = []
+    preds: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for f in tqdm(range(ev.folds), desc="cross-validation", unit="fold", disable=None):
         tr, te = (fold != f) & has_train, (fold == f) & has_ref
         if not te.any():
