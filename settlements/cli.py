@@ -24,9 +24,10 @@ from .config import (
     PipelineConfig,
     check_executor,
     check_predict_model,
+    check_wait,
     load_config,
 )
-from .errors import Interrupted, SettlementsError
+from .errors import ConfigError, Interrupted, SettlementsError
 from .interrupts import handle_signals, received
 
 if TYPE_CHECKING:
@@ -41,9 +42,10 @@ CONFIG = typer.Argument(..., help="Pipeline YAML, e.g. pipelines/olinda.yaml", s
 
 
 def _seconds(value: float) -> float:
-    if not value >= 0:  # NaN too
-        raise typer.BadParameter(f"expected 0 or more seconds, got {value:g}")
-    return value
+    try:
+        return check_wait(value)
+    except ConfigError as exc:  # typer names the option itself
+        raise typer.BadParameter(str(exc).removeprefix("--wait: ")) from None
 
 
 WAIT = typer.Option(0.0, callback=_seconds, help="Seconds to wait for another command of this pipeline to finish "

@@ -549,6 +549,13 @@ PREDICT_MODELS: tuple[str, ...] = get_args(PredictModel)
 DEFAULT_PREDICT_MODEL: PredictModel = "auto"
 
 
+def check_wait(seconds: float) -> float:
+    """``--wait``: how long to wait for another command of the pipeline, 0 or more seconds (not NaN)."""
+    if not seconds >= 0:
+        raise ConfigError(f"--wait: expected 0 or more seconds, got {seconds:g}")
+    return seconds
+
+
 def check_executor(name: str, scheduler: str | None = None) -> None:
     """Reject a bad executor choice before any work starts."""
     if name not in EXECUTORS:

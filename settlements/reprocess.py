@@ -28,7 +28,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from . import __version__
-from .config import PipelineConfig
+from .config import PipelineConfig, check_wait
 from .errors import ConfigError, RunLockedError
 from .store import (
     Commit,
@@ -103,8 +103,7 @@ def pipeline_lock(cfg: PipelineConfig, timeout: float = 0) -> Iterator[None]:
     Once held: the folders must be this pipeline's (:func:`check_owner`), and a commit that a killed
     run left half done is completed.
     """
-    if not timeout >= 0:  # NaN too
-        raise ConfigError(f"--wait: expected 0 or more seconds, got {timeout:g}")
+    check_wait(timeout)
     check_writable_dir(cfg.work_dir, "output.work_dir")
     ensure_dir(cfg.work_dir, "output.work_dir")
     ws = workspace(cfg)
