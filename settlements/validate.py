@@ -4,7 +4,8 @@ Opens each raster (CRS, geotransform, bands, data type, a few blocks read), load
 checks they overlap the imagery, builds each raster's tiles as the tile stage does (the same
 clipping to regions and overlap rules) and counts them, with the tiles a run will skip where that
 is known without reading pixels. Writes nothing; the first problem raises the same one-line error
-a run would give.
+a run would give. The tiles are planned by the tile stage's own code (:mod:`settlements.stages.tile`);
+torch is imported only to check the backbone and its weights (skipped with ``--no-weights``).
 """
 
 from __future__ import annotations
