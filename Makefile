@@ -63,6 +63,7 @@ test: venv data
 # Figures, not tests: tiles/s, peak RSS and k-means times on large mosaics of real pixels (see benchmarks/).
 bench: venv data
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/similar.py
 
 bench-quick: venv data
 	$(PY) benchmarks/bench.py --quick

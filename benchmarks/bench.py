@@ -18,6 +18,8 @@ then prints, on this machine:
       200 px tiles (the same tiles in both) at the input size, end-to-end kept tiles/s of each,
   (h) the 64 Mumbai patches (../shared/data/mumbai_train, 600^2 px) as 64 files against one VRT of them,
       50 m tiles at 224 px, end-to-end kept tiles/s of each (skipped where the data is missing),
+  (i) ``settlements similar`` on the large mosaic's tiles: exact search (every tile scored) vs the cached
+      FAISS IVF index, query times and the index's recall@100 against exact search (benchmarks/similar.py),
 and ends with one JSON line. Targets (quiet 2-core CPU): a/b >= 0.85, a/c >= 1.5,
 RSS(30k) <= 1.2 x RSS(10k) and < 2 GiB, FAISS >= 2x faster than scikit-learn at inertia within 1 %,
 input path >= 1,500 tiles/s with one worker and >= 1.8x that with two, files over mosaic >= 0.9,
@@ -430,7 +432,13 @@ def main() -> None:
         print(f"    files over VRT: {mumbai_ratio:.3f} (target >= 0.9)", flush=True)
     else:
         print(f"(h) {MUMBAI} missing (make data): Mumbai files vs VRT not measured")
+    from similar import index_compare  # benchmarks/similar.py, beside this file
+
+    search = index_compare(Path(r["embeddings"]))
     print(json.dumps({
+        "similar_exact_query_s": round(search["exact_query_s"], 4),
+        "similar_index_query_s": round(search["index_query_s"], 4),
+        "similar_index_recall_at_100": round(search["recall_at_100_mean"], 4),
         "e2e_over_backbone": round(a / b, 4), "e2e_over_naive": round(a / c, 4),
         "rss_ratio_30k_10k": round(rss[large] / rss[small], 4), "rss_30k_mib": round(rss[large], 1),
         "faiss_speedup_vs_sklearn": round(km["faiss_pca_speedup"], 3),

@@ -19,11 +19,18 @@ import typer
 
 from .config import (
     DEFAULT_EXECUTOR,
+    DEFAULT_NPROBE,
     DEFAULT_PREDICT_MODEL,
+    DEFAULT_SIMILAR_INDEX,
+    DEFAULT_SIMILAR_TOP,
+    EXACT_MAX_TILES,
     EXECUTORS,
+    SIMILAR_CONTEXT,
     PipelineConfig,
     check_executor,
+    check_export_format,
     check_predict_model,
+    check_similar_options,
     check_wait,
     load_config,
 )
@@ -310,6 +317,59 @@ def labels_pull(
     typer.echo("\n".join(changes) if changes else f"{gpkg}: no edits in the clusters table")
     for name, path in outputs.items():
         typer.echo(f"  {name}: {path}")
+
+
+@app.command()
+def similar(
+    config: Path = CONFIG,
+    examples: str = typer.Option(..., help="Tiles like which: a vector file (e.g. the run's GeoPackage, whose "
+                                           "'examples' layer you drew in QGIS) or tile ids (12,45,78).",
+                                 show_default=False),
+    layer: str = typer.Option(None, help="The layer of the examples' file (default: 'examples', or its only layer)."),
+    negatives: str = typer.Option(None, help="Tiles unlike the examples (file or tile ids): a logistic regression "
+                                             "of examples against them scores the tiles."),
+    negatives_layer: str = typer.Option(None, help="The layer of the negatives' file (default: 'negatives', or its "
+                                                   "only layer)."),
+    top: int = typer.Option(None, help=f"The N likest tiles match (default {DEFAULT_SIMILAR_TOP})."),
+    threshold: float = typer.Option(None, help="Every tile scoring at least D matches (cosine; with negatives, "
+                                               "a probability)."),
+    name: str = typer.Option(None, help="The result layer is similar_NAME (default: the examples' layer name)."),
+    index: str = typer.Option(DEFAULT_SIMILAR_INDEX, help=f"exact (every tile scored), ivf (a cached FAISS index) or "
+                                                          f"auto (exact up to {EXACT_MAX_TILES:,} tiles)."),
+    nprobe: int = typer.Option(DEFAULT_NPROBE, help="IVF lists searched per query (more: slower, nearer exact)."),
+    context: float = typer.Option(SIMILAR_CONTEXT, help="Weight of a tile's neighbours in its score (0: the tile "
+                                                        "alone)."),
+    wait: float = WAIT,
+) -> None:
+    """Rank every tile by likeness to example tiles; write layers similar_NAME and similar_NAME_regions
+    into the run's GeoPackage."""
+    from .pipeline import similar as find_similar
+
+    opts = check_similar_options(top, threshold, index, nprobe, name, context)
+    cfg = _config(config)
+    r = find_similar(cfg, examples, layer, negatives, negatives_layer, opts, wait)
+    how = "exact, every tile scored" if r.exact else "IVF index"
+    lowest = "" if r.cutoff is None else f"; lowest matching score {r.cutoff:.3f}"
+    typer.echo(f"{cfg.name}: {r.matches} tile(s) like {r.examples} example(s)"
+               + (f" and unlike {r.negatives} negative(s)" if r.negatives else "")
+               + f" ({r.method}, {how}{lowest}); {r.seconds:.1f} s")
+    typer.echo(f"  layers {r.layer}, {r.regions_layer}: {r.gpkg}")
+
+
+@app.command("export-embeddings")
+def export_embeddings(
+    config: Path = CONFIG,
+    fmt: str = typer.Option("geoparquet", "--format", help="geoparquet (vectors in the file) or npy (a .npy of "
+                                                              "the vectors beside a GeoParquet table)."),
+    output: Path = typer.Option(None, help="The parquet file (default: OUTPUT_DIR/<name>_embeddings.parquet)."),
+    wait: float = WAIT,
+) -> None:
+    """Every kept tile's embedding with its cell polygon, tile id, raster, cluster and label, as GeoParquet."""
+    from .export.embeddings import export
+
+    fmt = check_export_format(fmt)
+    for kind, path in export(_config(config), fmt, output, wait).items():
+        typer.echo(f"{kind}: {path}")
 
 
 def _interrupted(signum: int) -> int:

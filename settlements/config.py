@@ -6,8 +6,10 @@ YAML file's folder. Defaults live here and nowhere else.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -583,3 +585,73 @@ def check_k(k: int, n_tiles: int, tiles: str = "tiles") -> None:
     if k > n_tiles:
         raise ClusteringError(f"clustering.k: k={k} exceeds the number of {tiles} ({n_tiles}); "
                               "lower k or use smaller tiles")
+
+
+# ------------------------------------------------------------ settlements similar, export-embeddings
+# Command-line choices and defaults of the two commands (they are not pipeline settings: a query
+# changes no output of a run). Each check raises one message naming the option.
+
+#: How ``settlements similar`` searches: ``exact`` scores every tile, ``ivf`` asks a cached FAISS IVF
+#: index for the best candidates; ``auto`` (the default) is exact up to :data:`EXACT_MAX_TILES` tiles.
+SimilarIndex = Literal["auto", "exact", "ivf"]
+SIMILAR_INDEXES: tuple[str, ...] = get_args(SimilarIndex)
+DEFAULT_SIMILAR_INDEX: SimilarIndex = "auto"
+EXACT_MAX_TILES = 500_000
+#: IVF lists searched per query: recall@100 1.00 against exact search on the 18k tiles of the 30k^2
+#: mosaic (``make bench``).
+DEFAULT_NPROBE = 64
+#: Tiles that match when neither ``--top`` nor ``--threshold`` is given: the 100 likest.
+DEFAULT_SIMILAR_TOP = 100
+#: Tiles averaged with the examples into the query (query expansion): those most like any one example.
+QUERY_EXPANSION = 20
+#: Weight of a tile's neighbours in its score (``--context``): score = (1 - w) x its own similarity + w x
+#: their mean. On the Mumbai masks 0.3 lifts the precision of the 300 best tiles by 2-3 points (``make bench``).
+SIMILAR_CONTEXT = 0.3
+#: Inverse L2 strength of the logistic regression that scores tiles when negatives are given.
+SIMILAR_LINEAR_C = 1.0
+
+#: ``settlements export-embeddings --format``: GeoParquet with the vectors, or a .npy beside the table.
+ExportFormat = Literal["geoparquet", "npy"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+_LAYER_NAME = re.compile(r"^[a-z0-9_]{1,40}$")
+
+
+@dataclass(frozen=True)
+class SimilarOptions:
+    """The checked options of one ``settlements similar`` query."""
+
+    top: int | None
+    threshold: float | None
+    index: SimilarIndex
+    nprobe: int
+    name: str | None
+    context: float = SIMILAR_CONTEXT
+
+
+def check_similar_options(top: int | None, threshold: float | None, index: str, nprobe: int,
+                          name: str | None, context: float = SIMILAR_CONTEXT) -> SimilarOptions:
+    """One error naming the option for a bad value; ``--top`` 100 when neither it nor ``--threshold`` is given."""
+    if top is not None and threshold is not None:
+        raise ConfigError("--top, --threshold: give one of them (the likest N tiles, or every tile scoring at least D)")
+    if top is not None and top < 1:
+        raise ConfigError(f"--top: expected a number of tiles >= 1, got {top}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"--threshold: expected a finite score, got {threshold}")
+    if index not in SIMILAR_INDEXES:
+        raise ConfigError(f"--index: expected one of {', '.join(SIMILAR_INDEXES)}, got {index!r}")
+    if nprobe < 1:
+        raise ConfigError(f"--nprobe: expected a number of lists >= 1, got {nprobe}")
+    if name is not None and not _LAYER_NAME.match(name):
+        raise ConfigError(f"--name: expected 1 to 40 characters of a-z, 0-9 and _, got {name!r}")
+    if not 0 <= context < 1:  # NaN too
+        raise ConfigError(f"--context: expected a weight from 0 (a tile alone) to below 1, got {context:g}")
+    if top is None and threshold is None:
+        top = DEFAULT_SIMILAR_TOP
+    return SimilarOptions(top, threshold, index, nprobe, name, context)  # type: ignore[arg-type]
+
+
+def check_export_format(fmt: str) -> ExportFormat:
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format: expected one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    return fmt  # type: ignore[return-value]

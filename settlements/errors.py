@@ -62,6 +62,11 @@ class ModelFileError(SettlementsError, OSError):
     does not fit the pipeline."""
 
 
+class ExamplesError(SettlementsError, ValueError):
+    """Raised when the example (or negative) tiles of ``settlements similar`` cannot be found: no file or
+    layer, nothing drawn, no kept tile under what was drawn, unknown tile ids."""
+
+
 class Interrupted(BaseException):
     """Raised in the main process when it receives SIGINT or SIGTERM (see :mod:`settlements.interrupts`).
 

@@ -23,6 +23,10 @@ NO_DATA_CODE = 0
 OUTLINE_COLOUR = "#404040"
 #: Low and high ends of sequential colour ramps (confusion matrices): white to dark blue.
 RAMP_COLOURS = ("#f7fbff", "#08306b")
+#: Similarity scores, low to high (ColorBrewer YlOrRd): the likest tiles stand out in dark red.
+SCORE_RAMP = ("#ffffb2", "#fecc5c", "#fd8d3c", "#f03b20", "#bd0026")
+#: Outlines of the layers an analyst draws in (examples, negatives): cyan and magenta, unlike any label colour.
+DRAWN_COLOURS = {"examples": "#00e5ff", "negatives": "#ff00ff"}
 
 #: Colours for the names analysts use most, so the same class looks alike in every pipeline.
 KNOWN_COLOURS = {
@@ -142,6 +146,19 @@ class Palette:
     def class_names(self) -> dict[int, str]:
         """Code -> class name, no data included: what the raster attribute table and legend show."""
         return {NO_DATA_CODE: NO_DATA, **{self.code(label): label for label in self.labels}}
+
+
+def score_colours(n: int) -> list[str]:
+    """``n`` colours along :data:`SCORE_RAMP`, low to high, interpolated in RGB."""
+    stops = [hex_to_rgb(c) for c in SCORE_RAMP]
+    out = []
+    for i in range(n):
+        t = i / (n - 1) * (len(stops) - 1) if n > 1 else len(stops) - 1
+        j = min(int(t), len(stops) - 2)
+        f = t - j
+        rgb = [round(a + (b - a) * f) for a, b in zip(stops[j], stops[j + 1], strict=True)]
+        out.append("#" + "".join(f"{v:02x}" for v in rgb))
+    return out
 
 
 def auto_colour(cluster: int) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import PipelineConfig, check_executor
+from . import similar as similar_query
+from .config import PipelineConfig, SimilarOptions, check_executor
 from .errors import ConfigError
 from .executors import Executor, make_executor
 from .export.previous import last_run_id
@@ -36,6 +37,7 @@ from .reprocess import (
     state_parts,
     up_to_date,
 )
+from .similar import SimilarReport
 from .stages import cluster, embed, export, tile
 from .store import Commit, Workspace, ensure_dir, remove_stale_temps, workspace
 
@@ -113,6 +115,19 @@ def pull_labels(gpkg: Path, config: Path | None = None, wait: float = 0) -> tupl
     with pipeline_lock(cfg, wait), committing(cfg) as ws:
         changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path))
         return changes, stage_export(cfg, ws=ws)
+
+
+def similar(cfg: PipelineConfig, examples: str, layer: str | None, negatives: str | None,
+            negatives_layer: str | None, opts: SimilarOptions, wait: float = 0) -> SimilarReport:
+    """``settlements similar``: the query (:mod:`settlements.similar`) under the pipeline's lock, its
+    layers committed into the run's GeoPackage, so a run can never interleave and a killed query
+    leaves the GeoPackage as it was."""
+    started = time.time()
+    with pipeline_lock(cfg, wait):
+        found = similar_query.query(cfg, workspace(cfg), examples, layer, negatives, negatives_layer, opts)
+        with committing(cfg) as ws:
+            similar_query.write(cfg, ws, found)
+    return found.report(time.time() - started)
 
 
 # ------------------------------------------------------------------------------------------ run

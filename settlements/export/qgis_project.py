@@ -143,6 +143,16 @@ def _vector_layer(gpkg: Path, layer: str, name: str, style: str, checked: bool =
                         "Polygon", wkb)
 
 
+def _drawn_layer(gpkg: Path, layer: str, style: str, fallback: Bounds) -> ProjectLayer:
+    """A layer to draw in: its extent, or the tiles' while it is empty."""
+    info = pyogrio.read_info(gpkg, layer=layer, force_total_bounds=True)
+    b = info["total_bounds"]
+    extent: Bounds = fallback if b is None or not np.all(np.isfinite(b)) else (float(b[0]), float(b[1]),
+                                                                              float(b[2]), float(b[3]))
+    return ProjectLayer(f"settlements_{layer}", layer, f"./{gpkg.name}|layername={layer}", "ogr",
+                        CRS.from_user_input(info["crs"]), extent, style, True, "Polygon", "Polygon")
+
+
 def _padded(b: Bounds, share: float = 0.02) -> Bounds:
     dx, dy = (b[2] - b[0]) * share, (b[3] - b[1]) * share
     return b[0] - dx, b[1] - dy, b[2] + dx, b[3] + dy
@@ -173,9 +183,11 @@ def view_bounds(gpkg: Path) -> tuple[Bounds, CRS]:
     return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), CRS.from_user_input(tiles["crs"])
 
 
-def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k: int, title: str) -> Path:
-    """Write ``path`` (.qgz): label mix (off), regions, tiles, cluster map; opening on the tiles and the
-    regions they meet, in a projected CRS (:func:`view_crs`).
+def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k: int, title: str,
+                  drawn: dict[str, str] | None = None) -> Path:
+    """Write ``path`` (.qgz): the ``drawn`` layers (name -> style body; e.g. examples to draw in, which may
+    be empty), label mix (off), regions, tiles, cluster map; opening on the tiles and the regions they
+    meet, in a projected CRS (:func:`view_crs`).
 
     The GeoPackage and the cluster map must lie in the project's folder (they are referenced
     relatively).
@@ -191,6 +203,7 @@ def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k
                      raster_qml_body(palette)),
     ]
     bounds, layer_crs = view_bounds(gpkg)
+    layers = [_drawn_layer(gpkg, name, style, bounds) for name, style in (drawn or {}).items()] + layers
     centre = Transformer.from_crs(layer_crs, 4326, always_xy=True).transform((bounds[0] + bounds[2]) / 2,
                                                                              (bounds[1] + bounds[3]) / 2)
     crs = view_crs(layer_crs, *centre)

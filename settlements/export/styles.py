@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape, quoteattr
 
-from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb
+from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb, score_colours
 from .geopackage import LayerStyle
 
 QGIS_VERSION = "3.22.0"
@@ -28,7 +28,8 @@ def _rgba(colour: str, alpha: int = 255) -> str:
     return f"{r},{g},{b},{alpha}"
 
 
-def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int = 255) -> str:
+def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int = 255,
+                 outline: str = OUTLINE_COLOUR) -> str:
     return f"""<symbol type="fill" name={quoteattr(name)} alpha="1" clip_to_extent="1" force_rhr="0">
         <layer class="SimpleFill" enabled="1" locked="0" pass="0">
           <Option type="Map">
@@ -38,7 +39,7 @@ def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int =
             <Option type="QString" name="offset" value="0,0"/>
             <Option type="QString" name="offset_map_unit_scale" value="3x:0,0,0,0,0,0"/>
             <Option type="QString" name="offset_unit" value="MM"/>
-            <Option type="QString" name="outline_color" value="{_rgba(OUTLINE_COLOUR)}"/>
+            <Option type="QString" name="outline_color" value="{_rgba(outline)}"/>
             <Option type="QString" name="outline_style" value="solid"/>
             <Option type="QString" name="outline_width" value="{outline_width}"/>
             <Option type="QString" name="outline_width_unit" value="MM"/>
@@ -262,3 +263,54 @@ def change_styles(palette: Palette) -> list[LayerStyle]:
                                    outline_width=0.05, map_tip="[% change %]", display_field="change"),
                    "tiles whose label changed since the previous run, coloured by their new label"),
     ]
+def graduated_renderer(field: str, breaks: list[float], outline_width: float, fill_alpha: int = 255) -> str:
+    """A graduated polygon renderer on ``field``: one range per pair of consecutive ``breaks``, coloured
+    along the palette's score ramp (low to high)."""
+    colours = score_colours(len(breaks) - 1)
+    ranges, symbols = [], []
+    for i, (lo, hi, colour) in enumerate(zip(breaks[:-1], breaks[1:], colours, strict=True)):
+        ranges.append(f'<range render="true" symbol="{i}" lower="{lo!r}" upper="{hi!r}" '
+                      f'label={quoteattr(f"{lo:.3g} - {hi:.3g}")}/>')
+        symbols.append(_fill_symbol(str(i), colour, outline_width, fill_alpha))
+    sep = "\n      "
+    return f"""<renderer-v2 type="graduatedSymbol" attr={quoteattr(field)} graduatedMethod="GraduatedColor"
+               symbollevels="0" enableorderby="0" forceraster="0" referencescale="-1">
+    <ranges>
+      {sep.join(ranges)}
+    </ranges>
+    <symbols>
+      {sep.join(symbols)}
+    </symbols>
+    <source-symbol>
+      {_fill_symbol("0", colours[-1], outline_width, fill_alpha)}
+    </source-symbol>
+    <mode name="quantile"/>
+    <symmetricMode enabled="0" symmetryPoint="0" astride="0"/>
+    <rotation/>
+    <sizescale/>
+    <labelformat format="%1 - %2" decimalplaces="3" trimtrailingzeroes="1"/>
+  </renderer-v2>"""
+
+
+def graduated_qml(field: str, breaks: list[float], aliases: dict[str, str] | None = None,
+                  outline_width: float = 0.06, map_tip: str = "", display_field: str = "") -> str:
+    """A complete QML: graduated polygon renderer on ``field`` (see :func:`graduated_renderer`)."""
+    return _document(graduated_renderer(field, breaks, outline_width) + "\n"
+                     + _layer_tail(aliases or {}, map_tip, display_field))
+
+
+def outline_qml_body(colour: str, outline_width: float, aliases: dict[str, str] | None = None) -> str:
+    """Polygons drawn as an outline of ``colour`` only (drawn layers such as the examples)."""
+    renderer = f"""<renderer-v2 type="singleSymbol" symbollevels="0" enableorderby="0" forceraster="0"
+               referencescale="-1">
+    <symbols>
+      {_fill_symbol("0", colour, outline_width, fill_alpha=0, outline=colour)}
+    </symbols>
+    <rotation/>
+    <sizescale/>
+  </renderer-v2>"""
+    return renderer + "\n" + _layer_tail(aliases or {}, "", "")
+
+
+def outline_qml(colour: str, outline_width: float, aliases: dict[str, str] | None = None) -> str:
+    return _document(outline_qml_body(colour, outline_width, aliases))

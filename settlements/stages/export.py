@@ -37,6 +37,7 @@ from ..identity import anchor_tiles
 from ..labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
 from ..rasters import OpenRasters, RasterInfo, clipping_warning, load_infos, read_tile
 from ..reprocess import claim
+from ..similar_examples import drawn_layers, drawn_style_bodies, drawn_styles
 from ..store import Workspace, ensure_dir, read_json, read_table
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     before = previous_labels(labels, cluster_info.get("matching"))
     changes = region_changes(previous, long, regions_out, labels, before)
     changed_tiles = tile_changes(previous, tiles_out, labels, before)
+    drawn = drawn_layers(gpkg, cfg.output.crs)  # what the analyst drew for `settlements similar` is kept
     embed_info = read_json(ws.embed_meta, "embed")
     skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
     now = datetime.now(timezone.utc)
@@ -168,18 +170,18 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     }])
     old_runs = read_runs(gpkg)
     runs = run_row if old_runs is None else concat_runs(old_runs, run_row)
-    styles = vector_styles(palette, k) + change_styles(palette)
+    styles = vector_styles(palette, k) + change_styles(palette) + drawn_styles()
     cluster_map = out_dir / f"{cfg.name}_labels.tif"
     project = out_dir / f"{cfg.name}.qgz"
     stage = ws.commit.folder(out_dir)
     try:
         write_geopackage(stage / gpkg.name, {"tiles": tiles_out, "regions": regions_out, "clusters": clusters,
                                              "histogram": long, "runs": runs, "changes": changes,
-                                             "tile_changes": changed_tiles}, styles)
+                                             "tile_changes": changed_tiles, **drawn}, styles)
         write_cluster_map(stage / cluster_map.name, code_grid(tile_cells(t, [i.crs for i in infos], palette)),
                           palette)
         write_project(stage / project.name, stage / gpkg.name, stage / cluster_map.name, palette, k,
-                      f"settlements: {cfg.name}")
+                      f"settlements: {cfg.name}", drawn=drawn_style_bodies())
         panels = atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
         plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
         plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,

@@ -70,10 +70,11 @@ def test_geopackage_is_version_1_2_with_styles_for_both_layers(any_scene: Ran) -
         con.close()
     assert {"tiles", "regions", "clusters", "runs", "layer_styles"} <= tables
     by_layer = {r[0]: r for r in rows}
-    assert set(by_layer) == {"tiles", "regions", "changes", "tile_changes"}
-    for row in by_layer.values():
+    assert set(by_layer) == {"tiles", "regions", "changes", "tile_changes", "examples", "negatives"}
+    for name, row in by_layer.items():
         assert row[1] == "" and row[2] == "geom" and row[3] == 1
-        assert "categorizedSymbol" in row[4]
+        # the layers to draw examples in for `settlements similar`: outlines only
+        assert ("singleSymbol" if name in ("examples", "negatives") else "categorizedSymbol") in row[4]
 
 
 def test_histogram_counts_sum_to_the_region_tiles(any_scene: Ran) -> None:

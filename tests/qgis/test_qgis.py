@@ -219,8 +219,8 @@ def test_project_opens_from_a_moved_folder_with_all_layers_valid(probed: dict) -
     proj = probed["report"]["project"]
     moved = str(probed["moved"])
     assert proj["read"]
-    assert proj["order"] == ["regions: label mix", "regions", "tiles", "cluster map"]
-    assert set(proj["checked"]) == {"regions", "tiles", "cluster map"}
+    assert proj["order"] == ["examples", "negatives", "regions: label mix", "regions", "tiles", "cluster map"]
+    assert set(proj["checked"]) == {"examples", "negatives", "regions", "tiles", "cluster map"}
     for name, layer in proj["layers"].items():
         assert layer["valid"], name
         assert layer["source"].startswith(moved), (name, layer["source"])

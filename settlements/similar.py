@@ -1,0 +1,402 @@
+"""``settlements similar``: every tile ranked by likeness to an analyst's example tiles.
+
+"I know these five blocks are informal settlements; where else are there places like them?" The
+examples (tiles under polygons drawn in any vector file, e.g. the ``examples`` layer every run puts
+in its GeoPackage, or tile ids) become one query in the run's embedding space
+(:mod:`settlements.search`): the mean direction of the examples, refined once by the tiles it finds
+first (query expansion); with negatives, the weights of a logistic regression of examples against
+negatives. The matching tiles (the likest ``--top`` N, or every tile scoring at least
+``--threshold``) and the examples go into the run's GeoPackage as layer ``similar_<name>`` (rank,
+score, is_example; a graduated style on score from the palette), with ``similar_<name>_regions``:
+per region the count, share and km² of similar tiles, counted as the label histograms are.
+
+The GeoPackage is rewritten as every output is: a copy is built beside it and renamed into place at
+the commit point, under the pipeline's lock, so a killed command leaves it as it was and a run can
+never interleave. Nothing but geometries is read from the examples' file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+
+from .config import EXACT_MAX_TILES, QUERY_EXPANSION, SIMILAR_LINEAR_C, PipelineConfig, SimilarOptions
+from .errors import ExamplesError, OutputError, StageError
+from .export.embeddings import tile_frame
+from .export.geopackage import LayerStyle, write_styles
+from .export.layers import regions_layer
+from .export.styles import graduated_qml
+from .histograms import region_histograms
+from .palette import slug
+from .rasters import load_infos
+from .reprocess import file_record, unchanged
+from .search import Index, Space, exact_scores, search_space, unit
+from .similar_examples import select_tiles
+from .store import Commit, Workspace, read_table, remove_stale_temps, workspace, write_json
+from .supervised.training_labels import kept_tiles
+
+log = logging.getLogger(__name__)
+
+#: The label of similar tiles in the per-region summary (columns n_similar, frac_similar, km2_similar).
+SIMILAR, OTHER = "similar", "other"
+
+SIMILAR_ALIASES = {"tile_id": "Tile", "rank": "Rank (0 = example)", "score": "Score",
+                   "similarity": "Own similarity (without neighbours)", "is_example": "Example",
+                   "cluster": "Cluster", "label": "Label", "region_id": "Region", "raster": "Source raster",
+                   "row": "Grid row", "col": "Grid column"}
+SUMMARY_ALIASES = {"region_id": "Region id", "region_name": "Region", "area_km2": "Area (km²)",
+                   "mapped_km2": "Mapped area (km²)", "n_tiles": "Tiles", "n_similar": "Similar tiles",
+                   "frac_similar": "Share similar", "km2_similar": "Area similar (km²)"}
+
+
+@dataclass
+class Ranking:
+    """The scored tiles, best first: embedding rows, scores, and how they were found."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    exact: bool
+    method: str
+    similarity: np.ndarray  # each tile's own similarity (the score without its neighbours)
+    examples: pd.DataFrame | None = None  # the examples' rows, scores and similarities
+    cutoff: float | None = None  # the lowest matching score
+
+
+def cosine_query(space: Space, examples: np.ndarray, expand: int, index: Index | None) -> np.ndarray:
+    """The mean direction of the examples and of the ``expand`` tiles most like any one of them.
+
+    Examples differ (a dense core, a mixed edge): the tiles nearest *some* example (the largest cosine)
+    are sure neighbours, and averaging them with the examples (average query expansion) pulls the
+    query to what they all share, where the examples' plain mean leans towards the odd one out.
+    """
+    ex = space.vectors(examples)
+    if expand <= 0:
+        return unit(ex.mean(axis=0, keepdims=True))[0]
+    if index is not None:
+        rows, _ = index.top(ex, expand + len(examples))
+        near = rows[~np.isin(rows, examples)][:expand]
+    else:
+        first = exact_scores(space, ex)
+        first[examples] = -np.inf
+        near = np.argpartition(-first, expand)[:expand] if len(first) > expand else np.arange(len(first))
+    return unit(np.concatenate([ex, space.vectors(np.sort(near))]).mean(axis=0, keepdims=True))[0]
+
+
+def linear_query(space: Space, examples: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, float]:
+    """A class-balanced logistic regression, examples against negatives, in the space: its weights, intercept."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.concatenate([space.vectors(examples), space.vectors(negatives)])
+    y = np.r_[np.ones(len(examples)), np.zeros(len(negatives))]
+    model = LogisticRegression(C=SIMILAR_LINEAR_C, class_weight="balanced", max_iter=5000).fit(x, y)
+    return model.coef_[0].astype(np.float32), float(model.intercept_[0])
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each tile's neighbours on the ground, as embedding rows: the eight around it, across files.
+
+    Found by distance between cell centres (the equal-area metres of the tile table): within 1.5 grid
+    steps, the step being the median distance to the nearest tile, so diagonal neighbours count and
+    the next ring does not, whether the ground came as one raster or many.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+
+    @classmethod
+    def of(cls, tiles: pd.DataFrame, n: int) -> Neighbours:
+        """``tiles``: kept tiles with ``emb_row``, ``ground_x``, ``ground_y``; ``n`` embedding rows."""
+        from scipy.spatial import cKDTree
+
+        xy = np.zeros((n, 2))
+        xy[tiles["emb_row"].to_numpy()] = tiles[["ground_x", "ground_y"]].to_numpy(np.float64)
+        if n < 2:
+            return cls(np.zeros(n + 1, np.int64), np.empty(0, np.int64))
+        tree = cKDTree(xy)
+        step = float(np.median(tree.query(xy, k=2)[0][:, 1]))
+        pairs = tree.query_pairs(r=1.5 * step, output_type="ndarray")
+        both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
+        both = both[np.lexsort((both[:, 1], both[:, 0]))]
+        return cls(np.searchsorted(both[:, 0], np.arange(n + 1)).astype(np.int64), both[:, 1])
+
+    def _of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The neighbours of ``rows`` and, for each, its position in ``rows``."""
+        counts = np.diff(self.indptr)
+        if len(rows) == len(counts) and np.array_equal(rows, np.arange(len(counts))):
+            return self.indices, np.repeat(np.arange(len(rows)), counts)
+        parts = [self.indices[self.indptr[r]:self.indptr[r + 1]] for r in rows]
+        return (np.concatenate(parts) if parts else np.empty(0, np.int64)), np.repeat(np.arange(len(rows)),
+                                                                                       counts[rows])
+
+    def of_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.unique(self._of(rows)[0])
+
+    def smooth(self, rows: np.ndarray, own: np.ndarray, score: pd.Series, weight: float) -> np.ndarray:
+        """``(1 - weight) * own + weight * (mean score of the neighbours)`` for ``rows`` (own where none);
+        ``score``: scores by embedding row, the neighbours' included."""
+        nb, at = self._of(rows)
+        values = score.to_numpy()[nb] if score.index.equals(pd.RangeIndex(len(score))) else score.loc[nb].to_numpy()
+        counts = np.bincount(at, minlength=len(rows))
+        sums = np.bincount(at, weights=values, minlength=len(rows))
+        own = np.asarray(own, dtype=np.float64)
+        return np.where(counts > 0, (1 - weight) * own + weight * sums / np.maximum(counts, 1), own)
+
+
+def rank(space: Space, examples: np.ndarray, negatives: np.ndarray, opts: SimilarOptions,
+         neighbours: Neighbours | None = None) -> Ranking:
+    """Score tiles against the examples (embedding rows): exact, or through the cached index for a large run.
+
+    With ``neighbours`` and ``opts.context`` w > 0, a tile's score is (1 - w) x its own similarity + w x
+    the mean similarity of its neighbours: settlements are contiguous, and a tile among tiles like the
+    examples is surer to be one than a lone look-alike.
+    """
+    n = len(space.rows)
+    use_index = opts.index == "ivf" or (opts.index == "auto" and n > EXACT_MAX_TILES)
+    index = Index(space, opts.nprobe) if use_index else None
+    w = opts.context if neighbours is not None else 0.0
+    bias: float | None = None
+    if len(negatives):
+        query, bias = linear_query(space, examples, negatives)
+        method = "logistic regression"
+    else:
+        query, method = cosine_query(space, examples, QUERY_EXPANSION, index), "cosine"
+    method += f", neighbours {w:g}" if w else ""
+
+    def to_score(ip: np.ndarray) -> np.ndarray:
+        """Cosine as it is; with a linear model, the probability of being like the examples."""
+        return np.asarray(ip if bias is None else 1 / (1 + np.exp(-(ip + bias))), dtype=np.float64)
+
+    if index is None:
+        own = to_score(exact_scores(space, query))
+        rows = np.arange(n)
+        score = own if not w else neighbours.smooth(rows, own, pd.Series(own), w)  # type: ignore[union-attr]
+        order = np.argsort(-score, kind="stable")
+        ranking = Ranking(order, score[order], True, method, own[order])
+    else:
+        if opts.threshold is not None:  # the score is at most (1 - w) x own + w: candidates have own >= that
+            least = (opts.threshold - w) / (1 - w)
+            ip_least = least if bias is None else _logit(min(max(least, 1e-9), 1 - 1e-9)) - bias
+            rows, ip = index.above(query, ip_least)
+        else:
+            assert opts.top is not None
+            rows, ip = index.top(query, (opts.top + len(examples)) * (3 if w else 1))
+        missing = np.setdiff1d(examples, rows)  # the examples are scored too, whether found or not
+        rows = np.r_[rows, missing]
+        own = to_score(np.r_[ip, space.vectors(missing) @ query if len(missing) else np.empty(0)])
+        score = own
+        if w:
+            around = np.setdiff1d(neighbours.of_rows(rows), rows)  # type: ignore[union-attr]
+            known = pd.Series(np.r_[own, to_score(space.vectors(around) @ query)], index=np.r_[rows, around])
+            score = neighbours.smooth(rows, own, known, w)  # type: ignore[union-attr]
+        order = np.argsort(-score, kind="stable")
+        ranking = Ranking(rows[order], score[order], False, f"{method} (IVF index)", own[order])
+    return _cut(ranking, examples, opts)
+
+
+def _logit(p: float) -> float:
+    if not 0 < p < 1:
+        raise ExamplesError(f"--threshold: with negatives the score is a probability; expected 0 < D < 1, got {p:g}")
+    return float(np.log(p / (1 - p)))
+
+
+def _cut(r: Ranking, examples: np.ndarray, opts: SimilarOptions) -> Ranking:
+    """The matching tiles: the best ``top`` that are not examples, or those scoring at least ``threshold``;
+    the examples apart (their scores where they were scored)."""
+    others = ~np.isin(r.rows, examples)
+    if opts.threshold is not None:
+        match = others & (r.scores >= opts.threshold)
+    else:
+        match = others & (np.cumsum(others) <= (opts.top or 0))
+    cutoff = float(r.scores[match].min()) if match.any() else None
+    scored = pd.DataFrame({"row": r.rows[~others], "score": r.scores[~others], "similarity": r.similarity[~others]})
+    ex = pd.DataFrame({"row": np.asarray(examples, dtype=np.int64)}).merge(scored, on="row", how="left")
+    return Ranking(r.rows[match], r.scores[match], r.exact, r.method, r.similarity[match], ex, cutoff)
+
+
+@dataclass
+class SimilarReport:
+    layer: str
+    regions_layer: str
+    examples: int
+    negatives: int
+    matches: int
+    method: str
+    exact: bool
+    cutoff: float | None
+    seconds: float
+    gpkg: Path
+
+
+@dataclass
+class Query:
+    """A finished query: its result layers and their styles, to be committed into ``gpkg``."""
+
+    name: str
+    layers: dict[str, pd.DataFrame]
+    styles: list[LayerStyle]
+    found: Ranking
+    examples: int
+    negatives: int
+    gpkg: Path
+    record: dict[str, object]
+
+    def report(self, seconds: float) -> SimilarReport:
+        layer = f"similar_{self.name}"
+        return SimilarReport(layer, f"{layer}_regions", self.examples, self.negatives, len(self.found.rows),
+                             self.found.method, self.found.exact, self.found.cutoff, seconds, self.gpkg)
+
+
+def query(cfg: PipelineConfig, ws: Workspace, examples: str, layer: str | None, negatives: str | None,
+          negatives_layer: str | None, opts: SimilarOptions) -> Query:
+    """Find the tiles like the examples (and unlike the negatives) in the run's work folder ``ws``; writes
+    nothing but the search cache. The caller holds the pipeline's lock (:func:`settlements.pipeline.similar`)."""
+    gpkg = cfg.output_dir / f"{cfg.name}.gpkg"
+    if not gpkg.is_file() or not ws.embeddings.exists():
+        raise StageError(f"{gpkg}: no outputs of pipeline '{cfg.name}' yet; run `settlements run {cfg.source}` "
+                         "first")
+    remove_stale_temps(cfg.output_dir, subfolders=False)  # a killed query's staged copy
+    tiles, infos = kept_tiles(ws), load_infos(ws)
+    ex_ids, source = select_tiles(examples, layer, "examples", "--examples", infos, tiles)
+    neg_ids = np.empty(0, np.int64)
+    if negatives is not None:
+        neg_ids, _ = select_tiles(negatives, negatives_layer, "negatives", "--negatives", infos, tiles)
+        both = np.intersect1d(ex_ids, neg_ids)
+        if len(both):
+            raise ExamplesError(f"--negatives: tile(s) {', '.join(map(str, both[:10]))} are also examples; "
+                                "a tile is one or the other")
+    row_of = pd.Series(tiles["emb_row"].to_numpy(), index=tiles["tile_id"].to_numpy())
+    ex_rows, neg_rows = row_of.loc[ex_ids].to_numpy(), row_of.loc[neg_ids].to_numpy()
+    space = search_space(ws)
+    found = rank(space, ex_rows, neg_rows, opts, Neighbours.of(tiles, len(space.rows)) if opts.context else None)
+    name = opts.name or slug(source) or "examples"
+    layers = result_layers(cfg, ws, tile_frame(cfg, ws), found, name)
+    record: dict[str, object] = {"layer": f"similar_{name}", "examples": examples, "negatives": negatives,
+                                 "method": found.method, "cutoff": found.cutoff, "identity": space.identity}
+    return Query(name, layers, result_styles(layers, name), found, len(ex_ids), len(neg_ids), gpkg, record)
+
+
+def write(cfg: PipelineConfig, ws: Workspace, q: Query) -> None:
+    """Stage the GeoPackage with the query's layers in ``ws``'s commit (renamed into place when it ends)."""
+    assert ws.commit is not None
+    staged = ws.out(q.gpkg)
+    copy_geopackage(q.gpkg, staged)
+    write_layers(staged, q.layers, q.styles)
+    keep_up_to_date(cfg, q.gpkg, staged, ws.commit)
+    log.info("similar: %s", json.dumps({**q.record, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                                       default=str))
+
+
+def result_layers(cfg: PipelineConfig, ws: Workspace, frame: gpd.GeoDataFrame, found: Ranking, name: str
+                  ) -> dict[str, pd.DataFrame]:
+    """``similar_<name>`` (matches and examples) and ``similar_<name>_regions`` (the per-region summary)."""
+    by_row = frame.set_index("emb_row", drop=False)
+    matched = by_row.loc[found.rows].assign(rank=np.arange(1, len(found.rows) + 1, dtype=np.int64),
+                                            score=found.scores, similarity=found.similarity, is_example=False)
+    assert found.examples is not None
+    ex = found.examples.sort_values("score", ascending=False, kind="stable")
+    examples = by_row.loc[ex["row"].to_numpy()].assign(rank=np.int64(0), score=ex["score"].to_numpy(),
+                                                       similarity=ex["similarity"].to_numpy(), is_example=True)
+    hits = pd.concat([examples, matched], ignore_index=True)
+    columns = ["tile_id", "rank", "score", "similarity", "is_example", "cluster", "label", "region_id", "raster",
+               "row", "col", "geometry"]
+    hits = gpd.GeoDataFrame(hits[columns], geometry="geometry", crs=frame.crs)
+    regions = gpd.read_parquet(ws.regions)
+    meta = read_table(ws.embedded, "embed")
+    similar_ids = set(hits["tile_id"].tolist())
+    t = meta[["tile_id", "kept", "valid_cell"]].copy()
+    is_similar = t["tile_id"].isin(similar_ids).to_numpy()
+    t["cluster"], t["label"] = np.where(is_similar, 0, 1), np.where(is_similar, SIMILAR, OTHER)
+    wide, _ = region_histograms(t, read_table(ws.shares, "tile"), regions.drop(columns="geometry"),
+                                [SIMILAR, OTHER], 2)
+    keep = ["region_id", "region_name", "area_km2", "mapped_km2", "n_tiles", "n_similar", "frac_similar",
+            "km2_similar"]
+    summary = regions_layer(wide[["region", *keep]], regions, cfg.output.crs)
+    return {f"similar_{name}": hits, f"similar_{name}_regions": summary}
+
+
+def score_breaks(values: np.ndarray, classes: int = 5) -> list[float]:
+    """Quantile class breaks of ``values`` (distinct, rising; at least one range)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return [0.0, 1.0]
+    breaks = np.unique(np.quantile(v, np.linspace(0, 1, classes + 1)))
+    if len(breaks) < 2:
+        breaks = np.array([breaks[0], breaks[0] + 1e-9])
+    return [float(b) for b in breaks]
+
+
+def result_styles(layers: dict[str, pd.DataFrame], name: str) -> list[LayerStyle]:
+    """Graduated default styles from the palette's score ramp: tiles by score, regions by share similar."""
+    tiles, regions = f"similar_{name}", f"similar_{name}_regions"
+    tip = "<b>rank [% \"rank\" %]</b> (0 = example), score [% format_number(\"score\", 3) %]<br>[% \"label\" %]"
+    frac = layers[regions]["frac_similar"].to_numpy()
+    top = float(np.nanmax(frac)) if len(frac) and np.nanmax(frac) > 0 else 1.0
+    region_tip = ("<b>[% \"region_name\" %]</b><br>similar: [% format_number(\"frac_similar\" * 100, 1) %] % "
+                  "([% \"n_similar\" %] tiles, [% format_number(\"km2_similar\", 3) %] km²)")
+    return [
+        LayerStyle(tiles, "settlements similarity", graduated_qml("score", score_breaks(layers[tiles]["score"]),
+                                                                  SIMILAR_ALIASES, 0.02, tip, '"rank"'),
+                   "tiles like the examples, coloured by score"),
+        LayerStyle(regions, "settlements share similar",
+                   graduated_qml("frac_similar", [float(v) for v in np.linspace(0, top, 6)], SUMMARY_ALIASES, 0.2,
+                                 region_tip, '"region_name"'),
+                   "regions coloured by their share of tiles like the examples"),
+    ]
+
+
+def copy_geopackage(source: Path, target: Path) -> None:
+    """A consistent copy of a GeoPackage, edits that QGIS holds in its write-ahead log included (SQLite's
+    online backup); the source is only read."""
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise OutputError(f"{source}: cannot copy the GeoPackage: {exc}") from None
+
+
+def write_layers(gpkg: Path, layers: dict[str, pd.DataFrame], styles: list[LayerStyle]) -> None:
+    """Write (or replace) ``layers`` in an existing GeoPackage, then their default styles."""
+    import pyogrio
+
+    from .export.geopackage import GEOMETRY_COLUMN
+
+    for name, frame in layers.items():
+        kwargs: dict = {"driver": "GPKG", "layer": name,
+                        "layer_options": {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES", "OVERWRITE": "YES"}}
+        if frame.empty:
+            kwargs["geometry_type"] = "Polygon"
+        pyogrio.write_dataframe(frame, gpkg, **kwargs)
+    write_styles(gpkg, styles)
+
+
+def keep_up_to_date(cfg: PipelineConfig, gpkg: Path, staged: Path, commit: Commit) -> None:
+    """When the GeoPackage was what the last run wrote, record the new one in its place (committed with
+    it): a scheduled rerun then still has nothing to do. A GeoPackage edited since (clusters table, drawn
+    layers) stays unrecorded, so the next run still pulls the edits."""
+    path = workspace(cfg).last_run
+    try:
+        last = json.loads(path.read_text())
+        record = last["outputs"][gpkg.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not unchanged(gpkg, record):
+        return
+    last["outputs"][gpkg.name] = file_record(staged)
+    write_json(commit.stage(path), last)
