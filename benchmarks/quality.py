@@ -58,10 +58,14 @@ MUMBAI_LABELS = {
 }
 
 #: Settings compared, as overrides of the pipeline's defaults. ``before``: the defaults before issue 16 (the
-#: final 1280-d feature map, no L2, one k-means run); the others change one thing of the defaults.
+#: final 1280-d feature map, no L2, one k-means run, tiles alone); the others change one thing of the defaults.
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
-    "before": {"embedding": {"input_size": 96, "layer": "final"}, "clustering": {"nredo": 1, "l2_normalize": False}},
+    "before": {"embedding": {"input_size": 96, "layer": "final"},
+               "clustering": {"nredo": 1, "l2_normalize": False, "neighbour_weight": 0},
+               "training": {"top_model": {"neighbours": False}}},
     "defaults": {},
+    "no neighbours": {"clustering": {"neighbour_weight": 0}, "training": {"top_model": {"neighbours": False}}},
+    "neighbours 0.5": {"clustering": {"neighbour_weight": 0.5}},
     "final layer": {"embedding": {"layer": "final"}},
     "no L2": {"clustering": {"l2_normalize": False}},
     "nredo 1": {"clustering": {"nredo": 1}},
@@ -108,10 +112,10 @@ def pipeline_yaml(path: Path, scene: Scene, overrides: dict[str, dict[str, Any]]
     each setting, so its work folder (and the embedding cache in it) stays that one pipeline's."""
     data: dict[str, Any] = {"name": scene.name, **{k: dict(v) if isinstance(v, dict) else v
                                                      for k, v in scene.base.items()}}
-    for section, values in overrides.items():
-        data[section] = {**data.get(section, {}), **values}
     data["training"] = {"labels": scene.labels, "finetune": finetune,
                         "evaluation": {"folds": folds, "finetune": bool(finetune.get("enabled"))}}
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
     data["output"] = {"dir": str(out_dir), "work_dir": str(work_dir)}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -142,13 +146,16 @@ class Result:
 
 
 def seed_scores(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], clustering: Any,
-                pca: bool = True) -> pd.DataFrame:
-    """Per seed: majority-named F1 of each class, NMI, ARI, purity of k-means on ``features``."""
+                near: np.ndarray, pca: bool = True) -> pd.DataFrame:
+    """Per seed: majority-named F1 of each class, NMI, ARI, purity of k-means on ``features`` (each row
+    averaged with its neighbours ``near`` as the clustering settings say, as the pipeline does)."""
     from settlements.clustering import KMeansClusterer
+    from settlements.neighbours import with_neighbours
     from settlements.supervised.evaluation import class_scores, cluster_quality, majority_mapping
 
     has = pd.notna(y)
     truth = y[has].astype(str)
+    features = with_neighbours(features, near, clustering.neighbour_weight, clustering.l2_normalize)
     rows = []
     for seed in SEEDS:
         km = KMeansClusterer(k=clustering.k, seed=seed, sample_size=clustering.sample_size, niter=clustering.niter,
@@ -167,6 +174,7 @@ def seed_scores(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], c
 def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndarray]) -> Result:
     """Run the stages, then k-means per seed, colour k-means and the blocked cross-validation."""
     from settlements.config import load_config
+    from settlements.neighbours import tile_neighbours
     from settlements.pipeline import stage_cluster, stage_embed, stage_tile
     from settlements.rasters import load_infos
     from settlements.store import workspace
@@ -191,10 +199,11 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     res = Result(scene.name, config.stem, tiles=len(tiles), labelled=int(pd.notna(y).sum()), cluster_s=cluster_s)
     if counts["tiles_embedded"]:
         res.tiles_per_s = counts["tiles_embedded"] / seconds
-    res.cnn = seed_scores(emb, y, scene.classes, cfg.clustering)
+    near = tile_neighbours(tiles, infos)
+    res.cnn = seed_scores(emb, y, scene.classes, cfg.clustering, near)
     if scene.name not in colour_cache:
         colour_cache[scene.name] = standardise(colour_features(infos, tiles))
-    res.colour = seed_scores(colour_cache[scene.name], y, scene.classes, cfg.clustering, pca=False)
+    res.colour = seed_scores(colour_cache[scene.name], y, scene.classes, cfg.clustering, near, pca=False)
     evaluate(cfg, infos, tiles, emb, y, y)
     scores = pd.read_csv(supervised_paths(cfg).evaluation)
     for method in ("top_model", "fine_tuned", "kmeans"):

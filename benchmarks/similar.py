@@ -85,7 +85,7 @@ def mumbai(args: argparse.Namespace) -> dict:
     space = search_space(ws)
     x = NpyRows(ws.embeddings)[:]
     colour = colour_space(infos, tiles, args.workdir / "colour")
-    near = Neighbours.of(tiles, len(tiles))
+    near = Neighbours.of(tiles, len(tiles), infos)
     rng = np.random.default_rng(0)
     rows = []
     for seed, ex in zip(SEEDS, example_draws(np.flatnonzero(informal), SEEDS), strict=True):
@@ -114,7 +114,7 @@ def mumbai(args: argparse.Namespace) -> dict:
     best_cmd = min(_timed(lambda: subprocess.run(cmd, check=True, capture_output=True,
                                                  env={**os.environ, "PYTHONPATH": str(ROOT)})) for _ in range(3))
     ex0 = example_draws(np.flatnonzero(informal), [0])[0]
-    best_search = min(_timed(lambda: all_ranked(space, ex0, neighbours=Neighbours.of(tiles, len(tiles))))
+    best_search = min(_timed(lambda: all_ranked(space, ex0, neighbours=Neighbours.of(tiles, len(tiles), infos)))
                       for _ in range(5))
     print(f"    query time over all {len(tiles)} tiles: search {best_search * 1000:.0f} ms; `settlements similar` "
           f"end to end (process start, imports, writing the GeoPackage) {best_cmd:.1f} s", flush=True)

@@ -198,8 +198,9 @@ class Embedding(Strict):
 
 class Clustering(Strict):
     """k-means: ``nredo`` restarts (the one of least inertia kept; their agreement is recorded) on
-    L2-normalised embeddings by default, both measured on the Mumbai patches to find informal settlements
-    better and more steadily across seeds."""
+    L2-normalised embeddings by default, each averaged with its 8 neighbours' at ``neighbour_weight``
+    each (itself 1; 0: tiles alone): all three measured on the Mumbai patches to find informal
+    settlements better and more steadily across seeds (see :mod:`settlements.neighbours`)."""
 
     k: int = Field(8, ge=2, le=255)
     seed: int = 0
@@ -208,6 +209,7 @@ class Clustering(Strict):
     nredo: int = Field(10, ge=1)
     pca_dim: int | None = Field(None, ge=2)
     l2_normalize: bool = True
+    neighbour_weight: float = Field(0.25, ge=0, le=1)
 
     @field_validator("sample_size")
     @classmethod
@@ -307,14 +309,20 @@ class LabelSource(Strict):
 
 class TopModelSettings(Strict):
     """A classifier on the stored embeddings: hidden 0 = logistic regression (L2 strength 1/C, lbfgs),
-    else a one-hidden-layer MLP (Adam, ``lr``, ``epochs``, ``weight_decay``)."""
+    else a one-hidden-layer MLP (Adam, ``lr``, ``epochs``, ``weight_decay``). ``neighbours``: it sees
+    each tile's embedding beside the mean of its 8 neighbours'; ``l2_normalize``: each of those
+    L2-normalised; ``standardise``: each feature z-scored (else centred). Measured on the Mumbai
+    patches (see :mod:`settlements.supervised.top_model`)."""
 
     hidden: int = Field(0, ge=0)
-    C: float = Field(0.1, gt=0)
+    C: float = Field(1.0, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     lr: float = Field(0.01, gt=0)
     epochs: int = Field(300, ge=1)
     seed: int = 0
+    neighbours: bool = True
+    l2_normalize: bool = True
+    standardise: bool = False
 
 
 class FineTuneSettings(Strict):

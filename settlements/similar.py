@@ -35,8 +35,9 @@ from .export.geopackage import LayerStyle, write_styles
 from .export.layers import regions_layer
 from .export.styles import graduated_qml
 from .histograms import region_histograms
+from .neighbours import tile_neighbours
 from .palette import slug
-from .rasters import load_infos
+from .rasters import RasterInfo, load_infos
 from .reprocess import file_record, unchanged
 from .search import Index, Space, exact_scores, search_space, unit
 from .similar_examples import select_tiles
@@ -102,31 +103,21 @@ def linear_query(space: Space, examples: np.ndarray, negatives: np.ndarray) -> t
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Each tile's neighbours on the ground, as embedding rows: the eight around it, across files.
-
-    Found by distance between cell centres (the equal-area metres of the tile table): within 1.5 grid
-    steps, the step being the median distance to the nearest tile, so diagonal neighbours count and
-    the next ring does not, whether the ground came as one raster or many.
-    """
+    """Each tile's neighbours on the ground, as embedding rows: the eight around it, across files
+    (:func:`settlements.neighbours.tile_neighbours`), in compressed rows."""
 
     indptr: np.ndarray
     indices: np.ndarray
 
     @classmethod
-    def of(cls, tiles: pd.DataFrame, n: int) -> Neighbours:
-        """``tiles``: kept tiles with ``emb_row``, ``ground_x``, ``ground_y``; ``n`` embedding rows."""
-        from scipy.spatial import cKDTree
-
-        xy = np.zeros((n, 2))
-        xy[tiles["emb_row"].to_numpy()] = tiles[["ground_x", "ground_y"]].to_numpy(np.float64)
-        if n < 2:
-            return cls(np.zeros(n + 1, np.int64), np.empty(0, np.int64))
-        tree = cKDTree(xy)
-        step = float(np.median(tree.query(xy, k=2)[0][:, 1]))
-        pairs = tree.query_pairs(r=1.5 * step, output_type="ndarray")
-        both = np.concatenate([pairs, pairs[:, ::-1]]).astype(np.int64)
-        both = both[np.lexsort((both[:, 1], both[:, 0]))]
-        return cls(np.searchsorted(both[:, 0], np.arange(n + 1)).astype(np.int64), both[:, 1])
+    def of(cls, tiles: pd.DataFrame, n: int, infos: list[RasterInfo]) -> Neighbours:
+        """``tiles``: kept tiles with ``emb_row`` and the tile table's columns; ``n`` embedding rows."""
+        ring = tile_neighbours(tiles, infos)  # positions in ``tiles``
+        emb_row = tiles["emb_row"].to_numpy()
+        full = np.full((n, ring.shape[1]), -1, dtype=np.int64)
+        full[emb_row] = np.where(ring >= 0, emb_row[np.maximum(ring, 0)], -1)
+        has = full >= 0
+        return cls(np.concatenate([[0], np.cumsum(has.sum(axis=1))]).astype(np.int64), full[has])
 
     def _of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The neighbours of ``rows`` and, for each, its position in ``rows``."""
@@ -276,7 +267,7 @@ def query(cfg: PipelineConfig, ws: Workspace, examples: str, layer: str | None, 
     row_of = pd.Series(tiles["emb_row"].to_numpy(), index=tiles["tile_id"].to_numpy())
     ex_rows, neg_rows = row_of.loc[ex_ids].to_numpy(), row_of.loc[neg_ids].to_numpy()
     space = search_space(ws)
-    found = rank(space, ex_rows, neg_rows, opts, Neighbours.of(tiles, len(space.rows)) if opts.context else None)
+    found = rank(space, ex_rows, neg_rows, opts, Neighbours.of(tiles, len(space.rows), infos) if opts.context else None)
     name = opts.name or slug(source) or "examples"
     layers = result_layers(cfg, ws, tile_frame(cfg, ws), found, name)
     record: dict[str, object] = {"layer": f"similar_{name}", "examples": examples, "negatives": negatives,

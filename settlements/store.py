@@ -448,7 +448,7 @@ class Workspace:
         return self.current(self.root / name)
 
     # stage artifacts: tile -> rasters, tiles, regions, shares; embed -> embedded, embeddings, embed_meta;
-    # cluster -> clusters, cluster_meta, assignments
+    # cluster -> cluster_input (embeddings averaged with their neighbours'), clusters, cluster_meta, assignments
     rasters = property(lambda self: self._at("rasters.json"))
     tiles = property(lambda self: self._at("tiles.parquet"))
     regions = property(lambda self: self._at("regions.parquet"))
@@ -456,6 +456,7 @@ class Workspace:
     embedded = property(lambda self: self._at("embedded.parquet"))
     embeddings = property(lambda self: self._at("embeddings.npy"))
     embed_meta = property(lambda self: self._at("embedding.json"))
+    cluster_input = property(lambda self: self._at("cluster_input.npy"))
     clusters = property(lambda self: self._at("clusters.npz"))
     cluster_meta = property(lambda self: self._at("clusters.json"))
     assignments = property(lambda self: self._at("assignments.parquet"))

@@ -41,6 +41,10 @@ class Mumbai:
     informal: np.ndarray  # per embedding row
     tmp: Path
 
+    @property
+    def infos(self) -> list:
+        return load_infos(workspace(self.ran.cfg))
+
 
 @pytest.fixture(scope="module")
 def mumbai(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Mumbai:
@@ -103,7 +107,7 @@ def test_examples_drawn_as_polygons_find_informal_settlements(mumbai: Mumbai, mo
     assert (np.diff(matches["score"].to_numpy()) <= 1e-9).all()
     p100 = float(mumbai.informal[by_row.loc[matches["tile_id"]].to_numpy()].mean())
     colour = all_ranked(colour_space(load_infos(workspace(mumbai.ran.cfg)), mumbai.tiles, mumbai.tmp / "c"), ex,
-                        neighbours=Neighbours.of(mumbai.tiles, len(mumbai.tiles)))
+                        neighbours=Neighbours.of(mumbai.tiles, len(mumbai.tiles), mumbai.infos))
     p100_colour = precision(colour.rows, mumbai.informal, 100)
     assert p100 >= 0.8 and p100 >= p100_colour + 0.2, (p100, p100_colour)
     # each feature is its tile's cell, as in the tiles layer
@@ -182,7 +186,7 @@ def test_the_ivf_index_is_built_once_and_finds_what_exact_search_finds(mumbai: M
     space = search_space(workspace(mumbai.ran.cfg))
     ex = example_draws(np.flatnonzero(mumbai.informal), [2])[0]
     none = np.empty(0, np.int64)
-    near = Neighbours.of(mumbai.tiles, len(space.rows))
+    near = Neighbours.of(mumbai.tiles, len(space.rows), mumbai.infos)
     for context in (0.0, 0.3):
         exact = rank(space, ex, none, SimilarOptions(100, None, "exact", 32, None, context), near)
         approx = rank(space, ex, none, SimilarOptions(100, None, "ivf", 32, None, context), near)

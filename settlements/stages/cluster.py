@@ -1,13 +1,15 @@
 """The cluster stage: k-means on the embeddings (FAISS), cluster ids kept stable across runs.
 
-Reads the embed stage's artifacts; writes ``clusters.npz`` (centroids, only when fitted anew),
-``assignments.parquet`` (cluster and distance per kept tile) and ``clusters.json``; a refit also
-rewrites the labels file with the clusters renumbered to keep their names.
+Reads the embed stage's artifacts; writes ``cluster_input.npy`` (each embedding averaged with its
+neighbours', what k-means sees; absent with ``neighbour_weight`` 0), ``clusters.npz`` (centroids, only
+when fitted anew), ``assignments.parquet`` (cluster and distance per kept tile) and ``clusters.json``; a
+refit also rewrites the labels file with the clusters renumbered to keep their names.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,11 @@ import pandas as pd
 from ..clustering import KMeansClusterer
 from ..config import PipelineConfig, check_k
 from ..embedding.cache import NpyRows
+from ..errors import StageError
 from ..executors import Executor, LocalExecutor
 from ..identity import align_to_anchors, anchor_tiles, keep_cluster_ids, relabel_after_refit
+from ..neighbours import tile_neighbours, write_with_neighbours
+from ..rasters import load_infos
 from ..store import Workspace, read_json, read_table, settings_key, write_json, write_table
 from ..tiling import ground_order
 
@@ -31,8 +36,9 @@ def cluster(cfg: PipelineConfig, ws: Workspace, refit: bool = False, executor: E
     """
     meta = read_table(ws.embedded, "embed")
     info = read_json(ws.embed_meta, "embed")
-    emb = NpyRows(ws.embeddings)  # rows read on demand: the sample, then assignment blocks
     c = cfg.clustering
+    source = cluster_input(ws, meta, c.neighbour_weight, c.l2_normalize)
+    emb = NpyRows(source)  # rows read on demand: the sample, then assignment blocks
     fit_key = settings_key({"clustering": c.model_dump(), "backbone": info["backbone"], "layer": info["layer"],
                             "weights": info["weights_sha256"]})
     previous = json.loads(ws.cluster_meta.read_text()) if ws.cluster_meta.exists() else None
@@ -49,7 +55,7 @@ def cluster(cfg: PipelineConfig, ws: Workspace, refit: bool = False, executor: E
                                         previous.get("space_key") == space_key)
         else:  # a first fit here: the labels file's anchor tiles say which cluster is which
             anchored = align_to_anchors(ws.labels, model, emb, meta[meta["kept"]])
-    labels, dist = (executor or LocalExecutor()).assign(model, ws.embeddings)
+    labels, dist = (executor or LocalExecutor()).assign(model, source)
     kept = meta[meta["kept"]].sort_values("emb_row")
     assignments = pd.DataFrame({"tile_id": kept["tile_id"].to_numpy(), "cluster": labels, "distance": dist})
     if not reuse:
@@ -69,10 +75,27 @@ def cluster(cfg: PipelineConfig, ws: Workspace, refit: bool = False, executor: E
             "restarts": restarts}
 
 
-def _ground_order(ws: Workspace, meta: pd.DataFrame) -> np.ndarray | None:
-    """Embedding rows in the order of their tiles on the ground (None for tiles of an older version)."""
+def cluster_input(ws: Workspace, meta: pd.DataFrame, weight: float, normalise: bool) -> Path:
+    """The embeddings k-means sees: the stored ones, or each averaged with its neighbours' (``cluster_input.npy``)."""
+    if weight == 0:
+        return ws.embeddings
+    kept = _kept_tiles(ws, meta)
+    if kept is None:
+        raise StageError(f"{ws.tiles}: tiles of an older version (no ground position); run the pipeline again")
+    target = ws.out(ws.cluster_input)
+    write_with_neighbours(ws.embeddings, target, tile_neighbours(kept, load_infos(ws)), weight, normalise)
+    return target
+
+
+def _kept_tiles(ws: Workspace, meta: pd.DataFrame) -> pd.DataFrame | None:
+    """The tile table's rows of the kept tiles, in embedding order (None for tiles of an older version)."""
     tiles = read_table(ws.tiles, "tile")
     if "ground_x" not in tiles.columns:
         return None
-    kept = meta[meta["kept"]].sort_values("emb_row")[["tile_id"]].merge(tiles, on="tile_id", how="left")
-    return ground_order(kept["ground_x"].to_numpy(), kept["ground_y"].to_numpy())
+    return meta[meta["kept"]].sort_values("emb_row")[["tile_id"]].merge(tiles, on="tile_id", how="left")
+
+
+def _ground_order(ws: Workspace, meta: pd.DataFrame) -> np.ndarray | None:
+    """Embedding rows in the order of their tiles on the ground (None for tiles of an older version)."""
+    kept = _kept_tiles(ws, meta)
+    return None if kept is None else ground_order(kept["ground_x"].to_numpy(), kept["ground_y"].to_numpy())

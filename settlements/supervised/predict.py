@@ -15,7 +15,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
+from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel, TopModelSettings
 from ..errors import StageError
 from ..export import plots
 from ..export.geopackage import LayerStyle, write_geopackage
@@ -29,7 +29,7 @@ from ..reprocess import pipeline_lock
 from ..store import read_table, workspace
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel, load_state
-from .train import supervised_paths, training_settings
+from .train import supervised_paths, top_model_features, training_settings
 from .training_labels import kept_tiles
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,14 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
         return ft.classes_, ft.predict_proba(data)
     state = load_state(paths.top_model)
     top = TopModel.from_state(state, paths.top_model)
-    emb = np.load(workspace(cfg).embeddings, mmap_mode="r")
-    if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1]:
+    ws = workspace(cfg)
+    emb = np.load(ws.embeddings, mmap_mode="r")
+    neighbours = state.get("neighbours") is True
+    if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1] * (2 if neighbours else 1):
         raise StageError(f"{paths.top_model}: trained on other embeddings; run `settlements train {cfg.source}`")
-    return top.classes_, top.predict_proba(np.asarray(emb)[tiles["emb_row"].to_numpy()])
+    every = kept_tiles(ws)  # every embedding row, in order: neighbours come from all of them
+    feats = top_model_features(emb, every, load_infos(ws), TopModelSettings(neighbours=neighbours))
+    return top.classes_, top.predict_proba(feats[tiles["emb_row"].to_numpy()])
 
 
 def predict(cfg: PipelineConfig, model: PredictModel = DEFAULT_PREDICT_MODEL) -> dict[str, Path]:

@@ -1,9 +1,13 @@
 """A classifier on the stored embeddings, shaped like a scikit-learn estimator.
 
-Its learned state is a torch module (standardisation, then a linear layer or a one-hidden-layer
-MLP) so that fine tuning can start from it as the head of the network. Logistic regression is
-solved by scikit-learn (lbfgs) and copied into the linear layer; the MLP trains with full-batch
-Adam. Classes are balanced by weighting the loss with inverse class frequencies.
+Its learned state is a torch module (L2-normalisation, centring or standardisation, then a linear
+layer or a one-hidden-layer MLP) so that fine tuning can start from it as the head of the network.
+Logistic regression is solved by scikit-learn (lbfgs) and copied into the linear layer; the MLP trains
+with full-batch Adam. Classes are balanced by weighting the loss with inverse class frequencies.
+
+Measured on the Mumbai patches (informal-settlement F1, patch-blocked 5-fold CV, a tile and its
+neighbours' mean): L2-normalised and centred, C 1: 0.956; z-scored per feature, C 0.1: 0.941 (z-scoring
+lifts the noisy low-variance features to the strong ones' weight).
 """
 
 from __future__ import annotations
@@ -46,23 +50,32 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 class Head(nn.Module):
-    """Standardise features with fixed mean/scale, then classify."""
+    """L2-normalise each of ``parts`` equal slices of the features (0: none), shift and scale them by fixed
+    mean and scale, then classify."""
 
     mean: torch.Tensor  # buffers (registered below)
     scale: torch.Tensor
+    parts: torch.Tensor
 
-    def __init__(self, dim: int, n_classes: int, hidden: int = 0) -> None:
+    def __init__(self, dim: int, n_classes: int, hidden: int = 0, parts: int = 0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("parts", torch.tensor(parts))
         if hidden:
             self.net: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(0.2),
                                                 nn.Linear(hidden, n_classes))
         else:
             self.net = nn.Linear(dim, n_classes)
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        parts = int(self.parts)
+        if not parts:
+            return x
+        return nn.functional.normalize(x.reshape(len(x), parts, -1), dim=2, eps=1e-12).reshape(len(x), -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.scale)
+        return self.net((self.normalise(x) - self.mean) / self.scale)
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -81,30 +94,42 @@ _DEFAULTS = TopModelSettings()
 
 
 class TopModel:
-    """Class-balanced logistic regression (``hidden=0``) or small MLP on embeddings, full-batch Adam."""
+    """Class-balanced logistic regression (``hidden=0``) or small MLP on embeddings, full-batch Adam.
+
+    ``l2_normalize``: each embedding given side by side (see :meth:`fit`) is L2-normalised first;
+    ``standardise``: each feature is z-scored, else only centred.
+    """
 
     def __init__(self, hidden: int = _DEFAULTS.hidden, C: float = _DEFAULTS.C,  # noqa: N803
                  weight_decay: float = _DEFAULTS.weight_decay, lr: float = _DEFAULTS.lr, epochs: int = _DEFAULTS.epochs,
-                 seed: int = _DEFAULTS.seed) -> None:
+                 seed: int = _DEFAULTS.seed, l2_normalize: bool = _DEFAULTS.l2_normalize,
+                 standardise: bool = _DEFAULTS.standardise) -> None:
         self.hidden = hidden
         self.C = C
         self.weight_decay = weight_decay
         self.lr = lr
         self.epochs = epochs
         self.seed = seed
+        self.l2_normalize = l2_normalize
+        self.standardise = standardise
 
     # learned state: classes_, head_, n_train_
-    def fit(self, x: np.ndarray, y: np.ndarray) -> TopModel:
+    def fit(self, x: np.ndarray, y: np.ndarray, parts: int = 1) -> TopModel:
+        """``x``: ``parts`` embeddings side by side per row (a tile's own and its neighbours' mean: 2)."""
         classes = np.unique(np.asarray(y, dtype=object).astype(str))
         if len(classes) < 2:
             raise TrainingError(f"training labels: need at least two classes, got {list(classes)}")
         yi = encode(np.asarray(y).astype(str), classes)
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if xt.shape[1] % parts:
+            raise ValueError(f"{xt.shape[1]} features are not {parts} equal parts")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            head = Head(xt.shape[1], len(classes), self.hidden)
+            head = Head(xt.shape[1], len(classes), self.hidden, parts if self.l2_normalize else 0)
+        xt = head.normalise(xt)
         head.mean.copy_(xt.mean(0))
-        head.scale.copy_(xt.std(0).clamp_min(1e-6))
+        if self.standardise:
+            head.scale.copy_(xt.std(0).clamp_min(1e-6))
         if self.hidden:
             self._fit_mlp(head, xt, yi, len(classes))
         else:
@@ -150,7 +175,8 @@ class TopModel:
 
     def state(self) -> dict[str, Any]:
         return {"params": {"hidden": self.hidden, "C": self.C, "weight_decay": self.weight_decay, "lr": self.lr,
-                           "epochs": self.epochs, "seed": self.seed},
+                           "epochs": self.epochs, "seed": self.seed, "l2_normalize": self.l2_normalize,
+                           "standardise": self.standardise},
                 "classes": [str(c) for c in self.classes_], "dim": int(self.head_.mean.shape[0]),
                 "head": self.head_.state_dict(), "n_train": self.n_train_}
 

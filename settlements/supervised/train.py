@@ -18,8 +18,9 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from ..clustering import KMeansClusterer
-from ..config import FineTuneSettings, PipelineConfig, Training
+from ..config import FineTuneSettings, PipelineConfig, TopModelSettings, Training
 from ..errors import ConfigError, StageError, TrainingError
+from ..neighbours import neighbour_mean, tile_neighbours, with_neighbours
 from ..rasters import OpenRasters, RasterInfo, load_infos, read_tile
 from ..reprocess import pipeline_lock
 from ..store import read_table, workspace, write_atomic, write_json
@@ -75,6 +76,24 @@ def training_settings(cfg: PipelineConfig) -> Training:
     return cfg.training
 
 
+def make_top_model(settings: TopModelSettings) -> TopModel:
+    return TopModel(**settings.model_dump(exclude={"neighbours"}))
+
+
+def feature_parts(settings: TopModelSettings) -> int:
+    """Embeddings side by side in :func:`top_model_features`' rows."""
+    return 2 if settings.neighbours else 1
+
+
+def top_model_features(emb: np.ndarray, tiles: pd.DataFrame, infos: list[RasterInfo],
+                       settings: TopModelSettings) -> np.ndarray:
+    """What the top model sees per row of ``emb`` (``tiles``: every kept tile, in embedding order): the
+    embedding, beside the mean of its neighbours' when ``settings.neighbours``."""
+    if not settings.neighbours:
+        return np.asarray(emb, dtype=np.float32)
+    return neighbour_mean(emb, tile_neighbours(tiles, infos))
+
+
 def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
     return FineTuner.from_settings(cfg.embedding, ft)
 
@@ -95,7 +114,8 @@ def fine_tune(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame,
         raise TrainingError(f"training.finetune: {len(np.unique(blocks))} spatial blocks are too few for a "
                             f"{ft.val_fraction:.0%} validation split (lower evaluation.block_tiles)")
     val = block_folds(blocks, np.ones(len(tiles)), n_split, ft.seed) == 0
-    top = TopModel(**t.top_model.model_dump()).fit(emb[tiles["emb_row"].to_numpy()[~val]], y[~val])
+    # the fine-tuned network sees one tile: its head starts from a top model of that tile alone
+    top = make_top_model(t.top_model).fit(emb[tiles["emb_row"].to_numpy()[~val]], y[~val])
     keep = np.isin(y, top.classes_)
     rng = np.random.default_rng(ft.seed)
     if ft.max_tiles is not None and keep.sum() > ft.max_tiles:
@@ -117,8 +137,13 @@ def _class_column(tiles: pd.DataFrame, labels: pd.DataFrame) -> np.ndarray:
 
 def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
              y_train: np.ndarray, y_ref: np.ndarray) -> dict[str, Path]:
-    """Blocked cross-validation of every method on the same held-out blocks; clustering quality."""
+    """Blocked cross-validation of every method on the same held-out blocks; clustering quality.
+
+    A held-out tile's neighbours may lie in a training block: the top model then sees their imagery's
+    embeddings (as it does when predicting), never their labels.
+    """
     t = training_settings(cfg)
+    feats = top_model_features(emb, tiles, infos, t.top_model)
     ev = t.evaluation
     paths = supervised_paths(cfg)
     has_train, has_ref = pd.notna(y_train), pd.notna(y_ref)
@@ -139,8 +164,8 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
         truth.append(y_ref[te].astype(str))
         mapping, fallback = majority_mapping(clusters[tr], y_train[tr].astype(str))
         preds["kmeans"].append(np.asarray([mapping.get(int(c), fallback) for c in clusters[te]], dtype=str))
-        top = TopModel(**t.top_model.model_dump()).fit(emb[tr], y_train[tr])
-        preds["top_model"].append(top.predict(emb[te]))
+        top = make_top_model(t.top_model).fit(feats[tr], y_train[tr], parts=feature_parts(t.top_model))
+        preds["top_model"].append(top.predict(feats[te]))
         if do_ft:
             ftm = fine_tune(cfg, infos, tiles[tr].reset_index(drop=True), y_train[tr].astype(str), emb)
             test = TileImages(infos, tiles[te], cfg.embedding.input_size)
@@ -178,13 +203,16 @@ def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
 
 def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
                        y_ref: np.ndarray) -> pd.DataFrame:
-    """NMI, ARI, purity vs the reference: k-means (same settings) on CNN embeddings vs colour statistics."""
+    """NMI, ARI, purity vs the reference: k-means (same settings, neighbours included) on CNN embeddings vs
+    colour statistics."""
     c = cfg.clustering
     has = pd.notna(y_ref)
     order = ground_order(tiles["ground_x"].to_numpy(), tiles["ground_y"].to_numpy())
+    near = tile_neighbours(tiles, infos)
     rows = []
-    for name, feats in (("cnn", np.asarray(emb, dtype=np.float32)),
-                        ("colour", standardise(colour_features(infos, tiles)))):
+    for name, raw in (("cnn", np.asarray(emb, dtype=np.float32)),
+                      ("colour", standardise(colour_features(infos, tiles)))):
+        feats = with_neighbours(raw, near, c.neighbour_weight, c.l2_normalize)
         km = KMeansClusterer.from_settings(c, pca=name == "cnn")
         labels, _ = km.fit(feats, order).predict(feats)
         rows.append({"features": name, **cluster_quality(y_ref[has].astype(str), labels[has])})
@@ -221,9 +249,10 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
     has = pd.notna(y_train)
     if has.sum() < 2:
         raise TrainingError(f"training.labels: only {int(has.sum())} tiles are labelled")
-    top = TopModel(**t.top_model.model_dump()).fit(np.asarray(emb)[has], y_train[has].astype(str))
+    feats = top_model_features(emb, tiles, infos, t.top_model)
+    top = make_top_model(t.top_model).fit(feats[has], y_train[has].astype(str), parts=feature_parts(t.top_model))
     config = cfg.to_yaml_dict()
-    state = {**top.state(), "config": config, "embedding_rows": int(len(emb))}
+    state = {**top.state(), "config": config, "embedding_rows": int(len(emb)), "neighbours": t.top_model.neighbours}
     save_state(paths.top_model, state)
     result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
                               "top_model": paths.top_model}
