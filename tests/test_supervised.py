@@ -131,6 +131,23 @@ def test_top_model_binary_probabilities_and_state_round_trip() -> None:
     assert np.allclose(again.predict_proba(x), p)
 
 
+def test_top_model_normalises_each_embedding_beside_the_other() -> None:
+    """A tile's embedding and its neighbours' mean side by side: each is L2-normalised on its own, so
+    rescaling either part of a row leaves the prediction as it was; a feature count not in equal parts is refused."""
+    rng = np.random.default_rng(3)
+    own, near = rng.normal(size=(120, 6)), rng.normal(size=(120, 6))
+    y = np.where(own[:, 0] + near[:, 1] > 0, "a", "b")
+    model = TopModel().fit(np.hstack([own, near]), y, parts=2)
+    p = model.predict_proba(np.hstack([own, near]))
+    scaled = np.hstack([own * rng.uniform(0.1, 10, (120, 1)), near * rng.uniform(0.1, 10, (120, 1))])
+    np.testing.assert_allclose(model.predict_proba(scaled), p, atol=1e-5)
+    assert (model.predict(np.hstack([own, near])) == y).mean() > 0.8
+    whole = TopModel().fit(np.hstack([own, near]), y, parts=1)  # one 12-d vector normalised as a whole
+    assert not np.allclose(whole.predict_proba(scaled), whole.predict_proba(np.hstack([own, near])), atol=1e-3)
+    with pytest.raises(ValueError, match="equal parts"):
+        TopModel().fit(np.hstack([own, near[:, :5]]), y, parts=2)
+
+
 def test_mlp_top_model_learns_a_nonlinear_boundary_and_balances_classes() -> None:
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (400, 2)).astype(np.float32)
@@ -206,6 +223,10 @@ def test_models_are_saved_with_their_config(trained: Trained) -> None:
     top = torch.load(work / "top_model.pt", weights_only=True)
     assert top["config"]["training"]["labels"]["source"] == "spectral"
     assert top["classes"] == ["built-up", "vegetation", "water"]
+    # it saw each tile beside its neighbours' mean: twice the embedding's width
+    assert top["neighbours"] is True
+    assert top["dim"] == 2 * np.load(workspace(trained.cfg).embeddings, mmap_mode="r").shape[1]
+    assert top["params"]["l2_normalize"] and not top["params"]["standardise"]
     ckpt = torch.load(work / "finetune_checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and ckpt["params"]["input_size"] == 64
     torch.load(work / "fine_tuned.pt", weights_only=True)
