@@ -87,20 +87,25 @@ def test_written_block_by_block_as_in_memory(tmp_path: Path, monkeypatch: pytest
     assert not (tmp_path / "d.npy").exists()
 
 
-@pytest.mark.parametrize("crs", ["EPSG:4326", "EPSG:3857"])
+@pytest.mark.parametrize("crs", ["EPSG:4326", "EPSG:3857", "EPSG:3413"])
 def test_neighbours_are_found_in_ground_metres_whatever_the_crs(tmp_path: Path, crs: str) -> None:
     """At 60 N a degree of longitude is half a degree of latitude on the ground, and a Web Mercator unit half a
-    metre: tiles of 16 px are still squares on the ground with 8 neighbours inside the raster."""
-    if crs == "EPSG:4326":
-        tif = relabel(tmp_path, "lonlat", crs, 10.0, 60.3, 0.00054, 0.00027)
-        box = [10.0, 60.2, 10.1, 60.3]
-    else:
-        x0, y0 = Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, 60.3)
-        tif = relabel(tmp_path, "merc", crs, x0, y0, 60.0, 60.0)
-        box = [10.0, 60.2, 10.1, 60.3]
+    metre; near the pole, polar stereographic: tiles of 16 px are still squares on the ground with 8
+    neighbours inside the raster."""
     import shapely
 
-    regions = write_regions(tmp_path, "box", [shapely.box(*box)], "EPSG:4326")
+    if crs == "EPSG:4326":
+        tif = relabel(tmp_path, "lonlat", crs, 10.0, 60.3, 0.00054, 0.00027)
+        box = shapely.box(10.0, 60.2, 10.1, 60.3)
+    elif crs == "EPSG:3857":
+        x0, y0 = Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, 60.3)
+        tif = relabel(tmp_path, "merc", crs, x0, y0, 60.0, 60.0)
+        box = shapely.box(10.0, 60.2, 10.1, 60.3)
+    else:
+        x0, y0 = Transformer.from_crs(4326, 3413, always_xy=True).transform(0.0, 86.5)
+        tif = relabel(tmp_path, "polar", crs, x0, y0, 30.0, 30.0)
+        box = shapely.box(x0 + 500, y0 - 4_000, x0 + 4_000, y0 - 500)
+    regions = write_regions(tmp_path, "box", [box], "EPSG:4326" if crs != "EPSG:3413" else crs)
     cfg = load_config(write_pipeline(tmp_path, "nb", None, rasters=[{"path": str(tif), "bands": [1, 2, 3]}],
                                      regions=[{"path": str(regions), "id_field": "rid"}],
                                      tiling={"tile_size": "16px", "clip_to_regions": True}, clustering={"k": 2}))

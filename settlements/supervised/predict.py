@@ -47,7 +47,8 @@ def choose_model(cfg: PipelineConfig, model: PredictModel) -> str:
 
 
 def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Class names and (n_tiles, n_classes) probabilities for ``tiles`` (kept, in embedding order)."""
+    """Class names and (n_tiles, n_classes) probabilities for ``tiles`` (every kept tile, in embedding order:
+    the top model's neighbours come from all of them)."""
     paths = supervised_paths(cfg)
     if model == "fine_tuned":
         e = cfg.embedding
@@ -62,8 +63,7 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
     neighbours = state.get("neighbours") is True
     if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1] * (2 if neighbours else 1):
         raise StageError(f"{paths.top_model}: trained on other embeddings; run `settlements train {cfg.source}`")
-    every = kept_tiles(ws)  # every embedding row, in order: neighbours come from all of them
-    feats = top_model_features(emb, every, load_infos(ws), TopModelSettings(neighbours=neighbours))
+    feats = top_model_features(emb, tiles, load_infos(ws), TopModelSettings(neighbours=neighbours))
     return top.classes_, top.predict_proba(feats[tiles["emb_row"].to_numpy()])
 
 
