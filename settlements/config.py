@@ -310,9 +310,12 @@ class LabelSource(Strict):
 class TopModelSettings(Strict):
     """A classifier on the stored embeddings: hidden 0 = logistic regression (L2 strength 1/C, lbfgs),
     else a one-hidden-layer MLP (Adam, ``lr``, ``epochs``, ``weight_decay``). ``neighbours``: it sees
-    each tile's embedding beside the mean of its 8 neighbours'; ``l2_normalize``: each of those
-    L2-normalised; ``standardise``: each feature z-scored (else centred). Measured on the Mumbai
-    patches (see :mod:`settlements.supervised.top_model`)."""
+    each tile's embedding beside the mean of its 8 neighbours' (true), the tile alone (false), or
+    whichever of the two scores the better macro F1 in a blocked cross-validation on the training
+    labels (auto: context decides informal settlements at 50 m, not a per-tile spectral class of
+    450 m Landsat tiles); ``l2_normalize``: each embedding L2-normalised; ``standardise``: each
+    feature z-scored (else centred). Measured on the Mumbai patches (see
+    :mod:`settlements.supervised.top_model`)."""
 
     hidden: int = Field(0, ge=0)
     C: float = Field(1.0, gt=0)
@@ -320,7 +323,7 @@ class TopModelSettings(Strict):
     lr: float = Field(0.01, gt=0)
     epochs: int = Field(300, ge=1)
     seed: int = 0
-    neighbours: bool = True
+    neighbours: bool | Literal["auto"] = "auto"
     l2_normalize: bool = True
     standardise: bool = False
 

@@ -5,7 +5,8 @@ is part of. On the hand-labelled Mumbai patches (``make quality``), averaging ea
 embedding with its eight neighbours' at a quarter of its own weight before k-means raised the worst
 seed's informal-settlement F1 from 0.84 to 0.90 and NMI from 0.33 to 0.34; on Olinda (not looked at
 while choosing) NMI rose from 0.44 to 0.49. A top model given the neighbours' mean beside the tile's
-own embedding: informal F1 0.93 -> 0.96 in blocked cross-validation.
+own embedding: informal F1 0.93 -> 0.96 in blocked cross-validation (``training.top_model.neighbours:
+auto`` keeps them only where they score better on the training labels).
 
 Neighbours are found by ground position (the tile stage's equal-area centres), not by grid index, so
 tiles that touch across two files are neighbours as on one mosaic, and a gap (a clipped cell, nodata,

@@ -6,6 +6,7 @@ every tile from its NIR and red bands (the reference rule), trains, cross-valida
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import sys
 import xml.etree.ElementTree as ET
@@ -22,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settlements.cli import main
-from settlements.config import LabelSource, load_config
+from settlements.config import LabelSource, TopModelSettings, load_config
 from settlements.errors import ConfigError
+from settlements.neighbours import neighbour_mean, neighbour_rows
 from settlements.palette import column_keys
 from settlements.pipeline import run
 from settlements.rasters import load_infos
@@ -32,6 +34,7 @@ from settlements.supervised.evaluation import block_folds, class_scores, cluster
 from settlements.supervised.finetune import FineTuner, TileImages, augment
 from settlements.supervised.reference import classify_pixels
 from settlements.supervised.top_model import TopModel
+from settlements.supervised.train import TopModelInputs, resolve_neighbours
 from settlements.supervised.training_labels import kept_tiles, read_polygons, tile_labels
 
 from .conftest import run_cli, scene, write_pipeline
@@ -148,6 +151,31 @@ def test_top_model_normalises_each_embedding_beside_the_other() -> None:
         TopModel().fit(np.hstack([own, near[:, :5]]), y, parts=2)
 
 
+@pytest.mark.parametrize("context_decides", [True, False])
+def test_neighbours_auto_keeps_them_only_where_they_score_better(context_decides: bool) -> None:
+    """A 40 x 40 grid of tiles in 4 x 4-tile blocks. Where the class is the neighbourhood's (a tile's own
+    embedding a noisy hint, its neighbours' mean a clear one), ``auto`` takes the neighbours; where each
+    tile's class is its own and its neighbours' are unrelated, it keeps the tile alone."""
+    rng = np.random.default_rng(4)
+    side = 40
+    r, c = np.divmod(np.arange(side * side), side)
+    patch = ((r // 5) + (c // 5)) % 2  # 5 x 5-tile patches of two kinds
+    y = np.where(patch == 1, "a", "b") if context_decides else rng.choice(["a", "b"], side * side)
+    sign = np.where(y == "a", 1.0, -1.0)
+    own = rng.normal(size=(side * side, 8))
+    own[:, 0] += sign * (0.5 if context_decides else 2.0)
+    rows = neighbour_rows(c + 0.5, -(r + 0.5), np.ones(side * side))
+    inputs = TopModelInputs(own.astype(np.float32), neighbour_mean(own, rows))
+    blocks = (r // 4) * 100 + c // 4
+    every = np.ones(side * side, bool)
+    chosen, scores = resolve_neighbours(TopModelSettings(), inputs, y, blocks, every, 0)
+    assert chosen.neighbours is context_decides
+    gain = scores["neighbours"] - scores["alone"]
+    assert gain > 0.05 if context_decides else gain < 0
+    fixed, none = resolve_neighbours(TopModelSettings(neighbours=True), inputs, y, blocks, every, 0)
+    assert fixed.neighbours is True and none == {}
+
+
 def test_mlp_top_model_learns_a_nonlinear_boundary_and_balances_classes() -> None:
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (400, 2)).astype(np.float32)
@@ -223,9 +251,14 @@ def test_models_are_saved_with_their_config(trained: Trained) -> None:
     top = torch.load(work / "top_model.pt", weights_only=True)
     assert top["config"]["training"]["labels"]["source"] == "spectral"
     assert top["classes"] == ["built-up", "vegetation", "water"]
-    # it saw each tile beside its neighbours' mean: twice the embedding's width
-    assert top["neighbours"] is True
-    assert top["dim"] == 2 * np.load(workspace(trained.cfg).embeddings, mmap_mode="r").shape[1]
+    # neighbours: auto, decided by a blocked cross-validation on the training labels, recorded with its
+    # scores; with them the model sees twice the embedding's width
+    record = json.loads((work / "training.json").read_text())
+    scores = record["neighbours_macro_f1"]
+    assert set(scores) == {"alone", "neighbours"} and all(0.5 < v <= 1 for v in scores.values())
+    assert top["neighbours"] is record["neighbours"] is (scores["neighbours"] > scores["alone"])
+    width = np.load(workspace(trained.cfg).embeddings, mmap_mode="r").shape[1]
+    assert top["dim"] == (2 if top["neighbours"] else 1) * width
     assert top["params"]["l2_normalize"] and not top["params"]["standardise"]
     ckpt = torch.load(work / "finetune_checkpoint.pt", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and ckpt["params"]["input_size"] == 64

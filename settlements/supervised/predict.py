@@ -15,7 +15,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel, TopModelSettings
+from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
 from ..errors import StageError
 from ..export import plots
 from ..export.geopackage import LayerStyle, write_geopackage
@@ -29,7 +29,7 @@ from ..reprocess import pipeline_lock
 from ..store import read_table, workspace
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel, load_state
-from .train import supervised_paths, top_model_features, training_settings
+from .train import TopModelInputs, supervised_paths, training_settings
 from .training_labels import kept_tiles
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def tile_probabilities(cfg: PipelineConfig, model: str, tiles: pd.DataFrame) -> 
     neighbours = state.get("neighbours") is True
     if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1] * (2 if neighbours else 1):
         raise StageError(f"{paths.top_model}: trained on other embeddings; run `settlements train {cfg.source}`")
-    feats = top_model_features(emb, tiles, load_infos(ws), TopModelSettings(neighbours=neighbours))
+    inputs = TopModelInputs.of(emb, tiles, load_infos(ws)) if neighbours else None
+    feats = np.asarray(emb, dtype=np.float32) if inputs is None else inputs.with_neighbours
     return top.classes_, top.predict_proba(feats[tiles["emb_row"].to_numpy()])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rasterio.windows import Window
+from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from ..clustering import KMeansClusterer
@@ -81,17 +82,58 @@ def make_top_model(settings: TopModelSettings) -> TopModel:
 
 
 def feature_parts(settings: TopModelSettings) -> int:
-    """Embeddings side by side in :func:`top_model_features`' rows."""
-    return 2 if settings.neighbours else 1
+    """Embeddings side by side in the rows a top model of ``settings`` (neighbours resolved) sees."""
+    return 2 if settings.neighbours is True else 1
 
 
-def top_model_features(emb: np.ndarray, tiles: pd.DataFrame, infos: list[RasterInfo],
-                       settings: TopModelSettings) -> np.ndarray:
-    """What the top model sees per row of ``emb`` (``tiles``: every kept tile, in embedding order): the
-    embedding, beside the mean of its neighbours' when ``settings.neighbours``."""
-    if not settings.neighbours:
-        return np.asarray(emb, dtype=np.float32)
-    return neighbour_mean(emb, tile_neighbours(tiles, infos))
+#: Folds of the blocked cross-validation that decides ``neighbours: auto`` (on the training labels only).
+NEIGHBOUR_FOLDS = 3
+
+
+@dataclass(frozen=True)
+class TopModelInputs:
+    """Both feature sets a top model may see, per embedding row: the tile alone, and beside the mean of its
+    neighbours' (``tiles``: every kept tile, in embedding order)."""
+
+    alone: np.ndarray
+    with_neighbours: np.ndarray
+
+    @classmethod
+    def of(cls, emb: np.ndarray, tiles: pd.DataFrame, infos: list[RasterInfo]) -> TopModelInputs:
+        alone = np.asarray(emb, dtype=np.float32)
+        return cls(alone, neighbour_mean(alone, tile_neighbours(tiles, infos)))
+
+    def features(self, settings: TopModelSettings) -> np.ndarray:
+        if settings.neighbours == "auto":
+            raise ValueError("training.top_model.neighbours: resolve 'auto' first (resolve_neighbours)")
+        return self.with_neighbours if settings.neighbours else self.alone
+
+
+def resolve_neighbours(settings: TopModelSettings, inputs: TopModelInputs, y: np.ndarray, blocks: np.ndarray,
+                       train: np.ndarray, seed: int) -> tuple[TopModelSettings, dict[str, float]]:
+    """``settings`` with ``neighbours`` decided: as given, or (``auto``) the feature set whose top model
+    scores the better macro F1 in a blocked cross-validation over the ``train`` rows (labels ``y``,
+    spatial ``blocks``); a tie, or folds too few to compare, keep the tile alone. Returns the scores too."""
+    if settings.neighbours != "auto":
+        return settings, {}
+    alone = settings.model_copy(update={"neighbours": False})
+    rows = np.flatnonzero(train)
+    if len(np.unique(blocks[rows])) < NEIGHBOUR_FOLDS:
+        return alone, {}
+    folds = block_folds(blocks[rows], np.ones(len(rows)), NEIGHBOUR_FOLDS, seed)
+    yt = y[rows].astype(str)
+    scores: dict[str, float] = {}
+    for name, candidate in (("alone", alone), ("neighbours", settings.model_copy(update={"neighbours": True}))):
+        x = inputs.features(candidate)[rows]
+        truth, pred = [], []
+        for f in range(NEIGHBOUR_FOLDS):
+            tr, te = folds != f, folds == f
+            if not te.any() or len(np.unique(yt[tr])) < 2:
+                return alone, {}
+            truth.append(yt[te])
+            pred.append(make_top_model(candidate).fit(x[tr], yt[tr], parts=feature_parts(candidate)).predict(x[te]))
+        scores[name] = float(f1_score(np.concatenate(truth), np.concatenate(pred), average="macro", zero_division=0))
+    return settings.model_copy(update={"neighbours": scores["neighbours"] > scores["alone"]}), scores
 
 
 def make_finetuner(cfg: PipelineConfig, ft: FineTuneSettings) -> FineTuner:
@@ -143,7 +185,8 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     embeddings (as it does when predicting), never their labels.
     """
     t = training_settings(cfg)
-    feats = top_model_features(emb, tiles, infos, t.top_model)
+    inputs = TopModelInputs.of(emb, tiles, infos)
+    blocks = tiles["block"].to_numpy()
     ev = t.evaluation
     paths = supervised_paths(cfg)
     has_train, has_ref = pd.notna(y_train), pd.notna(y_ref)
@@ -164,7 +207,10 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
         truth.append(y_ref[te].astype(str))
         mapping, fallback = majority_mapping(clusters[tr], y_train[tr].astype(str))
         preds["kmeans"].append(np.asarray([mapping.get(int(c), fallback) for c in clusters[te]], dtype=str))
-        top = make_top_model(t.top_model).fit(feats[tr], y_train[tr], parts=feature_parts(t.top_model))
+        # ``neighbours: auto`` is decided inside the fold, on its training tiles alone
+        chosen, _ = resolve_neighbours(t.top_model, inputs, y_train, blocks, tr, ev.seed)
+        feats = inputs.features(chosen)
+        top = make_top_model(chosen).fit(feats[tr], y_train[tr], parts=feature_parts(chosen))
         preds["top_model"].append(top.predict(feats[te]))
         if do_ft:
             ftm = fine_tune(cfg, infos, tiles[tr].reset_index(drop=True), y_train[tr].astype(str), emb)
@@ -249,13 +295,21 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
     has = pd.notna(y_train)
     if has.sum() < 2:
         raise TrainingError(f"training.labels: only {int(has.sum())} tiles are labelled")
-    feats = top_model_features(emb, tiles, infos, t.top_model)
-    top = make_top_model(t.top_model).fit(feats[has], y_train[has].astype(str), parts=feature_parts(t.top_model))
+    inputs = TopModelInputs.of(emb, tiles, infos)
+    chosen, scores = resolve_neighbours(t.top_model, inputs, y_train, tiles["block"].to_numpy(), has,
+                                        t.evaluation.seed)
+    if scores:
+        log.info("top model: neighbours %s (blocked %d-fold macro F1 on the training labels: alone %.3f, with "
+                 "neighbours %.3f)", "on" if chosen.neighbours else "off", NEIGHBOUR_FOLDS, scores["alone"],
+                 scores["neighbours"])
+    top = make_top_model(chosen).fit(inputs.features(chosen)[has], y_train[has].astype(str),
+                                     parts=feature_parts(chosen))
     config = cfg.to_yaml_dict()
-    state = {**top.state(), "config": config, "embedding_rows": int(len(emb)), "neighbours": t.top_model.neighbours}
+    state = {**top.state(), "config": config, "embedding_rows": int(len(emb)), "neighbours": chosen.neighbours}
     save_state(paths.top_model, state)
     result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
-                              "top_model": paths.top_model}
+                              "top_model": paths.top_model, "neighbours": chosen.neighbours,
+                              "neighbours_macro_f1": scores}
     if t.finetune.enabled:
         paths.work.mkdir(parents=True, exist_ok=True)
         ft = fine_tune(cfg, infos, tiles[has].reset_index(drop=True), y_train[has].astype(str), np.asarray(emb),
