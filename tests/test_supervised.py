@@ -165,7 +165,7 @@ def test_neighbours_auto_keeps_them_only_where_they_score_better(context_decides
     own = rng.normal(size=(side * side, 8))
     own[:, 0] += sign * (0.5 if context_decides else 2.0)
     rows = neighbour_rows(c + 0.5, -(r + 0.5), np.ones(side * side))
-    inputs = TopModelInputs(own.astype(np.float32), neighbour_mean(own, rows))
+    inputs = TopModelInputs(own.astype(np.float32), neighbour_mean(own, rows), rows)
     blocks = (r // 4) * 100 + c // 4
     every = np.ones(side * side, bool)
     chosen, scores = resolve_neighbours(TopModelSettings(), inputs, y, blocks, every, 0)

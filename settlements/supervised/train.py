@@ -97,11 +97,13 @@ class TopModelInputs:
 
     alone: np.ndarray
     with_neighbours: np.ndarray
+    near: np.ndarray  # each row's neighbours (:func:`settlements.neighbours.tile_neighbours`)
 
     @classmethod
     def of(cls, emb: np.ndarray, tiles: pd.DataFrame, infos: list[RasterInfo]) -> TopModelInputs:
         alone = np.asarray(emb, dtype=np.float32)
-        return cls(alone, neighbour_mean(alone, tile_neighbours(tiles, infos)))
+        near = tile_neighbours(tiles, infos)
+        return cls(alone, neighbour_mean(alone, near), near)
 
     def features(self, settings: TopModelSettings) -> np.ndarray:
         if settings.neighbours == "auto":
@@ -178,14 +180,15 @@ def _class_column(tiles: pd.DataFrame, labels: pd.DataFrame) -> np.ndarray:
 
 
 def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
-             y_train: np.ndarray, y_ref: np.ndarray) -> dict[str, Path]:
+             y_train: np.ndarray, y_ref: np.ndarray, inputs: TopModelInputs | None = None) -> dict[str, Path]:
     """Blocked cross-validation of every method on the same held-out blocks; clustering quality.
 
     A held-out tile's neighbours may lie in a training block: the top model then sees their imagery's
-    embeddings (as it does when predicting), never their labels.
+    embeddings (as it does when predicting), never their labels. ``inputs``: :meth:`TopModelInputs.of` these
+    tiles, when the caller has them.
     """
     t = training_settings(cfg)
-    inputs = TopModelInputs.of(emb, tiles, infos)
+    inputs = inputs or TopModelInputs.of(emb, tiles, infos)
     blocks = tiles["block"].to_numpy()
     ev = t.evaluation
     paths = supervised_paths(cfg)
@@ -228,7 +231,7 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     confusion_figure(paths.confusion_png, confusion, classes, scores,
                      f"{cfg.name}: blocked {ev.folds}-fold cross-validation ({ev.block_tiles}x{ev.block_tiles}-tile "
                      f"blocks), {len(y_true)} held-out tiles")
-    quality = clustering_quality(cfg, infos, tiles, emb, y_ref)
+    quality = clustering_quality(cfg, infos, tiles, emb, y_ref, inputs.near)
     write_atomic(paths.cluster_quality, lambda p: quality.to_csv(p, index=False, float_format="%.4f"))
     macro = scores[scores["class"] == "macro avg"].set_index("method")["f1"].round(4).to_dict()
     log.info("blocked cross-validation macro F1: %s", macro)
@@ -248,13 +251,12 @@ def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
 
 
 def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
-                       y_ref: np.ndarray) -> pd.DataFrame:
+                       y_ref: np.ndarray, near: np.ndarray) -> pd.DataFrame:
     """NMI, ARI, purity vs the reference: k-means (same settings, neighbours included) on CNN embeddings vs
-    colour statistics."""
+    colour statistics (``near``: each tile's neighbours)."""
     c = cfg.clustering
     has = pd.notna(y_ref)
     order = ground_order(tiles["ground_x"].to_numpy(), tiles["ground_y"].to_numpy())
-    near = tile_neighbours(tiles, infos)
     rows = []
     for name, raw in (("cnn", np.asarray(emb, dtype=np.float32)),
                       ("colour", standardise(colour_features(infos, tiles)))):
@@ -317,7 +319,7 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
         ft.save(paths.fine_tuned, {"config": config})
         result.update(fine_tuned=paths.fine_tuned, best_epoch=ft.best_epoch_)
     if t.evaluation.enabled:
-        result.update(evaluate(cfg, infos, tiles, np.asarray(emb), y_train, y_ref))
+        result.update(evaluate(cfg, infos, tiles, np.asarray(emb), y_train, y_ref, inputs))
     write_json(paths.record, {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
                | {"config": config, "class_counts": pd.Series(y_train[has]).value_counts().to_dict()})
     return result
