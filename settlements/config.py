@@ -196,6 +196,11 @@ class Embedding(Strict):
         raise ValueError(f"expected 'auto' or a number of DataLoader workers >= 0, got {v!r}")
 
 
+#: Seeds as numpy, scikit-learn and FAISS take them (0 to 2**32 - 1): a seed they refuse would fail only
+#: after all the embedding work.
+MAX_SEED = 2**32 - 1
+
+
 class Clustering(Strict):
     """k-means: ``nredo`` restarts (the one of least inertia kept; their agreement is recorded) on
     L2-normalised embeddings by default, each averaged with its 8 neighbours' at ``neighbour_weight``
@@ -203,7 +208,7 @@ class Clustering(Strict):
     settlements better and more steadily across seeds (see :mod:`settlements.neighbours`)."""
 
     k: int = Field(8, ge=2, le=255)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     sample_size: int = Field(100_000, ge=2)
     niter: int = Field(25, ge=1)
     nredo: int = Field(10, ge=1)
@@ -322,7 +327,7 @@ class TopModelSettings(Strict):
     weight_decay: float = Field(1e-3, ge=0)
     lr: float = Field(0.01, gt=0)
     epochs: int = Field(300, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     neighbours: bool | Literal["auto"] = "auto"
     l2_normalize: bool = True
     standardise: bool = False
@@ -341,7 +346,7 @@ class FineTuneSettings(Strict):
     max_tiles: int | None = Field(None, ge=10)
     max_shift: float = Field(0.125, ge=0, lt=0.5, description="largest translation, as a share of the tile")
     augment: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -351,7 +356,7 @@ class EvaluationSettings(Strict):
     enabled: bool = True
     folds: int = Field(5, ge=2)
     block_tiles: int = Field(8, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     finetune: bool = True
 
 
@@ -361,6 +366,27 @@ class Training(Strict):
     top_model: TopModelSettings = Field(default_factory=TopModelSettings)
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+
+def earth_crs_problem(crs: Any) -> str | None:
+    """Why a pyproj ``crs`` cannot place data on the Earth, or None when it can: the one check of the CRS of
+    every input (rasters, regions) and of the outputs.
+
+    An engineering (local) CRS has no datum (``LOCAL_CS["arbitrary", ...]``: scanned maps, CAD drawings),
+    and a damaged file can name a CRS that PROJ builds but cannot transform; either would otherwise fail
+    late, as PROJ's own error, in the middle of measuring or reprojecting.
+    """
+    from pyproj import Transformer
+    from pyproj.exceptions import CRSError, ProjError
+
+    base = crs.source_crs if crs.is_bound and crs.source_crs is not None else crs
+    if base.geodetic_crs is None or not (base.is_geographic or base.is_projected or base.is_compound):
+        return f"({base.name!r}, {base.type_name}) does not place it on the Earth"
+    try:
+        Transformer.from_crs(crs, base.geodetic_crs, always_xy=True)
+    except (CRSError, ProjError) as exc:
+        return f"({base.name!r}) cannot be transformed to longitude and latitude ({str(exc).splitlines()[0]})"
+    return None
 
 
 class Output(Strict):
@@ -385,6 +411,9 @@ class Output(Strict):
         if not (base.is_geographic or base.is_projected) or base.is_compound or len(base.axis_info) != 2:
             raise ValueError(f"{v!r} is not a 2D geographic or projected CRS ({base.type_name}); give one such "
                              "as EPSG:4326 or the regions' UTM zone")
+        problem = earth_crs_problem(crs)
+        if problem:
+            raise ValueError(f"{v!r} {problem}; give one such as EPSG:4326 or the regions' UTM zone")
         return v
 
 

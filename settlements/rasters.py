@@ -22,11 +22,12 @@ import rasterio.transform
 import shapely
 import shapely.geometry
 from pyproj import CRS, Geod, Transformer
+from pyproj.exceptions import CRSError, ProjError
 from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from .config import RasterInput
+from .config import RasterInput, earth_crs_problem
 from .errors import RasterError
 from .store import Workspace, fingerprint, read_json
 from .tiling import clip_window
@@ -210,6 +211,19 @@ def check_readable(src: rasterio.io.DatasetReader, bands: tuple[int, ...]) -> No
         read_checked(src, bands, window, masks=True)
 
 
+def earth_crs(path: Path, crs: rasterio.crs.CRS) -> CRS:
+    """The raster's CRS, checked once (:func:`settlements.config.earth_crs_problem`)."""
+    try:
+        parsed = CRS.from_wkt(crs.to_wkt())
+    except (CRSError, ProjError, ValueError) as exc:
+        raise RasterError(f"{path}: cannot understand its CRS ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                          "assign one with gdal_edit.py -a_srs") from None
+    problem = earth_crs_problem(parsed)
+    if problem:
+        raise RasterError(f"{path}: its CRS {problem}; assign a geographic or projected CRS with gdal_edit.py -a_srs")
+    return parsed
+
+
 def ground_pixel_size(crs: CRS, transform: rasterio.Affine, width: int, height: int) -> tuple[float, float]:
     """Ground metres of one pixel along x and y at the raster's centre, on its ellipsoid, in any CRS.
 
@@ -239,6 +253,7 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
             )
         if src.crs is None:
             raise RasterError(f"{path}: raster has no CRS (assign one with gdal_edit.py -a_srs)")
+        crs = earth_crs(path, src.crs)
         if src.transform.is_identity:
             raise RasterError(f"{path}: raster has no geotransform (georeference it first)")
         if src.transform.b != 0 or src.transform.d != 0:
@@ -257,7 +272,7 @@ def inspect_raster(path: Path, spec: RasterInput) -> RasterInfo:
         if not all(math.isfinite(v) for v in tuple(src.transform)[:6]) or src.width < 1 or src.height < 1:
             raise RasterError(f"{path}: raster has an unusable geotransform or size")
         check_readable(src, tuple(spec.bands))
-        pw, ph = ground_pixel_size(CRS.from_user_input(src.crs), src.transform, src.width, src.height)
+        pw, ph = ground_pixel_size(crs, src.transform, src.width, src.height)
         if not (math.isfinite(pw) and math.isfinite(ph) and pw > 0 and ph > 0):
             raise RasterError(f"{path}: cannot measure its pixels on the ground (is the CRS right for where it lies?)")
         nodata = spec.nodata if spec.nodata is not None else src.nodata

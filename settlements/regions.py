@@ -17,7 +17,7 @@ import shapely.affinity
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError
 
-from .config import Regions
+from .config import Regions, earth_crs_problem
 from .errors import RegionError
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def load_regions(spec: Regions, where: str = "regions") -> gpd.GeoDataFrame:
         names = gdf[spec.name_field].where(gdf[spec.name_field].notna(), ids).astype(str) if spec.name_field else ids
         gdf = gpd.GeoDataFrame({"region_id": ids.values, "region_name": names.values},
                                geometry=gdf.geometry.values, crs=gdf.crs)
+    problem = earth_crs_problem(CRS.from_user_input(gdf.crs))
+    if problem:
+        raise RegionError(f"{name}: its CRS {problem}; reproject the regions, or set the right one as regions.crs")
     empty = (gdf.geometry.isna() | gdf.geometry.is_empty).to_numpy()
     if empty.all():
         raise RegionError(f"{name}: every region geometry is empty")

@@ -578,3 +578,41 @@ def test_fuzz_script_runs_clean(capsys) -> None:
     for target in ("config", "rasters", "labels", "clusters"):
         assert f"{target}: 25 inputs" in out
     assert "total: 100 inputs tried" in out
+
+
+# ------------------------------------------------------------------ values that once failed late
+
+LOCAL_CS = 'LOCAL_CS["arbitrary",UNIT["metre",1]]'
+
+
+@COMMANDS
+def test_raster_in_an_engineering_crs(tmp_path, monkeypatch, capsys, olinda_tif, command) -> None:
+    """A local CRS (scanned maps, CAD) places no pixel on the Earth: one line, not PROJ's traceback."""
+    tif = copy_raster(olinda_tif, tmp_path / "local.tif", crs=LOCAL_CS)
+    expect_error(tmp_path, monkeypatch, capsys, raster_cfg(tmp_path, tif, [1, 2, 3]),
+                 r"local\.tif: its CRS \('arbitrary', Engineering CRS\) does not place it on the Earth; assign a "
+                 r"geographic or projected CRS", command=command)
+
+
+@COMMANDS
+@pytest.mark.parametrize(("section", "key"), [("clustering", "seed"), ("training", "top_model.seed"),
+                                              ("training", "evaluation.seed"), ("training", "finetune.seed")])
+def test_a_negative_seed_is_refused_before_any_work(tmp_path, monkeypatch, capsys, command, section, key) -> None:
+    """numpy and scikit-learn take seeds 0 to 2**32 - 1: the schema says so, so `validate` sees it."""
+    if section == "clustering":
+        cfg = bad(tmp_path, clustering={"seed": -1})
+    else:
+        part, field = key.split(".")
+        cfg = bad(tmp_path, training={"labels": {"source": "clusters"}, part: {field: -1}})
+    expect_error(tmp_path, monkeypatch, capsys, cfg,
+                 rf"invalid config: {section}\.{re.escape(key)}: Input should be greater than or equal to 0",
+                 command=command)
+
+
+@COMMANDS
+def test_regions_in_an_engineering_crs(tmp_path, monkeypatch, capsys, command) -> None:
+    tracts = pyogrio.read_dataframe(scene("olinda_brazil", "olinda1.shp"))
+    pyogrio.write_dataframe(tracts.set_crs(LOCAL_CS, allow_override=True), tmp_path / "local.gpkg")
+    expect_error(tmp_path, monkeypatch, capsys, regions_cfg(tmp_path, path=str(tmp_path / "local.gpkg")),
+                 r"local\.gpkg: its CRS \('arbitrary', Engineering CRS\) does not place it on the Earth; reproject",
+                 command=command)
