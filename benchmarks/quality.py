@@ -175,11 +175,12 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     """Run the stages, then k-means per seed, colour k-means and the blocked cross-validation."""
     from settlements.config import load_config
     from settlements.neighbours import tile_neighbours
-    from settlements.pipeline import stage_cluster, stage_embed, stage_tile
+    from settlements.pipeline import door, stage_cluster, stage_embed, stage_tile
+    from settlements.products import outputs
     from settlements.rasters import load_infos
     from settlements.store import workspace
     from settlements.supervised.evaluation import standardise
-    from settlements.supervised.train import _class_column, blocked_tiles, colour_features, evaluate, supervised_paths
+    from settlements.supervised.train import _class_column, blocked_tiles, colour_features, evaluate
     from settlements.supervised.training_labels import tile_labels
 
     cfg = load_config(config)
@@ -192,7 +193,7 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     stage_cluster(cfg, refit=True)
     cluster_s = time.perf_counter() - t0
     infos = load_infos(ws)
-    tiles = blocked_tiles(cfg, infos)
+    tiles = blocked_tiles(cfg, ws, infos)
     emb = np.load(ws.embeddings)
     assert cfg.training is not None
     y = _class_column(tiles, tile_labels(cfg, cfg.training.labels))
@@ -204,8 +205,9 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     if scene.name not in colour_cache:
         colour_cache[scene.name] = standardise(colour_features(infos, tiles))
     res.colour = seed_scores(colour_cache[scene.name], y, scene.classes, cfg.clustering, near, pca=False)
-    evaluate(cfg, infos, tiles, emb, y, y)
-    scores = pd.read_csv(supervised_paths(cfg).evaluation)
+    with door(cfg) as committed:  # the evaluation files, written as `settlements train` writes them
+        evaluate(cfg, committed, infos, tiles, emb, y, y)
+    scores = pd.read_csv(outputs(cfg).evaluation)
     for method in ("top_model", "fine_tuned", "kmeans"):
         s = scores[scores["method"] == method].set_index("class")["f1"]
         if len(s):

@@ -69,7 +69,7 @@ def mumbai(args: argparse.Namespace) -> dict:
     from settlements.search import search_space
     from settlements.similar import Neighbours
     from settlements.store import workspace
-    from settlements.supervised.training_labels import kept_tiles
+    from settlements.tile_tables import kept_tiles
     from tests.mumbai import all_ranked, colour_space, example_draws, informal_share, precision
 
     config = args.config or mumbai_config(args.workdir, args.input_size, args.layer)

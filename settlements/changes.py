@@ -55,7 +55,7 @@ def region_changes(previous: PreviousRun | None, long: pd.DataFrame, regions: gp
     now = _label_areas(long[long["kind"] == "cluster"], labels)
     before_labels = before_labels or labels
     before = _label_areas(previous.histogram, before_labels) if previous is not None else pd.DataFrame()
-    names = list(labels.palette.labels) + sorted(set(before.columns) - set(labels.palette.labels))
+    names = list(labels.legend().labels) + sorted(set(before.columns) - set(labels.legend().labels))
     keys = _region_key(regions["region_id"])
     now = now.reindex(index=keys, columns=names, fill_value=0.0)
     seen = np.isin(keys, before.index.to_numpy()) if previous is not None else np.zeros(len(keys), bool)

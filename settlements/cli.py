@@ -162,22 +162,16 @@ def run(
 def tile(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Check inputs and build the tile grid and region shares."""
     from .pipeline import stage_tile
-    from .reprocess import pipeline_lock
 
-    cfg = _config(config)
-    with pipeline_lock(cfg, wait):
-        typer.echo(stage_tile(cfg))
+    typer.echo(stage_tile(_config(config), wait=wait))
 
 
 @app.command()
 def embed(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Embed tiles with the CNN (reusing the cache)."""
     from .pipeline import stage_embed
-    from .reprocess import pipeline_lock
 
-    cfg = _config(config)
-    with pipeline_lock(cfg, wait):
-        typer.echo(stage_embed(cfg))
+    typer.echo(stage_embed(_config(config), wait=wait))
 
 
 @app.command()
@@ -185,23 +179,16 @@ def cluster(config: Path = CONFIG, refit: bool = typer.Option(False, help="Re-ru
             wait: float = WAIT) -> None:
     """Cluster the embeddings (or assign them to the saved centroids)."""
     from .pipeline import stage_cluster
-    from .reprocess import pipeline_lock
 
-    cfg = _config(config)
-    with pipeline_lock(cfg, wait):
-        typer.echo(stage_cluster(cfg, refit=refit))
+    typer.echo(stage_cluster(_config(config), refit=refit, wait=wait))
 
 
 @app.command()
 def export(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Write the GeoPackage, styles and pictures from the latest artifacts and labels."""
     from .pipeline import stage_export
-    from .reprocess import pipeline_lock
 
-    cfg = _config(config)
-    with pipeline_lock(cfg, wait):
-        outputs = stage_export(cfg)
-    for name, path in outputs.items():
+    for name, path in stage_export(_config(config), wait=wait).items():
         typer.echo(f"{name}: {path}")
 
 
@@ -218,11 +205,11 @@ def validate(config: Path = CONFIG,
 
 
 @app.command()
-def train(config: Path = CONFIG) -> None:
+def train(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Train the top model on the embeddings (then fine tune, when asked) and write the blocked evaluation."""
-    from .supervised.train import train as train_models
+    from .pipeline import train as train_models
 
-    for name, value in train_models(_config(config)).items():
+    for name, value in train_models(_config(config), wait).items():
         typer.echo(f"{name}: {value}")
 
 
@@ -231,12 +218,13 @@ def predict(
     config: Path = CONFIG,
     model: str = typer.Option(DEFAULT_PREDICT_MODEL, help="auto (fine_tuned when trained, else top_model), "
                                                           "top_model or fine_tuned."),
+    wait: float = WAIT,
 ) -> None:
-    """Predict every tile's class; write <name>_supervised.gpkg, map and histograms."""
-    from .supervised.predict import predict as predict_tiles
+    """Predict every tile's class; write <name>_supervised.gpkg, <name>_predicted.tif, map and histograms."""
+    from .pipeline import predict as predict_tiles
 
     chosen = check_predict_model(model)
-    for name, path in predict_tiles(_config(config), chosen).items():
+    for name, path in predict_tiles(_config(config), chosen, wait).items():
         typer.echo(f"{name}: {path}")
 
 
@@ -245,29 +233,9 @@ def labels_template(
     config: Path = CONFIG, force: bool = typer.Option(False, help="Overwrite an existing file."), wait: float = WAIT,
 ) -> None:
     """Write the labels YAML template (cluster ids with their sizes) for the analyst to fill in."""
-    import json
+    from .pipeline import labels_template as write_template
 
-    import pandas as pd
-
-    from .identity import anchor_tiles
-    from .labels import default_labels, read_labels, write_labels
-    from .reprocess import pipeline_lock
-    from .store import workspace
-
-    cfg = _config(config)
-    with pipeline_lock(cfg, wait):  # never beside a run that is about to commit its own version
-        meta = workspace(cfg).cluster_meta
-        if not meta.exists():
-            raise SettlementsError(f"{meta}: no clusters yet; run `settlements run {config}` first")
-        sizes = json.loads(meta.read_text())["sizes"]
-        if cfg.labels_path.exists() and not force:
-            raise SettlementsError(f"{cfg.labels_path}: exists; use --force to rewrite it (names are kept)")
-        k = cfg.clustering.k
-        labels = read_labels(cfg.labels_path, k) if cfg.labels_path.exists() else default_labels(k)
-        assignments = pd.read_parquet(workspace(cfg).assignments)
-        write_labels(cfg.labels_path, cfg.name, labels, dict(enumerate(sizes)), anchor_tiles(assignments),
-                     out_dir=cfg.output_dir)
-    typer.echo(f"wrote {cfg.labels_path}")
+    typer.echo(f"wrote {write_template(_config(config), force, wait)}")
 
 
 @labels_app.command("template")
@@ -287,15 +255,10 @@ def cache_prune(
     wait: float = WAIT,
 ) -> None:
     """Remove cache shards the current config does not use (old rasters, settings, backbones)."""
-    from .embedding.cache import EmbeddingCache
-    from .reprocess import pipeline_lock
-    from .stages.embed import cache_keys
-    from .store import workspace
+    from .pipeline import prune_cache
 
     cfg = _config(config)
-    with pipeline_lock(cfg, wait):
-        keep = cache_keys(cfg)
-        report = EmbeddingCache(workspace(cfg).cache).prune(keep, dry_run=dry_run)
+    report = prune_cache(cfg, dry_run, wait)
     verb = "would free" if dry_run else "freed"
     typer.echo(f"{cfg.name}: {len(report.removed)} shard(s) removed, {len(report.kept)} kept; "
                f"{verb} {report.freed_bytes} bytes ({report.freed_bytes / 2**20:.1f} MiB)")
@@ -361,11 +324,14 @@ def export_embeddings(
     config: Path = CONFIG,
     fmt: str = typer.Option("geoparquet", "--format", help="geoparquet (vectors in the file) or npy (a .npy of "
                                                               "the vectors beside a GeoParquet table)."),
-    output: Path = typer.Option(None, help="The parquet file (default: OUTPUT_DIR/<name>_embeddings.parquet)."),
+    output: Path = typer.Option(None, help="The .parquet file (geoparquet), or the .npy of the vectors (npy; the "
+                                           "table of their rows goes beside it as <stem>_table.parquet). Default: "
+                                           "OUTPUT_DIR/<name>_embeddings.parquet or .npy. Only files this command "
+                                           "wrote are ever replaced."),
     wait: float = WAIT,
 ) -> None:
     """Every kept tile's embedding with its cell polygon, tile id, raster, cluster and label, as GeoParquet."""
-    from .export.embeddings import export
+    from .pipeline import export_embeddings as export
 
     fmt = check_export_format(fmt)
     for kind, path in export(_config(config), fmt, output, wait).items():

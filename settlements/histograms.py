@@ -6,23 +6,26 @@ times the cell's share of valid pixels, so label areas add up to the region's im
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from .palette import column_keys
-
 
 def region_histograms(tiles: pd.DataFrame, shares: pd.DataFrame, regions: pd.DataFrame,
-                      labels: list[str], k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      keys: Mapping[str, str], k: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Wide per-region table and long (region, kind, class) table.
 
-    Label columns are named by :func:`~settlements.palette.column_keys` (unique, never a table column);
-    the long table's ``class`` holds the label's own text.
+    ``keys``: each label, in order, with its column key (a legend's, :attr:`settlements.palette.Legend.keys`:
+    unique, never a table column); the long table's ``class`` holds the label's own text. ``k`` > 0 adds
+    the same numbers per cluster (columns ``n_c0``, ...; rows of kind ``cluster``).
 
-    ``tiles``: tile_id, kept, valid_cell, cluster, label. ``shares``: tile_id, region, area_m2.
-    ``regions``: region (index), region_id, region_name, area_m2.
+    ``tiles``: tile_id, kept, valid_cell, label (and cluster, with ``k``). ``shares``: tile_id, region,
+    area_m2. ``regions``: region (index), region_id, region_name, area_m2.
     """
-    s = shares.merge(tiles[["tile_id", "kept", "valid_cell", "cluster", "label"]], on="tile_id", how="left")
+    columns = ["tile_id", "kept", "valid_cell", "label", *(["cluster"] if k else [])]
+    s = shares.merge(tiles[columns], on="tile_id", how="left")
     s["kept"] = s["kept"].fillna(False).astype(bool)
     s["valid_cell"] = s["valid_cell"].fillna(0.0)
     s["valid_m2"] = s["area_m2"] * s["valid_cell"]
@@ -42,11 +45,10 @@ def region_histograms(tiles: pd.DataFrame, shares: pd.DataFrame, regions: pd.Dat
 
     long_parts = []
     wide: dict[str, pd.Series] = {}
-    keys = column_keys(labels)
-    for kind, column, classes, name in (
-        ("label", "label", labels, lambda c: keys[c]),
-        ("cluster", "cluster", list(range(k)), lambda c: f"c{c}"),
-    ):
+    kinds: list[tuple[str, str, list[Any], Callable[[Any], str]]] = [("label", "label", list(keys), lambda c: keys[c])]
+    if k:
+        kinds.append(("cluster", "cluster", list(range(k)), lambda c: f"c{c}"))
+    for kind, column, classes, name in kinds:
         counts = mapped.groupby(["region", column])["tile_id"].nunique().unstack(fill_value=0)
         areas = mapped.groupby(["region", column])["valid_m2"].sum().unstack(fill_value=0.0) / 1e6
         counts = counts.reindex(index=out["region"], columns=classes, fill_value=0)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import yaml
 from .config import PipelineConfig, load_config, read_yaml
 from .errors import ConfigError
 from .export.previous import clusters_rows, last_run_value
-from .palette import Palette, build_palette, default_cluster_name, is_colour
+from .palette import Legend, build_legend, default_cluster_name, is_colour
 from .store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,10 @@ class ClusterLabels:
     colours: dict[int, str | None]
     anchors: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
-    @property
-    def palette(self) -> Palette:
-        return build_palette(self.names, self.colours)
+    def legend(self, extra: Sequence[str] = ()) -> Legend:
+        """The pipeline's legend: these clusters' names and colours, then ``extra`` labels (a model's classes)
+        with the palette's colours (:func:`settlements.palette.build_legend`)."""
+        return build_legend(self.names, self.colours, extra)
 
     def label_of(self, cluster: int) -> str:
         return self.names.get(cluster, default_cluster_name(cluster))
@@ -166,8 +168,8 @@ def exported_snapshot(labels: ClusterLabels) -> dict[str, list[str]]:
     A later pull compares the GeoPackage's ``clusters`` table with this to find what the analyst
     changed, so edits made in the YAML since the export are kept rather than overwritten.
     """
-    palette = labels.palette
-    return {str(c): [labels.names[c], palette.colour(labels.names[c])] for c in sorted(labels.names)}
+    legend = labels.legend()
+    return {str(c): [labels.names[c], legend.colour(labels.names[c])] for c in sorted(labels.names)}
 
 
 def read_clusters_table(gpkg: Path) -> tuple[dict[int, tuple[str, str, int]], dict[str, list[str]] | None]:

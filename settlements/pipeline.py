@@ -1,15 +1,21 @@
-"""The runner: the stages in order, under the pipeline's lock, committed together; the run's own record.
+"""The runner: every command that writes, through one door; the stages in order; the run's own record.
 
-tile -> embed -> cluster -> export (:mod:`settlements.stages`). Artifacts live in the work folder;
-outputs are written only by ``export``. Everything a run writes (artifacts, outputs, the labels
-file, the record of its success) is staged beside its final place and renamed into place at one
-commit point (:class:`settlements.store.Commit`), so a failed or killed run leaves the earlier ones
-untouched. A run whose inputs, settings and labels are unchanged since its last success has
-nothing to do (:func:`settlements.reprocess.up_to_date`).
+The door (:func:`door`) is the same for every command that writes (``run`` and the stage commands,
+``train``, ``predict``, ``similar``, ``export-embeddings``, ``labels pull``, ``labels-template``, ``cache
+prune``): the pipeline's lock (:func:`settlements.reprocess.pipeline_lock`, waiting ``--wait`` seconds),
+its work and output folders claimed before any work starts (:func:`settlements.reprocess.claimed`), the
+leftovers of killed commands removed, and one commit (:class:`settlements.store.Commit`): everything the
+command writes (artifacts, outputs, models, the labels file, the record of its success) is staged beside
+its final place and renamed into place at one commit point, so a command that fails or is interrupted
+leaves every earlier output as it was: the outputs are those of the last completed command.
+
+tile -> embed -> cluster -> export (:mod:`settlements.stages`). A run whose inputs, settings and labels
+are unchanged since its last success has nothing to do (:func:`settlements.reprocess.up_to_date`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -22,13 +28,13 @@ from typing import Any
 
 from . import __version__
 from . import similar as similar_query
-from .config import PipelineConfig, SimilarOptions, check_executor
-from .errors import ConfigError
+from .config import ExportFormat, PipelineConfig, PredictModel, SimilarOptions, check_executor
+from .errors import ConfigError, SettlementsError
 from .executors import Executor, make_executor
 from .export.previous import last_run_id
-from .labels import pipeline_of, pull_edits
+from .labels import default_labels, pipeline_of, pull_edits, read_labels, write_labels
 from .reprocess import (
-    claim,
+    claimed,
     labels_hash,
     output_paths,
     pipeline_lock,
@@ -39,53 +45,73 @@ from .reprocess import (
 )
 from .similar import SimilarReport
 from .stages import cluster, embed, export, tile
-from .store import Commit, Workspace, ensure_dir, remove_stale_temps, workspace
+from .store import Commit, Workspace, ensure_dir, read_table, remove_stale_temps, workspace
 
 log = logging.getLogger(__name__)
 
 
 @contextmanager
-def committing(cfg: PipelineConfig, ws: Workspace | None = None) -> Iterator[Workspace]:
-    """``ws`` when it belongs to a run's commit; else a workspace whose writes commit when the block ends."""
-    if ws is not None and ws.commit is not None:
-        yield ws
-        return
+def committing(cfg: PipelineConfig) -> Iterator[Workspace]:
+    """A workspace whose writes are staged, and committed together when the block ends (discarded when not)."""
     with Commit(workspace(cfg).journal) as commit:
         seen = labels_hash(cfg)
-        # the labels file is the analyst's: never replace an edit made while this run was working
+        # the labels file is the analyst's: never replace an edit made while this command was working
         commit.guard(lambda: not commit.staged(cfg.labels_path) or labels_hash(cfg) == seen, cfg.labels_path,
                      "edited while the run was writing its own version of it; nothing was replaced: run again")
         yield workspace(cfg, commit)
-        claim(cfg, cfg.work_dir, commit)
+
+
+def clear_leftovers(cfg: PipelineConfig) -> None:
+    """Temporary files that killed commands left in the pipeline's folders and beside its labels file."""
+    n = (remove_stale_temps(cfg.work_dir, cfg.work_dir / "cache", cfg.output_dir)
+         + remove_stale_temps(cfg.labels_path.parent, name_end=f".{cfg.labels_path.name}", subfolders=False))
+    if n:
+        log.info("removed %d temporary file(s) left by an interrupted command", n)
+
+
+@contextmanager
+def door(cfg: PipelineConfig, wait: float = 0, ws: Workspace | None = None) -> Iterator[Workspace]:
+    """The one way in for every command that writes: the pipeline's lock (waiting up to ``wait`` seconds), its
+    folders claimed, leftovers removed, and a workspace whose writes commit together when the block ends.
+
+    ``ws``: a workspace of a command already inside (a run's stages), used as it is.
+    """
+    if ws is not None and ws.commit is not None:
+        yield ws
+        return
+    with pipeline_lock(cfg, wait), claimed(cfg):
+        clear_leftovers(cfg)
+        with committing(cfg) as w:
+            yield w
 
 
 # -------------------------------------------------------------------------------- single stages
 
-def stage_tile(cfg: PipelineConfig, ws: Workspace | None = None) -> dict[str, int]:
+def stage_tile(cfg: PipelineConfig, ws: Workspace | None = None, wait: float = 0) -> dict[str, int]:
     """The tile stage (:func:`settlements.stages.tile.tile`), committed on its own unless ``ws`` is a run's."""
-    with committing(cfg, ws) as w:
+    with door(cfg, wait, ws) as w:
         return tile.tile(cfg, w)
 
 
-def stage_embed(cfg: PipelineConfig, executor: Executor | None = None, ws: Workspace | None = None
-                ) -> dict[str, int]:
+def stage_embed(cfg: PipelineConfig, executor: Executor | None = None, ws: Workspace | None = None,
+                wait: float = 0) -> dict[str, int]:
     """The embed stage (:func:`settlements.stages.embed.embed`); the cache is written as chunks finish."""
-    with committing(cfg, ws) as w:
+    with door(cfg, wait, ws) as w:
         return embed.embed(cfg, w, executor)
 
 
 def stage_cluster(cfg: PipelineConfig, refit: bool = False, executor: Executor | None = None,
-                  ws: Workspace | None = None) -> dict[str, Any]:
+                  ws: Workspace | None = None, wait: float = 0) -> dict[str, Any]:
     """The cluster stage (:func:`settlements.stages.cluster.cluster`)."""
-    with committing(cfg, ws) as w:
+    with door(cfg, wait, ws) as w:
         return cluster.cluster(cfg, w, refit, executor)
 
 
 def stage_export(cfg: PipelineConfig, run_started: float | None = None,
                  counters: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None,
-                 ws: Workspace | None = None) -> dict[str, Path]:
+                 ws: Workspace | None = None, wait: float = 0) -> dict[str, Path]:
     """The export stage (:func:`settlements.stages.export.export`), with this run's record for ``runs``."""
-    with committing(cfg, ws) as w:
+    with door(cfg, wait, ws) as w:
         return export.export(cfg, w, run_started, counters, {**(run_info or {}), "versions": versions()})
 
 
@@ -101,33 +127,88 @@ def versions() -> dict[str, str]:
             "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__, "pyogrio": pyogrio.__version__}
 
 
+# ------------------------------------------------------------------------------ other commands
+
 def pull_labels(gpkg: Path, config: Path | None = None, wait: float = 0) -> tuple[list[str], dict[str, Path]]:
     """``settlements labels pull``: edits in ``gpkg`` -> the labels YAML -> every output, regenerated.
 
     The pipeline is :func:`settlements.labels.pipeline_of`; outputs are rewritten beside ``gpkg``,
-    wherever it now lies. Under the pipeline's lock, the labels file and the outputs are committed together.
+    wherever it now lies. The labels file and the outputs are committed together.
     """
     gpkg = Path(gpkg)
     if not gpkg.is_file():
         raise ConfigError(f"{gpkg}: GeoPackage not found")
     cfg = pipeline_of(gpkg, config)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": gpkg.resolve().parent})})
-    with pipeline_lock(cfg, wait), committing(cfg) as ws:
+    with door(cfg, wait) as ws:
         changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path))
         return changes, stage_export(cfg, ws=ws)
 
 
+def labels_template(cfg: PipelineConfig, force: bool = False, wait: float = 0) -> Path:
+    """``settlements labels-template``: the labels YAML with the current clusters' sizes and anchor tiles,
+    names and colours kept (``force`` to rewrite an existing file)."""
+    from .identity import anchor_tiles
+
+    with door(cfg, wait) as ws:
+        if not ws.cluster_meta.exists():
+            raise SettlementsError(f"{ws.cluster_meta}: no clusters yet; run `settlements run {cfg.source}` first")
+        sizes = json.loads(ws.cluster_meta.read_text())["sizes"]
+        if cfg.labels_path.exists() and not force:
+            raise SettlementsError(f"{cfg.labels_path}: exists; use --force to rewrite it (names are kept)")
+        k = cfg.clustering.k
+        labels = read_labels(ws.labels, k) if ws.labels.exists() else default_labels(k)
+        write_labels(ws.out(cfg.labels_path), cfg.name, labels, dict(enumerate(sizes)),
+                     anchor_tiles(read_table(ws.assignments, "cluster")), out_dir=cfg.output_dir)
+    return cfg.labels_path
+
+
+def prune_cache(cfg: PipelineConfig, dry_run: bool = False, wait: float = 0) -> Any:
+    """``settlements cache prune``: remove the cache shards the config no longer uses (each shard renamed away
+    before it is deleted, so a killed prune leaves none half gone); returns the
+    :class:`~settlements.embedding.cache.PruneReport`."""
+    from .embedding.cache import EmbeddingCache
+    from .stages.embed import cache_keys
+
+    with door(cfg, wait) as ws:
+        return EmbeddingCache(ws.cache).prune(cache_keys(cfg), dry_run=dry_run)
+
+
 def similar(cfg: PipelineConfig, examples: str, layer: str | None, negatives: str | None,
             negatives_layer: str | None, opts: SimilarOptions, wait: float = 0) -> SimilarReport:
-    """``settlements similar``: the query (:mod:`settlements.similar`) under the pipeline's lock, its
-    layers committed into the run's GeoPackage, so a run can never interleave and a killed query
-    leaves the GeoPackage as it was."""
+    """``settlements similar``: the query (:mod:`settlements.similar`) and its layers, committed into the run's
+    GeoPackage with the QGIS project that shows them."""
     started = time.time()
-    with pipeline_lock(cfg, wait):
-        found = similar_query.query(cfg, workspace(cfg), examples, layer, negatives, negatives_layer, opts)
-        with committing(cfg) as ws:
-            similar_query.write(cfg, ws, found)
+    with door(cfg, wait) as ws:
+        found = similar_query.query(cfg, ws, examples, layer, negatives, negatives_layer, opts)
+        similar_query.write(cfg, ws, found)
     return found.report(time.time() - started)
+
+
+def train(cfg: PipelineConfig, wait: float = 0) -> dict[str, Any]:
+    """``settlements train`` (:mod:`settlements.supervised.train`): models, record and evaluation committed
+    together, so a training that fails or is interrupted replaces none of the last good ones."""
+    from .supervised.train import train as train_models
+
+    with door(cfg, wait) as ws:
+        return train_models(cfg, ws)
+
+
+def predict(cfg: PipelineConfig, model: PredictModel, wait: float = 0) -> dict[str, Path]:
+    """``settlements predict`` (:mod:`settlements.supervised.predict`): the supervised map, committed at once."""
+    from .supervised.predict import predict as predict_tiles
+
+    with door(cfg, wait) as ws:
+        return predict_tiles(cfg, ws, model)
+
+
+def export_embeddings(cfg: PipelineConfig, fmt: ExportFormat, output: Path | None = None, wait: float = 0
+                      ) -> dict[str, Path]:
+    """``settlements export-embeddings`` (:mod:`settlements.export.embeddings`): only files of its own."""
+    from .export.embeddings import export as export_files
+
+    with door(cfg, wait) as ws:
+        return export_files(cfg, ws, fmt, output)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -145,7 +226,7 @@ class RunReport:
 
 def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_unchanged: bool = False,
         executor: str = "local", scheduler: str | None = None, n_workers: int | None = None) -> RunReport:
-    """All stages under the pipeline's lock.
+    """All stages, through the door.
 
     With ``skip_unchanged`` (what ``settlements run`` does unless ``--force``), a pipeline whose
     inputs, settings and labels are unchanged since its last successful run, with outputs in
@@ -156,44 +237,39 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
     check_executor(executor, scheduler)
     tile.check_output_settings(cfg)
     ensure_dir(cfg.work_dir, "output.work_dir")
-    with pipeline_lock(cfg, lock_timeout):
+    with door(cfg, lock_timeout) as ws:
         if skip_unchanged and not refit and up_to_date(cfg):
             log.info("%s: inputs, settings and labels unchanged since the last run; nothing to do", cfg.name)
-            return RunReport(nothing_to_do=True, seconds=time.time() - started,
-                             outputs=output_paths(cfg))
-        n = (remove_stale_temps(cfg.work_dir, cfg.work_dir / "cache", cfg.output_dir)
-             + remove_stale_temps(cfg.labels_path.parent, name_end=f".{cfg.labels_path.name}", subfolders=False))
-        if n:
-            log.info("removed %d temporary file(s) left by an interrupted run", n)
+            return RunReport(nothing_to_do=True, seconds=time.time() - started, outputs=output_paths(cfg))
         parts = state_parts(cfg)
         key = state_key(cfg, parts)
         report = RunReport()
         seconds: dict[str, float] = {}
-        with committing(cfg) as ws:
+        t0 = time.time()
+        report.tiles = stage_tile(cfg, ws)
+        seconds["tile"] = time.time() - t0
+        t0 = time.time()
+        ex = make_executor(executor, scheduler, n_workers)
+        try:
+            report.embedding = stage_embed(cfg, ex, ws)
+            seconds["embed"] = time.time() - t0
             t0 = time.time()
-            report.tiles = stage_tile(cfg, ws)
-            seconds["tile"] = time.time() - t0
-            t0 = time.time()
-            ex = make_executor(executor, scheduler, n_workers)
-            try:
-                report.embedding = stage_embed(cfg, ex, ws)
-                seconds["embed"] = time.time() - t0
-                t0 = time.time()
-                report.clustering = stage_cluster(cfg, refit=refit, executor=ex, ws=ws)
-                seconds["cluster"] = time.time() - t0
-            finally:
-                ex.close()
-            info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-                    "stage_seconds": seconds, "state_key": key}
-            t0 = time.time()
-            report.outputs = stage_export(cfg, started, report.embedding, info, ws)
-            seconds["export"] = time.time() - t0
-            assert ws.commit is not None
-            report.run_id = last_run_id(ws.current(report.outputs["gpkg"]))
-            staged = sorted(ws.commit.folder(cfg.output_dir).iterdir())
-            record_success(cfg, str(report.run_id), parts, staged, ws.commit)
-        report.seconds = time.time() - started
-        return report
+            report.clustering = stage_cluster(cfg, refit=refit, executor=ex, ws=ws)
+            seconds["cluster"] = time.time() - t0
+        finally:
+            ex.close()
+        info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                "stage_seconds": seconds, "state_key": key}
+        t0 = time.time()
+        report.outputs = stage_export(cfg, started, report.embedding, info, ws)
+        seconds["export"] = time.time() - t0
+        assert ws.commit is not None
+        report.run_id = last_run_id(ws.current(report.outputs["gpkg"]))
+        staged = sorted(ws.commit.folder(cfg.output_dir).iterdir())
+        record_success(cfg, str(report.run_id), parts, staged, ws.commit)
+    report.seconds = time.time() - started
+    return report
 
 
-__all__ = ["run", "stage_tile", "stage_embed", "stage_cluster", "stage_export", "pull_labels", "RunReport"]
+__all__ = ["run", "door", "stage_tile", "stage_embed", "stage_cluster", "stage_export", "pull_labels",
+           "labels_template", "prune_cache", "similar", "train", "predict", "export_embeddings", "RunReport"]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,8 +30,10 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .config import PipelineConfig, check_wait
-from .errors import ConfigError, RunLockedError
+from .errors import ConfigError, OutputError, RunLockedError
+from .products import outputs
 from .store import (
+    TEMP_PREFIX,
     Commit,
     check_writable_dir,
     ensure_dir,
@@ -82,16 +85,69 @@ def check_owner(cfg: PipelineConfig, folder: Path, key: str) -> None:
                       "overwrite each other's files and state)")
 
 
-def claim(cfg: PipelineConfig, folder: Path, commit: Commit) -> None:
-    """Mark ``folder`` as this pipeline's, with the commit (a failed run leaves no marker behind)."""
+def _claim(cfg: PipelineConfig, folder: Path, key: str) -> bool:
+    """Mark ``folder`` as this pipeline's unless it is already; True when this call made the marker.
+
+    The marker is created whole and at once (a hard link of a finished file, which fails when the name
+    exists), so of two pipelines claiming one folder at the same moment exactly one gets it, and the
+    other is told whose it is. A marker of this pipeline that names its config otherwise (a config moved
+    away, see :func:`check_owner`) is rewritten.
+    """
+    check_owner(cfg, folder, key)
     marker = folder / OWNER_FILE
     mine = _owner(cfg, folder)
     try:
         if json.loads(marker.read_text(encoding="utf-8")) == mine:
-            return
+            return False
     except (OSError, ValueError):
         pass
-    write_json(commit.stage(marker), mine)
+    existed = marker.exists()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=f".{OWNER_FILE}", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(mine, f)
+        try:
+            if existed:
+                os.replace(tmp, marker)  # ours, with another config path: taken over (check_owner allowed it)
+            else:
+                os.link(tmp, marker)
+        except FileExistsError:  # another pipeline made it a moment ago
+            check_owner(cfg, folder, key)
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{key}: cannot claim folder {folder}: {exc.strerror or exc}") from None
+    return not existed
+
+
+@contextmanager
+def claimed(cfg: PipelineConfig) -> Iterator[None]:
+    """The pipeline's work and output folders claimed before any work starts (created where missing).
+
+    Two pipelines pointed at one folder (each holding its own lock) cannot both get it: the second
+    stops with one line naming the first, before it computes anything. A command that fails leaves
+    no marker it made, nor a folder it created and left empty.
+    """
+    made: list[Path] = []
+    created: list[Path] = []
+    try:
+        for folder, key in ((cfg.work_dir, "output.work_dir"), (cfg.output_dir, "output.dir")):
+            check_writable_dir(folder, key)
+            created += [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+            ensure_dir(folder, key)
+            if _claim(cfg, folder, key):
+                made.append(folder / OWNER_FILE)
+        yield
+    except BaseException:
+        for marker in made:
+            marker.unlink(missing_ok=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()  # only if empty: whatever the command left there stays
+            except OSError:
+                pass
+        raise
 
 
 @contextmanager
@@ -164,9 +220,12 @@ def state_key(cfg: PipelineConfig, parts: dict[str, Any] | None = None) -> str:
 
 
 def output_paths(cfg: PipelineConfig) -> dict[str, Path]:
-    d = cfg.output_dir
-    return {"gpkg": d / f"{cfg.name}.gpkg", "atlas": d / "atlas.png", "histograms": d / "histograms.png",
-            "map": d / "map.png"}
+    """The files of the cluster map a run writes, by what they are (names from :mod:`settlements.products`)."""
+    files = outputs(cfg)
+    m = files.cluster_map
+    paths = {"gpkg": m.gpkg, "atlas": files.atlas, "histograms": m.histograms, "map": m.picture,
+             "cluster_map": m.raster, "project": files.project}
+    return {kind: path for kind, path in paths.items() if path is not None}
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -222,3 +281,24 @@ def record_success(cfg: PipelineConfig, run_id: str, parts: dict[str, Any], outp
     write_json(commit.stage(workspace(cfg).last_run), {
         "state_key": state_key(cfg, parts), "run_id": run_id,
         "outputs": {p.name: file_record(p) for p in sorted(outputs)}})
+
+
+def keep_recorded(cfg: PipelineConfig, commit: Commit, replaced: dict[Path, Path]) -> None:
+    """Outputs of the last run that a command replaces (final path -> its staged version): where the file
+    is still what that run wrote, record the new one in its place (committed with it), so a scheduled
+    rerun still has nothing to do. A file edited since (a clusters table, drawn layers) stays unrecorded,
+    so the next run still pulls the edits."""
+    path = workspace(cfg).last_run
+    try:
+        last = json.loads(commit.current(path).read_text())
+        records = last["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    changed = False
+    for final, staged in replaced.items():
+        record = records.get(final.name) if final.parent == cfg.output_dir else None
+        if record is not None and unchanged(final, record):
+            records[final.name] = file_record(staged)
+            changed = True
+    if changed:
+        write_json(commit.stage(path), last)

@@ -7,20 +7,22 @@ in its GeoPackage, or tile ids) become one query in the run's embedding space
 first (query expansion); with negatives, the weights of a logistic regression of examples against
 negatives. The matching tiles (the likest ``--top`` N, or every tile scoring at least
 ``--threshold``) and the examples go into the run's GeoPackage as layer ``similar_<name>`` (rank,
-score, is_example; a graduated style on score from the palette), with ``similar_<name>_regions``:
+score, is_example; a graduated style on score from the legend), with ``similar_<name>_regions``:
 per region the count, share and km² of similar tiles, counted as the label histograms are.
 
-The GeoPackage is rewritten as every output is: a copy is built beside it and renamed into place at
-the commit point, under the pipeline's lock, so a killed command leaves it as it was and a run can
-never interleave. Nothing but geometries is read from the examples' file.
+The result is a labelled-tile map (similar or not; :mod:`settlements.export.tile_map`) added to a copy
+of the GeoPackage, with the QGIS project rewritten to show it; both are renamed into place at the
+command's commit (:func:`settlements.pipeline.similar`), under the pipeline's lock, so a killed command
+leaves them as they were and a run can never interleave. Later runs keep the result layers
+(:func:`settlements.similar_examples.analyst_layers`). Nothing but geometries is read from the
+examples' file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,20 +31,20 @@ import numpy as np
 import pandas as pd
 
 from .config import EXACT_MAX_TILES, QUERY_EXPANSION, SIMILAR_LINEAR_C, PipelineConfig, SimilarOptions
-from .errors import ExamplesError, OutputError, StageError
-from .export.embeddings import tile_frame
-from .export.geopackage import LayerStyle, write_styles
-from .export.layers import regions_layer
+from .errors import ExamplesError, StageError
+from .export.geopackage import LayerStyle, copy_geopackage
+from .export.qgis_project import write_project
 from .export.styles import graduated_qml
-from .histograms import region_histograms
+from .export.tile_map import TileMap, named_as_final, similar_layers, tile_map, write_tile_map
 from .neighbours import tile_neighbours
-from .palette import slug
+from .palette import build_legend, slug
+from .products import MapFiles, outputs
 from .rasters import RasterInfo, load_infos
-from .reprocess import file_record, unchanged
+from .reprocess import keep_recorded
 from .search import Index, Space, exact_scores, search_space, unit
-from .similar_examples import select_tiles
-from .store import Commit, Workspace, read_table, remove_stale_temps, workspace, write_json
-from .supervised.training_labels import kept_tiles
+from .similar_examples import analyst_layer_names, select_tiles
+from .store import Workspace, read_table
+from .tile_tables import kept_tiles, tiles_by_row
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +231,10 @@ class SimilarReport:
 
 @dataclass
 class Query:
-    """A finished query: its result layers and their styles, to be committed into ``gpkg``."""
+    """A finished query: its result map and styles, to be committed into ``gpkg``."""
 
     name: str
-    layers: dict[str, pd.DataFrame]
+    map: TileMap
     styles: list[LayerStyle]
     found: Ranking
     examples: int
@@ -241,20 +243,19 @@ class Query:
     record: dict[str, object]
 
     def report(self, seconds: float) -> SimilarReport:
-        layer = f"similar_{self.name}"
-        return SimilarReport(layer, f"{layer}_regions", self.examples, self.negatives, len(self.found.rows),
+        layers = similar_layers(self.name)
+        return SimilarReport(layers.tiles, layers.regions, self.examples, self.negatives, len(self.found.rows),
                              self.found.method, self.found.exact, self.found.cutoff, seconds, self.gpkg)
 
 
 def query(cfg: PipelineConfig, ws: Workspace, examples: str, layer: str | None, negatives: str | None,
           negatives_layer: str | None, opts: SimilarOptions) -> Query:
     """Find the tiles like the examples (and unlike the negatives) in the run's work folder ``ws``; writes
-    nothing but the search cache. The caller holds the pipeline's lock (:func:`settlements.pipeline.similar`)."""
-    gpkg = cfg.output_dir / f"{cfg.name}.gpkg"
+    nothing but the search cache."""
+    gpkg = outputs(cfg).gpkg
     if not gpkg.is_file() or not ws.embeddings.exists():
         raise StageError(f"{gpkg}: no outputs of pipeline '{cfg.name}' yet; run `settlements run {cfg.source}` "
                          "first")
-    remove_stale_temps(cfg.output_dir, subfolders=False)  # a killed query's staged copy
     tiles, infos = kept_tiles(ws), load_infos(ws)
     ex_ids, source = select_tiles(examples, layer, "examples", "--examples", infos, tiles)
     neg_ids = np.empty(0, np.int64)
@@ -269,26 +270,36 @@ def query(cfg: PipelineConfig, ws: Workspace, examples: str, layer: str | None, 
     space = search_space(ws)
     found = rank(space, ex_rows, neg_rows, opts, Neighbours.of(tiles, len(space.rows), infos) if opts.context else None)
     name = opts.name or slug(source) or "examples"
-    layers = result_layers(cfg, ws, tile_frame(cfg, ws), found, name)
-    record: dict[str, object] = {"layer": f"similar_{name}", "examples": examples, "negatives": negatives,
+    result = result_map(cfg, ws, tiles_by_row(cfg, ws), found, infos)
+    record: dict[str, object] = {"layer": similar_layers(name).tiles, "examples": examples, "negatives": negatives,
                                  "method": found.method, "cutoff": found.cutoff, "identity": space.identity}
-    return Query(name, layers, result_styles(layers, name), found, len(ex_ids), len(neg_ids), gpkg, record)
+    return Query(name, result, result_styles(result, name), found, len(ex_ids), len(neg_ids), gpkg, record)
 
 
 def write(cfg: PipelineConfig, ws: Workspace, q: Query) -> None:
-    """Stage the GeoPackage with the query's layers in ``ws``'s commit (renamed into place when it ends)."""
+    """Stage a copy of the GeoPackage with the query's layers, and the QGIS project showing them, in ``ws``'s
+    commit (renamed into place when it ends)."""
     assert ws.commit is not None
-    staged = ws.out(q.gpkg)
-    copy_geopackage(q.gpkg, staged)
-    write_layers(staged, q.layers, q.styles)
-    keep_up_to_date(cfg, q.gpkg, staged, ws.commit)
+    files = outputs(cfg)
+    stage = ws.out_dir(cfg.output_dir)
+    staged = files.cluster_map.in_folder(stage)
+    with named_as_final(stage, cfg.output_dir):
+        copy_geopackage(q.gpkg, staged.gpkg)
+        write_tile_map(q.map, MapFiles(staged.gpkg), similar_layers(q.name), q.styles, cfg.output.max_plot_regions,
+                       into_existing=True)
+        raster = files.cluster_map.raster
+        project = stage / files.project.name
+        write_project(project, staged.gpkg, raster if raster is not None and raster.is_file() else None,
+                      f"settlements: {cfg.name}", analyst=analyst_layer_names(staged.gpkg))
+    keep_recorded(cfg, ws.commit, {files.gpkg: staged.gpkg, files.project: project})
     log.info("similar: %s", json.dumps({**q.record, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
                                        default=str))
 
 
-def result_layers(cfg: PipelineConfig, ws: Workspace, frame: gpd.GeoDataFrame, found: Ranking, name: str
-                  ) -> dict[str, pd.DataFrame]:
-    """``similar_<name>`` (matches and examples) and ``similar_<name>_regions`` (the per-region summary)."""
+def result_map(cfg: PipelineConfig, ws: Workspace, frame: gpd.GeoDataFrame, found: Ranking, infos: list[RasterInfo]
+               ) -> TileMap:
+    """The result as a map of two labels, similar or not: its tile layer the examples and the matching tiles
+    (``rank`` 0 and 1, 2, ...), its region layer the per-region summary of the similar tiles."""
     by_row = frame.set_index("emb_row", drop=False)
     matched = by_row.loc[found.rows].assign(rank=np.arange(1, len(found.rows) + 1, dtype=np.int64),
                                             score=found.scores, similarity=found.similarity, is_example=False)
@@ -300,18 +311,18 @@ def result_layers(cfg: PipelineConfig, ws: Workspace, frame: gpd.GeoDataFrame, f
     columns = ["tile_id", "rank", "score", "similarity", "is_example", "cluster", "label", "region_id", "raster",
                "row", "col", "geometry"]
     hits = gpd.GeoDataFrame(hits[columns], geometry="geometry", crs=frame.crs)
-    regions = gpd.read_parquet(ws.regions)
     meta = read_table(ws.embedded, "embed")
-    similar_ids = set(hits["tile_id"].tolist())
-    t = meta[["tile_id", "kept", "valid_cell"]].copy()
-    is_similar = t["tile_id"].isin(similar_ids).to_numpy()
-    t["cluster"], t["label"] = np.where(is_similar, 0, 1), np.where(is_similar, SIMILAR, OTHER)
-    wide, _ = region_histograms(t, read_table(ws.shares, "tile"), regions.drop(columns="geometry"),
-                                [SIMILAR, OTHER], 2)
+    every = read_table(ws.tiles, "tile").merge(meta[["tile_id", "kept", "valid_cell"]], on="tile_id")
+    is_similar = every["tile_id"].isin(set(hits["tile_id"].tolist())).to_numpy()
+    label = np.where(is_similar, SIMILAR, OTHER).astype(object)
+    label[~every["kept"].to_numpy(dtype=bool)] = None  # not kept: in no histogram
+    every["label"] = label
+    legend = build_legend({0: SIMILAR, 1: OTHER}, {})
+    m = tile_map(every, hits, read_table(ws.shares, "tile"), gpd.read_parquet(ws.regions), [i.crs for i in infos],
+                 cfg.output.crs, legend, (f"{cfg.name}: tiles like the examples", f"{cfg.name}: share similar"))
     keep = ["region_id", "region_name", "area_km2", "mapped_km2", "n_tiles", "n_similar", "frac_similar",
-            "km2_similar"]
-    summary = regions_layer(wide[["region", *keep]], regions, cfg.output.crs)
-    return {f"similar_{name}": hits, f"similar_{name}_regions": summary}
+            "km2_similar", "geometry"]
+    return replace(m, regions=m.regions[keep])
 
 
 def score_breaks(values: np.ndarray, classes: int = 5) -> list[float]:
@@ -326,68 +337,20 @@ def score_breaks(values: np.ndarray, classes: int = 5) -> list[float]:
     return [float(b) for b in breaks]
 
 
-def result_styles(layers: dict[str, pd.DataFrame], name: str) -> list[LayerStyle]:
+def result_styles(m: TileMap, name: str) -> list[LayerStyle]:
     """Graduated default styles from the palette's score ramp: tiles by score, regions by share similar."""
-    tiles, regions = f"similar_{name}", f"similar_{name}_regions"
+    layers = similar_layers(name)
     tip = "<b>rank [% \"rank\" %]</b> (0 = example), score [% format_number(\"score\", 3) %]<br>[% \"label\" %]"
-    frac = layers[regions]["frac_similar"].to_numpy()
+    frac = m.regions["frac_similar"].to_numpy()
     top = float(np.nanmax(frac)) if len(frac) and np.nanmax(frac) > 0 else 1.0
     region_tip = ("<b>[% \"region_name\" %]</b><br>similar: [% format_number(\"frac_similar\" * 100, 1) %] % "
                   "([% \"n_similar\" %] tiles, [% format_number(\"km2_similar\", 3) %] km²)")
     return [
-        LayerStyle(tiles, "settlements similarity", graduated_qml("score", score_breaks(layers[tiles]["score"]),
-                                                                  SIMILAR_ALIASES, 0.02, tip, '"rank"'),
+        LayerStyle(layers.tiles, "settlements similarity", graduated_qml("score", score_breaks(m.tiles["score"]),
+                                                                         SIMILAR_ALIASES, 0.02, tip, '"rank"'),
                    "tiles like the examples, coloured by score"),
-        LayerStyle(regions, "settlements share similar",
+        LayerStyle(layers.regions, "settlements share similar",
                    graduated_qml("frac_similar", [float(v) for v in np.linspace(0, top, 6)], SUMMARY_ALIASES, 0.2,
                                  region_tip, '"region_name"'),
                    "regions coloured by their share of tiles like the examples"),
     ]
-
-
-def copy_geopackage(source: Path, target: Path) -> None:
-    """A consistent copy of a GeoPackage, edits that QGIS holds in its write-ahead log included (SQLite's
-    online backup); the source is only read."""
-    try:
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-        try:
-            dst = sqlite3.connect(target)
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-        finally:
-            src.close()
-    except sqlite3.Error as exc:
-        raise OutputError(f"{source}: cannot copy the GeoPackage: {exc}") from None
-
-
-def write_layers(gpkg: Path, layers: dict[str, pd.DataFrame], styles: list[LayerStyle]) -> None:
-    """Write (or replace) ``layers`` in an existing GeoPackage, then their default styles."""
-    import pyogrio
-
-    from .export.geopackage import GEOMETRY_COLUMN
-
-    for name, frame in layers.items():
-        kwargs: dict = {"driver": "GPKG", "layer": name,
-                        "layer_options": {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES", "OVERWRITE": "YES"}}
-        if frame.empty:
-            kwargs["geometry_type"] = "Polygon"
-        pyogrio.write_dataframe(frame, gpkg, **kwargs)
-    write_styles(gpkg, styles)
-
-
-def keep_up_to_date(cfg: PipelineConfig, gpkg: Path, staged: Path, commit: Commit) -> None:
-    """When the GeoPackage was what the last run wrote, record the new one in its place (committed with
-    it): a scheduled rerun then still has nothing to do. A GeoPackage edited since (clusters table, drawn
-    layers) stays unrecorded, so the next run still pulls the edits."""
-    path = workspace(cfg).last_run
-    try:
-        last = json.loads(path.read_text())
-        record = last["outputs"][gpkg.name]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not unchanged(gpkg, record):
-        return
-    last["outputs"][gpkg.name] = file_record(staged)
-    write_json(commit.stage(path), last)

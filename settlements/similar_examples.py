@@ -1,9 +1,13 @@
-"""Which tiles an analyst's examples (or negatives) name: drawn geometries or tile ids.
+"""Which tiles an analyst's examples (or negatives) name, and the layers an analyst made, which every run keeps.
 
 A drawn layer is data, never instructions: only its geometries are read (and its CRS), whatever
 else the file holds. A tile is under a polygon when its cell centre lies inside it (as polygon
 training labels do); a geometry that holds no cell centre (a point, a small polygon) names the
 tile whose cell holds its representative point, so a click on a tile is enough.
+
+What the analyst made in the run's GeoPackage (the drawn ``examples`` and ``negatives``, and the
+``similar_*`` results of earlier queries) is carried into every GeoPackage a later run writes
+(:func:`analyst_layers`), whatever changed: new inputs, settings, labels or a refit.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import pandas as pd
 import shapely
 
 from .errors import ExamplesError
-from .export.geopackage import LayerStyle
-from .export.styles import outline_qml, outline_qml_body
+from .export.geopackage import LayerStyle, read_styles
+from .export.styles import outline_qml
 from .palette import DRAWN_COLOURS
 from .rasters import RasterInfo
 
 #: Layers a run creates empty in its GeoPackage, for the analyst to draw in.
 DRAWN_LAYERS = ("examples", "negatives")
+#: The start of the name of every result layer ``settlements similar`` writes into the run's GeoPackage.
+SIMILAR_PREFIX = "similar_"
 
 _IDS = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
@@ -131,12 +137,7 @@ def drawn_layers(previous: Path, crs: str) -> dict[str, gpd.GeoDataFrame]:
     that cannot be read stops the run with one line naming it."""
     import pyogrio
 
-    existing: list[str] = []
-    if previous.exists():
-        try:
-            existing = [str(row[0]) for row in pyogrio.list_layers(previous)]
-        except Exception:  # not a GeoPackage we can read: the run reports (and replaces) it elsewhere
-            existing = []
+    existing = _layers_of(previous)
     out = {}
     for name in DRAWN_LAYERS:
         frame = gpd.GeoDataFrame({"note": pd.Series([], dtype="string")}, geometry=gpd.GeoSeries([], crs=crs),
@@ -161,12 +162,53 @@ def drawn_layers(previous: Path, crs: str) -> dict[str, gpd.GeoDataFrame]:
     return out
 
 
-def drawn_style_bodies() -> dict[str, str]:
-    """Layer -> style body, for the QGIS project."""
-    return {name: outline_qml_body(DRAWN_COLOURS[name], 0.6, {"note": "Note"}) for name in DRAWN_LAYERS}
-
-
 def drawn_styles() -> list[LayerStyle]:
     """The layers an analyst draws in: outlines only, in colours no label takes."""
     return [LayerStyle(name, f"settlements {name}", outline_qml(DRAWN_COLOURS[name], 0.6, {"note": "Note"}),
                        f"draw {name} for `settlements similar` here") for name in DRAWN_LAYERS]
+
+
+def _layers_of(gpkg: Path) -> list[str]:
+    import pyogrio
+
+    if not gpkg.exists():
+        return []
+    try:
+        return [str(row[0]) for row in pyogrio.list_layers(gpkg)]
+    except Exception:  # not a GeoPackage we can read: the run reports (and replaces) it elsewhere
+        return []
+
+
+def similar_results(previous: Path, crs: str) -> tuple[dict[str, gpd.GeoDataFrame], list[LayerStyle]]:
+    """The result layers of earlier ``similar`` queries in ``previous`` (every column, in ``crs``) with their
+    styles: kept as they were found (their scores are those of the embeddings of their day). A layer that
+    cannot be read stops the run with one line naming it: an analyst's result is never dropped."""
+    import pyogrio
+
+    names = [name for name in _layers_of(previous) if name.startswith(SIMILAR_PREFIX)]
+    out: dict[str, gpd.GeoDataFrame] = {}
+    for name in names:
+        try:
+            frame = pyogrio.read_dataframe(previous, layer=name)
+            if not isinstance(frame, gpd.GeoDataFrame) or frame.crs is None:
+                raise ValueError("the layer has no geometry or no CRS")
+            out[name] = frame.to_crs(crs)
+        except Exception as exc:
+            raise ExamplesError(f"{previous}: layer {name!r} cannot be carried into the new outputs "
+                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); repair or "
+                                "delete the layer, then run again") from None
+    return out, read_styles(previous, names)
+
+
+def analyst_layers(previous: Path, crs: str) -> tuple[dict[str, gpd.GeoDataFrame], list[LayerStyle]]:
+    """Every layer the analyst made in ``previous`` (the GeoPackage a run replaces), for the new one, with
+    its styles: the drawn layers (:func:`drawn_layers`, empty where there are none yet), then the results of
+    ``similar``."""
+    results, styles = similar_results(previous, crs)
+    return {**drawn_layers(previous, crs), **results}, [*drawn_styles(), *styles]
+
+
+def analyst_layer_names(gpkg: Path) -> list[str]:
+    """The layers of ``gpkg`` the analyst made: the drawn ones, then the ``similar`` results."""
+    names = _layers_of(gpkg)
+    return [n for n in DRAWN_LAYERS if n in names] + [n for n in names if n.startswith(SIMILAR_PREFIX)]

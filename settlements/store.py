@@ -1,10 +1,12 @@
-"""Files on disk: where each artifact lives, atomic writes, the one commit point of a run, input keys.
+"""Files on disk: where each artifact lives, atomic writes, the one commit point of a command, input keys.
 
-Nothing here computes; it only stores and finds. :class:`Workspace` names every artifact of a
-pipeline's work folder. Every write goes to a temporary file in the same folder and is renamed into
-place, so a killed run never leaves a half-written artifact; a :class:`Commit` renames a whole run's
-files into place at one commit point. Every temporary name starts with :data:`TEMP_PREFIX`, and only
-such names are ever removed as leftovers. Input rasters are found (globs) and keyed by content here.
+Nothing here computes; it only stores and finds. :class:`Workspace` names every artifact and model of
+a pipeline's work folder (its outputs are named by :mod:`settlements.products`). Every write goes to a
+temporary file in the same folder and is renamed into place, so a killed command never leaves a
+half-written artifact; a :class:`Commit` renames all of a command's files into place at one commit
+point (every command that writes opens one: :func:`settlements.pipeline.door`). Every temporary name
+starts with :data:`TEMP_PREFIX`, and only such names are ever removed as leftovers. Input rasters are
+found (globs) and keyed by content here.
 
 Light to import (no numpy, no pandas): the nothing-to-do check of ``settlements run`` uses it.
 (The embedding cache and embedding arrays are in :mod:`settlements.embedding.cache`.)
@@ -51,10 +53,12 @@ def crash_point(step: str) -> None:
     """Fault injection for the crash-safety tests: a real SIGKILL of this process at ``step``.
 
     Only when the environment variable ``SETTLEMENTS_CRASH_AT`` names the step; what the next run
-    then finds on disk is exactly what any kill at that point leaves.
+    then finds on disk is exactly what any kill at that point leaves. ``step=SIGINT`` or ``step=SIGTERM``
+    sends that signal instead: Ctrl-C or a service manager's stop at that very moment.
     """
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
+    point, _, name = os.environ.get(CRASH_ENV, "").partition("=")
+    if point == step:
+        os.kill(os.getpid(), {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(name, signal.SIGKILL))
 
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -381,6 +385,9 @@ class Commit:
                 raise OutputError(f"{path}: {problem}")
         pairs = self.renames()
         crash_point("commit:staged")
+        if not pairs:  # nothing staged (nothing to do, a prune): no journal, nothing to rename
+            self.discard()
+            return []
         try:
             with signals_deferred():
                 _write_journal(self.journal, pairs)
@@ -461,6 +468,15 @@ class Workspace:
     cluster_meta = property(lambda self: self._at("clusters.json"))
     assignments = property(lambda self: self._at("assignments.parquet"))
     cache = property(lambda self: self.root / "cache")
+    # ``settlements train``: the models (each with the settings that made it) and the training's record,
+    # committed together; the fine tuning's checkpoint is work state, written each epoch (never staged),
+    # so an interrupted training resumes where it stopped
+    top_model = property(lambda self: self._at("supervised/top_model.pt"))
+    fine_tuned = property(lambda self: self._at("supervised/fine_tuned.pt"))
+    training = property(lambda self: self._at("supervised/training.json"))
+    finetune_checkpoint = property(lambda self: self.root / "supervised" / "finetune_checkpoint.pt")
+    # ``settlements export-embeddings``: the files it wrote (the only ones it may write over)
+    exports = property(lambda self: self._at("exports.json"))
     # the runner's own: the lock, the commit journal, the record of the last successful run
     lock = property(lambda self: self.root / ".lock")
     journal = property(lambda self: self.root / ".settlements-commit.json")
@@ -478,6 +494,11 @@ class Workspace:
     def out(self, path: Path) -> Path:
         """Where this run writes ``path``: staged until the commit, or in place without one."""
         return self.commit.stage(path) if self.commit is not None else path
+
+    def out_dir(self, folder: Path) -> Path:
+        """Where this run writes files of ``folder`` under their own names: a staging folder in it until the
+        commit (a QGIS project and a COG's sidecars name their neighbours), or the folder without one."""
+        return self.commit.folder(folder) if self.commit is not None else folder
 
 
 def workspace(cfg: PipelineConfig, commit: Commit | None = None) -> Workspace:

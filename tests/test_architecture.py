@@ -1,8 +1,9 @@
-"""The shape of the code: an import graph without cycles, and light commands that stay light.
+"""The shape of the code: an import graph in layers, without cycles, and light commands that stay light.
 
 The graph is read from the source with ``ast``: every import of a ``settlements`` module, at module
 level or inside a function (a function-level import is still an edge: it can hide a cycle, not
-break it). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+break it). Imports under ``if TYPE_CHECKING:`` are left out: they never run. Every module sits on
+one floor of :data:`LAYERS`, and imports only from its own floor or the floors below.
 """
 
 from __future__ import annotations
@@ -113,6 +114,63 @@ def test_the_runner_and_the_stages_depend_one_way() -> None:
     for stage in ("tile", "embed", "cluster", "export"):
         others = {t for t in graph[f"settlements.stages.{stage}"] if t.startswith("settlements.stages")}
         assert others <= {"settlements.stages.tile", "settlements.stages"}, (stage, others)
+
+
+#: The floors of the house, lowest first: a module imports from its own floor or lower ones, never higher.
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundation: errors, settings, colours, output names", {
+        "settlements", "settlements.errors", "settlements.interrupts", "settlements.config", "settlements.palette",
+        "settlements.products", "settlements.export", "settlements.stages", "settlements.supervised",
+        "settlements.embedding"}),
+    ("storage: the work folder, the commit, the lock", {"settlements.store", "settlements.reprocess"}),
+    ("domain: inputs, tiles, embeddings, clusters, labels, numbers", {
+        "settlements.tiling", "settlements.rasters", "settlements.regions", "settlements.neighbours",
+        "settlements.histograms", "settlements.clustering", "settlements.embedding.assemble",
+        "settlements.embedding.backbones", "settlements.embedding.cache", "settlements.embedding.infer",
+        "settlements.executors", "settlements.search", "settlements.export.previous", "settlements.labels",
+        "settlements.identity", "settlements.changes", "settlements.supervised.evaluation",
+        "settlements.supervised.reference", "settlements.supervised.raster_labels",
+        "settlements.supervised.top_model", "settlements.supervised.finetune"}),
+    ("formats: GeoPackage, styles, COG, pictures, QGIS project", {
+        "settlements.export.geopackage", "settlements.export.styles", "settlements.export.raster",
+        "settlements.export.plots", "settlements.export.layers", "settlements.export.runs",
+        "settlements.export.qgis_project", "settlements.export.qgis_render", "settlements.supervised.figures"}),
+    ("joined tables: tiles with their cells, regions, clusters; analysts' tiles and layers", {
+        "settlements.tile_tables", "settlements.similar_examples", "settlements.supervised.training_labels"}),
+    ("the one writer of a labelled-tile map", {"settlements.export.tile_map"}),
+    ("products: the stages, training, prediction, similar, exports, validate", {
+        "settlements.stages.tile", "settlements.stages.embed", "settlements.stages.cluster",
+        "settlements.stages.export", "settlements.supervised.train", "settlements.supervised.predict",
+        "settlements.similar", "settlements.export.embeddings", "settlements.validate"}),
+    ("the runner: one door for every command that writes", {"settlements.pipeline"}),
+    ("the command line", {"settlements.cli"}),
+]
+
+
+def floor_of() -> dict[str, int]:
+    return {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Edges (importer, imported) that run from a lower floor to a higher one."""
+    floor = floor_of()
+    return sorted((m, t) for m, targets in graph.items() for t in targets if floor[t] > floor[m])
+
+
+def test_the_import_graph_is_layered_no_import_runs_upward() -> None:
+    graph, _ = import_graph()
+    floor = floor_of()
+    assert sum(len(modules) for _, modules in LAYERS) == len(floor), "a module on two floors"
+    assert set(graph) == set(floor), f"modules without a floor: {sorted(set(graph) - set(floor))}; " \
+                                     f"floors naming no module: {sorted(set(floor) - set(graph))}"
+    assert upward_imports(graph) == []
+    # the two arrows that once ran back up: the joined tile tables now live below both
+    for module in ("settlements.export.embeddings", "settlements.similar"):
+        assert not {t for t in graph[module] if t.startswith(("settlements.stages", "settlements.supervised"))}
+    # the check finds one
+    assert upward_imports({**graph, "settlements.tile_tables": graph["settlements.tile_tables"]
+                           | {"settlements.stages.export"}}) == [("settlements.tile_tables",
+                                                                  "settlements.stages.export")]
 
 
 HEAVY = ("torch", "torchvision", "faiss", "matplotlib", "geopandas", "pandas", "numpy", "rasterio")

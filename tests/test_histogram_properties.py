@@ -127,7 +127,7 @@ def tables(draw: st.DrawFn):
 @given(tables())
 def test_histogram_counts_fractions_and_areas_agree(t) -> None:
     tiles, shares, regions, labels, k = t
-    wide, long = region_histograms(tiles, shares, regions, labels, k)
+    wide, long = region_histograms(tiles, shares, regions, column_keys(labels), k)
     s = shares.merge(tiles, on="tile_id")
     for _, row in wide.iterrows():
         mine = s[s["region"] == row["region"]]
@@ -151,14 +151,14 @@ def test_histogram_counts_fractions_and_areas_agree(t) -> None:
 @given(tables())
 def test_areas_are_additive_across_regions(t) -> None:
     tiles, shares, regions, labels, k = t
-    wide, _ = region_histograms(tiles, shares, regions, labels, k)
+    wide, _ = region_histograms(tiles, shares, regions, column_keys(labels), k)
     kept = shares.merge(tiles, on="tile_id")
     kept = kept[kept["kept"]]
     assert np.isclose(wide["mapped_km2"].sum(), (kept["area_m2"] * kept["valid_cell"]).sum() / 1e6)
     # merge every region into region 0: areas add, counts never exceed the sum (a tile may meet both)
     merged_shares = shares.assign(region=0).groupby(["tile_id", "region"], as_index=False)["area_m2"].sum()
     merged_regions = regions.iloc[:1].assign(area_m2=regions["area_m2"].sum())
-    merged, _ = region_histograms(tiles, merged_shares, merged_regions, labels, k)
+    merged, _ = region_histograms(tiles, merged_shares, merged_regions, column_keys(labels), k)
     for col in ["area_km2", "imaged_km2", "mapped_km2", *[f"km2_{key}" for key in column_keys(labels).values()]]:
         assert np.isclose(merged[col].iloc[0], wide[col].sum()), col
     for col in ["n_tiles", *[f"n_c{c}" for c in range(k)]]:

@@ -4,7 +4,7 @@ import pytest
 
 from settlements.errors import ConfigError
 from settlements.labels import ClusterLabels, read_labels, write_labels
-from settlements.palette import KNOWN_COLOURS, UNLABELLED_COLOUR, build_palette
+from settlements.palette import KNOWN_COLOURS, UNLABELLED_COLOUR, build_legend
 
 
 def test_template_round_trip(tmp_path: Path) -> None:
@@ -28,12 +28,12 @@ def test_template_round_trip(tmp_path: Path) -> None:
 def test_shared_names_get_one_colour_from_one_palette() -> None:
     labels = ClusterLabels({0: "vegetation", 1: "town", 2: "vegetation", 3: "unlabelled"},
                            {0: None, 1: None, 2: "#ff0000", 3: None})
-    pal = labels.palette
+    pal = labels.legend()
     assert pal.labels == ("vegetation", "town", "unlabelled")
     assert pal.colour("vegetation") == "#ff0000"  # explicit colour of any of its clusters wins
     assert pal.colour("unlabelled") == UNLABELLED_COLOUR
     assert len(set(pal.colours)) == 3
-    assert build_palette({0: "water"}, {}).colour("water") == KNOWN_COLOURS["water"]
+    assert build_legend({0: "water"}, {}).colour("water") == KNOWN_COLOURS["water"]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -57,7 +57,7 @@ def test_naming_clusters_never_moves_another_clusters_colour() -> None:
     unnamed = ClusterLabels({i: f"cluster {i}" for i in range(k)}, {i: None for i in range(k)})
     named = ClusterLabels({**unnamed.names, 0: "water", 1: "forest", 2: "town", 3: "town", 7: "slum"},
                           {**unnamed.colours, 9: "#123456"})
-    before, after = unnamed.palette, named.palette
+    before, after = unnamed.legend(), named.legend()
     for cid in (4, 5, 6, 8, 10, 11):
         assert after.colour(named.names[cid]) == before.colour(unnamed.names[cid]), cid
     assert after.colour("town") == before.colour("cluster 2")  # an unknown name keeps its lowest id's colour

@@ -38,7 +38,7 @@ def test_table_edits_merge_onto_the_yaml_keeping_yaml_edits_made_since_the_expor
     merged, changes = merge_table_edits(Path("x.gpkg"), yaml_now, table, snapshot)
     assert merged.names == {0: "lake", 1: "forest", 2: "fields", 3: "forest"}
     assert merged.colours == {0: None, 1: "#112233", 2: None, 3: "#112233"}
-    assert merged.palette.colour("forest") == "#112233"
+    assert merged.legend().colour("forest") == "#112233"
     assert len(changes) == 2
     again, none = merge_table_edits(Path("x.gpkg"), yaml_now, {c: (n, col, 1) for c, (n, col) in
                                                                  ((int(k), v) for k, v in snapshot.items())}, snapshot)
@@ -95,7 +95,7 @@ def test_names_and_colours_edited_in_the_clusters_table_reach_yaml_styles_raster
     assert after_yaml[1] == {**before_yaml[1], "colour": NEW_COLOUR}
     assert {c: e for c, e in after_yaml.items() if c > 1} == {c: e for c, e in before_yaml.items() if c > 1}
     labels = read_labels(labels_path, len(after_yaml))
-    code = labels.palette.code(recoloured)
+    code = labels.legend().code(recoloured)
 
     clusters = pyogrio.read_dataframe(gpkg, layer="clusters")
     assert clusters.loc[0, "label"] == NEW_NAME and clusters.loc[1, "colour"] == NEW_COLOUR

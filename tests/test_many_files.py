@@ -27,14 +27,14 @@ from settlements.cli import run_summary
 from settlements.config import LabelSource, load_config
 from settlements.embedding import infer
 from settlements.embedding.infer import TileStream, forward, iter_batches
-from settlements.pipeline import stage_embed
+from settlements.pipeline import predict, stage_embed, train
 from settlements.rasters import load_infos
 from settlements.store import workspace
 from settlements.supervised.evaluation import block_side_m, spatial_blocks
 from settlements.supervised.finetune import TileImages
-from settlements.supervised.predict import predict
-from settlements.supervised.train import colour_features, train
-from settlements.supervised.training_labels import kept_tiles, tile_labels
+from settlements.supervised.train import colour_features
+from settlements.supervised.training_labels import tile_labels
+from settlements.tile_tables import kept_tiles
 from settlements.tiling import WINDOW_COLUMNS
 from settlements.validate import validate
 

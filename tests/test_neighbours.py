@@ -21,7 +21,7 @@ from settlements.neighbours import (
 from settlements.pipeline import stage_tile
 from settlements.rasters import load_infos
 from settlements.store import read_table, workspace
-from settlements.supervised.training_labels import kept_tiles
+from settlements.tile_tables import kept_tiles
 
 from .conftest import Ran, write_pipeline
 from .test_geometry import relabel, write_regions

@@ -165,7 +165,7 @@ def test_map_axes_read_in_plain_degrees(monkeypatch) -> None:
     import shapely
 
     from settlements.export import plots
-    from settlements.palette import build_palette
+    from settlements.palette import build_legend
 
     path = scene("kampala_oam", "kampala_z19_mosaic_DERIVED.tif")
     with rasterio.open(path) as src:
@@ -177,7 +177,7 @@ def test_map_axes_read_in_plain_degrees(monkeypatch) -> None:
     tiles = gpd.GeoDataFrame({"label": labels}, geometry=boxes, crs=crs)
     regions = gpd.GeoDataFrame({"region_id": ["1"]}, geometry=[shapely.box(*b)], crs=crs)
     figs = _figures(monkeypatch)
-    plots.label_map(Path("map.png"), tiles, regions, build_palette({0: "roofs", 1: "trees"}, {}), "kampala")
+    plots.label_map(Path("map.png"), tiles, regions, build_legend({0: "roofs", 1: "trees"}, {}), "kampala")
     ax = figs[0].axes[0]
     figs[0].canvas.draw()
     for axis, (lo, hi) in ((ax.xaxis, (b.left, b.right)), (ax.yaxis, (b.bottom, b.top))):
@@ -191,16 +191,16 @@ def test_map_axes_read_in_plain_degrees(monkeypatch) -> None:
 def test_small_areas_read_in_square_metres_or_hectares(olinda, monkeypatch) -> None:
     """Olinda's census tracts are mostly below a km²: histograms.png titles said '0.00 km2 mapped'."""
     from settlements.export import plots
-    from settlements.palette import build_palette
+    from settlements.palette import build_legend
     from settlements.regions import format_area
 
     regions = pyogrio.read_dataframe(olinda.gpkg, layer="regions", read_geometry=False)
     clusters = pyogrio.read_dataframe(olinda.gpkg, layer="clusters", read_geometry=False)
-    palette = build_palette(dict(enumerate(clusters["label"])), {})
+    legend = build_legend(dict(enumerate(clusters["label"])), {})
     mapped = regions[regions["mapped_km2"] > 0].sort_values("mapped_km2")
     regions = pd.concat([mapped.head(6), mapped.iloc[len(mapped) // 2 - 3:len(mapped) // 2 + 3], mapped.tail(6)])
     figs = _figures(monkeypatch)
-    plots.histograms(Path("h.png"), regions, palette, 24, "olinda")
+    plots.histograms(Path("h.png"), regions, legend, 24, "olinda")
     titles = [ax.get_title() for ax in figs[0].axes if ax.get_title()]
     mapped = regions.nlargest(24, "mapped_km2")["mapped_km2"]
     assert len(titles) == len(mapped)

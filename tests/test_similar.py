@@ -26,7 +26,7 @@ from settlements.search import search_space
 from settlements.similar import Neighbours
 from settlements.similar_examples import select_tiles
 from settlements.store import workspace
-from settlements.supervised.training_labels import kept_tiles
+from settlements.tile_tables import kept_tiles
 
 from .conftest import Ran, run_cli, scene, write_pipeline
 from .mumbai import all_ranked, colour_space, example_draws, informal_share, precision
@@ -237,7 +237,7 @@ def test_the_run_makes_empty_styled_layers_to_draw_in_and_keeps_what_was_drawn(m
     assert code == 0, err  # the GeoPackage was edited: a real run, which keeps the drawings
     kept = layer(gpkg, "examples")
     assert len(kept) == 5 and sorted(kept["note"]) == sorted(layer(drawn, "examples")["note"])
-    assert "similar_drawn" not in pyogrio.list_layers(gpkg)[:, 0]  # results belong to the outputs they came with
+    assert "similar_drawn" in pyogrio.list_layers(gpkg)[:, 0]  # and the analyst's results
 
 
 def test_a_query_after_an_unchanged_run_leaves_the_scheduler_nothing_to_do(mumbai: Mumbai, monkeypatch,
@@ -338,11 +338,12 @@ def test_geoparquet_round_trips_through_geopandas_pyarrow_and_duckdb(mumbai: Mum
 
 
 def test_npy_export_is_the_vectors_beside_a_table_of_the_same_rows(mumbai: Mumbai, monkeypatch, capsys) -> None:
-    target = mumbai.tmp / "npy" / "tiles.parquet"
+    target = mumbai.tmp / "npy" / "tiles.npy"
     code, out, err = run_cli(monkeypatch, capsys, "export-embeddings", str(mumbai.ran.config_path),
                              "--format", "npy", "--output", str(target))
     assert code == 0, err
-    vectors = np.load(target.with_suffix(".npy"))
+    vectors = np.load(target)
+    target = target.with_name("tiles_table.parquet")
     np.testing.assert_array_equal(vectors, np.load(workspace(mumbai.ran.cfg).embeddings))
     frame = gpd.read_parquet(target)
     assert "embedding" not in frame.columns and len(frame) == len(vectors)

@@ -35,7 +35,8 @@ from settlements.supervised.finetune import FineTuner, TileImages, augment
 from settlements.supervised.reference import classify_pixels
 from settlements.supervised.top_model import TopModel
 from settlements.supervised.train import TopModelInputs, resolve_neighbours
-from settlements.supervised.training_labels import kept_tiles, read_polygons, tile_labels
+from settlements.supervised.training_labels import read_polygons, tile_labels
+from settlements.tile_tables import kept_tiles
 
 from .conftest import run_cli, scene, write_pipeline
 

@@ -9,12 +9,19 @@ table without the vectors plus an ``(n, dim)`` float32 ``.npy`` whose row i is t
 
 Rows are written in row groups read from ``embeddings.npy`` block by block: the vectors are never
 all in memory (a 30k x 30k raster in 32 px tiles is 4.5 GB of them).
+
+The command writes only files of its own (:func:`check_own`): new ones, or those an earlier export of
+this pipeline wrote in the same format (recorded in ``work/<name>/exports.json``) and nobody changed
+since. Never the pipeline's GeoPackage, labels file, config, models or any other output, whatever
+``--output`` says. Its files are renamed into place at the command's commit
+(:func:`settlements.pipeline.export_embeddings`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -29,12 +36,11 @@ from tqdm.auto import tqdm
 
 from ..config import ExportFormat, PipelineConfig
 from ..embedding.cache import NpyRows
-from ..errors import StageError
-from ..labels import read_labels
-from ..rasters import load_infos
-from ..reprocess import pipeline_lock
-from ..stages.export import tiles_frame
-from ..store import Workspace, atomic_path, workspace
+from ..errors import ConfigError, OutputError, StageError
+from ..products import embeddings_npy, outputs
+from ..reprocess import file_record, unchanged
+from ..store import Workspace, atomic_path, read_json, write_json
+from ..tile_tables import tiles_by_row
 
 log = logging.getLogger(__name__)
 
@@ -116,34 +122,96 @@ def write_geoparquet(target: Path, frame: gpd.GeoDataFrame, embeddings: NpyRows 
 
 
 def export_paths(cfg: PipelineConfig, fmt: ExportFormat, output: Path | None) -> dict[str, Path]:
-    """Where the export goes: ``output`` (the parquet file), else ``<output.dir>/<name>_embeddings.parquet``;
-    the ``npy`` format adds the vectors beside it with the same stem."""
-    table = output or cfg.output_dir / f"{cfg.name}_embeddings.parquet"
-    paths = {"parquet": table}
-    if fmt == "npy":
-        paths["npy"] = table.with_suffix(".npy")
-    return paths
+    """Where the export goes: each format's own files (:meth:`settlements.products.Outputs.embeddings`), or
+    ``output``: the GeoParquet file (``.parquet``), or the ``npy`` format's vectors (``.npy``, with the
+    table of their rows beside them)."""
+    if output is None:
+        return outputs(cfg).embeddings(fmt)
+    if fmt == "geoparquet":
+        if output.suffix != ".parquet":
+            raise ConfigError(f"--output: {output}: a GeoParquet export is a .parquet file")
+        return {"parquet": output}
+    if output.suffix != ".npy":
+        raise ConfigError(f"--output: {output}: the npy format's vectors are a .npy file (the table of their rows "
+                          "goes beside it)")
+    return embeddings_npy(output)
 
 
-def tile_frame(cfg: PipelineConfig, ws: Workspace) -> gpd.GeoDataFrame:
-    """Every kept tile as the ``tiles`` layer shows it (cell polygon in ``output.crs``, cluster, label,
-    region), with its ``emb_row``, in ``emb_row`` order."""
-    labels = read_labels(ws.labels, cfg.clustering.k)
-    regions = gpd.read_parquet(ws.regions)
-    t, layer = tiles_frame(cfg, ws, load_infos(ws), labels, regions)
-    layer = layer.merge(t[["tile_id", "emb_row"]], on="tile_id", how="left")
-    return layer.sort_values("emb_row", kind="stable").reset_index(drop=True)
+#: What each file of an export is, in the record of what ``export-embeddings`` wrote.
+KINDS = {("geoparquet", "parquet"): "GeoParquet file", ("npy", "npy"): "npy vectors", ("npy", "parquet"): "npy table"}
 
 
-def export(cfg: PipelineConfig, fmt: ExportFormat, output: Path | None = None, wait: float = 0) -> dict[str, Path]:
-    """``settlements export-embeddings``: under the pipeline's lock, so a run never swaps the files read."""
+def _protected(cfg: PipelineConfig, ws: Workspace) -> dict[Path, str]:
+    """Files of the pipeline no export may replace, by what they are."""
+    files = outputs(cfg)
+    out = {p.resolve(): "an output of the pipeline" for p in files.declared()}
+    out[files.gpkg.resolve()] = "the pipeline's GeoPackage"
+    out[cfg.labels_path.resolve()] = "the pipeline's labels file"
+    if cfg.source is not None:
+        out[cfg.source.resolve()] = "the pipeline's config"
+    for model in (ws.top_model, ws.fine_tuned, ws.finetune_checkpoint, ws.training):
+        out[model.resolve()] = "a model file of the pipeline"
+    return out
+
+
+def _recorded(ws: Workspace) -> dict[str, dict]:
+    if not ws.exports.exists():
+        return {}
+    try:
+        files = read_json(ws.exports, "export-embeddings")["files"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _key(ws: Workspace, path: Path) -> str:
+    return os.path.relpath(path.resolve(), ws.root.resolve())
+
+
+def check_own(cfg: PipelineConfig, ws: Workspace, fmt: ExportFormat, paths: dict[str, Path]) -> None:
+    """Refuse (one :class:`OutputError` naming the file) any target that is not a file of this command's own:
+    one of the pipeline's files (:func:`_protected`, or anything in its work folder), or an existing file
+    that is not what an earlier export of this format wrote there (recorded, unchanged since)."""
+    protected = _protected(cfg, ws)
+    recorded = _recorded(ws)
+    work = ws.root.resolve()
+    for part, path in paths.items():
+        real = path.resolve()
+        what = protected.get(real) or ("in the pipeline's work folder" if real.is_relative_to(work) else None)
+        if what is not None:
+            raise OutputError(f"{path}: {what}; export-embeddings writes only files of its own (give --output "
+                              "another name)")
+        if not (path.exists() or path.is_symlink()):
+            continue
+        record = recorded.get(_key(ws, path))
+        kind = KINDS[(fmt, part)]
+        if path.is_dir() or record is None:
+            raise OutputError(f"{path}: exists and is no file export-embeddings wrote for pipeline '{cfg.name}'; it "
+                              "writes only files of its own (delete it, or give --output another name)")
+        if record.get("kind") != kind:
+            raise OutputError(f"{path}: an earlier export's {record.get('kind')}; the {kind} goes in a file of its "
+                              "own (give --output another name)")
+        if not unchanged(path, record):
+            raise OutputError(f"{path}: changed since export-embeddings wrote it; it writes only files of its own "
+                              "(delete it, or give --output another name)")
+
+
+def export(cfg: PipelineConfig, ws: Workspace, fmt: ExportFormat, output: Path | None = None) -> dict[str, Path]:
+    """``settlements export-embeddings``: its files written through ``ws`` (a command's commit), and recorded
+    as its own."""
     paths = export_paths(cfg, fmt, output)
-    with pipeline_lock(cfg, wait):
-        ws = workspace(cfg)
-        if not ws.embeddings.exists():
-            raise StageError(f"{ws.embeddings}: missing; run `settlements run {cfg.source}` first")
-        frame = tile_frame(cfg, ws)
-        n = export_embeddings(frame, ws.embeddings, fmt, paths)
+    check_own(cfg, ws, fmt, paths)
+    if not ws.embeddings.exists():
+        raise StageError(f"{ws.embeddings}: missing; run `settlements run {cfg.source}` first")
+    frame = tiles_by_row(cfg, ws)
+    staged = {part: ws.out(path) for part, path in paths.items()}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    n = export_embeddings(frame, ws.embeddings, fmt, staged)
+    recorded = _recorded(ws)
+    for part, path in paths.items():
+        recorded[_key(ws, path)] = {"kind": KINDS[(fmt, part)], **file_record(staged[part])}
+    write_json(ws.out(ws.exports), {"files": recorded})
     log.info("exported %d tiles to %s", n, ", ".join(str(p) for p in paths.values()))
     return paths
 

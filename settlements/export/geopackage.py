@@ -84,3 +84,58 @@ def write_geopackage(path: Path, layers: dict[str, pd.DataFrame], styles: list[L
         tmp.unlink()  # GDAL creates the file itself
         write_frames(tmp, layers)
         write_styles(tmp, styles)
+
+
+def add_layers(path: Path, layers: dict[str, pd.DataFrame], styles: list[LayerStyle]) -> None:
+    """Write (or replace) ``layers`` in an existing GeoPackage, then their default styles."""
+    import pyogrio
+
+    for name, frame in layers.items():
+        kwargs: dict = {"driver": "GPKG", "layer": name}
+        if isinstance(frame, gpd.GeoDataFrame):
+            kwargs["layer_options"] = {"GEOMETRY_NAME": GEOMETRY_COLUMN, "SPATIAL_INDEX": "YES", "OVERWRITE": "YES"}
+            if frame.empty:
+                kwargs["geometry_type"] = "Polygon"
+        else:
+            kwargs["layer_options"] = {"OVERWRITE": "YES"}
+        pyogrio.write_dataframe(frame, path, **kwargs)
+    write_styles(path, styles)
+
+
+def copy_geopackage(source: Path, target: Path) -> None:
+    """A consistent copy of a GeoPackage, edits that QGIS holds in its write-ahead log included (SQLite's
+    online backup); the source is only read."""
+    from ..errors import OutputError
+
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise OutputError(f"{source}: cannot copy the GeoPackage: {exc}") from None
+
+
+def read_styles(path: Path, layers: list[str] | None = None) -> list[LayerStyle]:
+    """The ``layer_styles`` rows of a GeoPackage (of ``layers`` only, when given), as written; [] without any.
+
+    Read-only: the file may come from anyone; its styles are QGIS's data, carried or shown, never run.
+    """
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = con.execute("SELECT f_table_name, styleName, styleQML, description, useAsDefault FROM layer_styles "
+                           "ORDER BY id").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        con.close()
+    return [LayerStyle(str(t), str(n), str(q or ""), str(d or ""), bool(u)) for t, n, q, d, u in rows
+            if isinstance(t, str) and (layers is None or t in layers)]

@@ -16,7 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from pyproj import CRS  # noqa: E402
 
-from ..palette import Palette  # noqa: E402
+from ..palette import Legend  # noqa: E402
 from ..regions import format_area  # noqa: E402
 from ..store import atomic_path  # noqa: E402
 
@@ -40,7 +40,7 @@ def mosaic(chips: list[np.ndarray], per_row: int, size: int, gap: int = 2) -> np
     return out
 
 
-def atlas(path: Path, panels: list[tuple[int, str, int, list[np.ndarray]]], palette: Palette,
+def atlas(path: Path, panels: list[tuple[int, str, int, list[np.ndarray]]], legend: Legend,
           title: str) -> None:
     """One panel per cluster: its most typical tiles as image chips, titled id, label, size."""
     n = len(panels)
@@ -58,20 +58,20 @@ def atlas(path: Path, panels: list[tuple[int, str, int, list[np.ndarray]]], pale
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
-            spine.set_edgecolor(palette.colour(label))
+            spine.set_edgecolor(legend.colour(label))
             spine.set_linewidth(5)
     fig.suptitle(title, fontsize=13)
     fig.tight_layout()
     _save(fig, path)
 
 
-def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions: int, title: str) -> None:
+def histograms(path: Path, regions: pd.DataFrame, legend: Legend, max_regions: int, title: str) -> None:
     """Small multiples: label fractions of the regions with the largest mapped area."""
     top = regions[regions["mapped_km2"] > 0].nlargest(max_regions, "mapped_km2")
     n = max(1, len(top))
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    labels = list(palette.labels)
+    labels = list(legend.labels)
     fig, axes = plt.subplots(rows, cols, figsize=(max(3.3 * cols, 9.0), 2.5 * rows + 1.6), squeeze=False,
                              sharey=True)
     for ax in axes.ravel():
@@ -79,14 +79,14 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
     x = np.arange(len(labels))
     for ax, (_, reg) in zip(axes.ravel(), top.iterrows(), strict=False):
         ax.axis("on")
-        fr = [reg.get(f"frac_{palette.key(lb)}", 0.0) for lb in labels]
-        ax.bar(x, fr, color=[palette.colour(lb) for lb in labels], edgecolor="#404040", linewidth=0.4)
+        fr = [reg.get(f"frac_{legend.key(lb)}", 0.0) for lb in labels]
+        ax.bar(x, fr, color=[legend.colour(lb) for lb in labels], edgecolor="#404040", linewidth=0.4)
         ax.set_xticks([])
         ax.set_ylim(0, 1)
         name, rid = reg["region_name"], reg["region_id"]
         name = name if name == rid else f"{name} ({rid})"
         ax.set_title(f"{name}\n{format_area(float(reg['mapped_km2']))} mapped", fontsize=8)
-    handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in palette.items()]
+    handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in legend.items()]
     fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(f"{title}\nshare of mapped area per label (largest {len(top)} regions)", fontsize=11)
     legend_rows = math.ceil(len(handles) / 5)
@@ -99,7 +99,7 @@ def histograms(path: Path, regions: pd.DataFrame, palette: Palette, max_regions:
 MAX_POLYGONS = 5_000
 
 
-def _label_image(tiles: gpd.GeoDataFrame, palette: Palette, bounds: tuple[float, float, float, float],
+def _label_image(tiles: gpd.GeoDataFrame, legend: Legend, bounds: tuple[float, float, float, float],
                  width: int = 1000) -> np.ndarray:
     """Tiles burnt into an 8-bit RGBA image of ``width`` columns over ``bounds`` (transparent where no tile).
 
@@ -110,31 +110,31 @@ def _label_image(tiles: gpd.GeoDataFrame, palette: Palette, bounds: tuple[float,
 
     x0, y0, x1, y1 = bounds
     height = max(1, int(round(width * (y1 - y0) / max(x1 - x0, 1e-12))))
-    labels = list(palette.labels)
+    labels = list(legend.labels)
     codes = tiles["label"].map({lb: i + 1 for i, lb in enumerate(labels)}).fillna(0).astype(np.int32).to_numpy()
     img = rasterize(zip(tiles.geometry.values, codes, strict=True), out_shape=(height, width),
                     transform=from_bounds(x0, y0, x1, y1, width, height), fill=0, dtype="int32", all_touched=True)
     lut = np.zeros((len(labels) + 1, 4), dtype=np.uint8)
-    lut[1:] = [matplotlib.colors.to_rgba_array(palette.colour(lb))[0] * 255 + 0.5 for lb in labels]
+    lut[1:] = [matplotlib.colors.to_rgba_array(legend.colour(lb))[0] * 255 + 0.5 for lb in labels]
     return lut[img]
 
 
-def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, palette: Palette,
+def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, legend: Legend,
               title: str) -> None:
     """Tiles coloured by label, region outlines on top."""
     fig, ax = plt.subplots(figsize=(9, 9))
     x0, y0, x1, y1 = tiles.total_bounds
     if len(tiles) > MAX_POLYGONS:  # one patch per tile would take minutes and gigabytes: draw an image
-        ax.imshow(_label_image(tiles, palette, (x0, y0, x1, y1)), extent=(x0, x1, y0, y1), origin="upper",
+        ax.imshow(_label_image(tiles, legend, (x0, y0, x1, y1)), extent=(x0, x1, y0, y1), origin="upper",
                   interpolation="nearest", aspect="auto")
     else:
-        tiles.plot(ax=ax, color=tiles["label"].map(palette.colour), linewidth=0)
+        tiles.plot(ax=ax, color=tiles["label"].map(legend.colour), linewidth=0)
     regions.boundary.plot(ax=ax, color="#202020", linewidth=0.3)
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_title(title)
-    used = [lb for lb in palette.labels if (tiles["label"] == lb).any()]
-    handles = [Patch(facecolor=palette.colour(lb), edgecolor="#404040", label=lb) for lb in used]
+    used = [lb for lb in legend.labels if (tiles["label"] == lb).any()]
+    handles = [Patch(facecolor=legend.colour(lb), edgecolor="#404040", label=lb) for lb in used]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     plain_axes(ax, CRS.from_user_input(tiles.crs) if tiles.crs else None)
     fig.tight_layout()

@@ -1,9 +1,11 @@
-"""The QGIS project (``.qgz``) beside the outputs: the cluster map and both layers, styled, in order.
+"""The QGIS project (``.qgz``) beside the outputs: the cluster map, its layers and the analyst's, styled, in order.
 
-The project XML is written here rather than by QGIS, so a run needs no QGIS installed; the same
-style XML as the GeoPackage and ``.qml`` sidecar is embedded in each layer, so the project and a
-layer opened on its own look alike. Datasources are relative (``./name.gpkg|layername=tiles``),
-so the output folder can be moved or shared. The tests open it in a real QGIS.
+The project XML is written here rather than by QGIS, so a run needs no QGIS installed. Each layer
+embeds the style the GeoPackage holds for it (its ``layer_styles`` default) and the cluster map its
+``.qml`` sidecar, so the project and a layer opened on its own look alike, and the project is a
+function of the files beside it: ``similar`` rewrites it with the layers it adds. Datasources are
+relative (``./name.gpkg|layername=tiles``), so the output folder can be moved or shared. The tests
+open it in a real QGIS.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pyproj import CRS, Transformer
 from pyproj.aoi import AreaOfInterest
 from pyproj.database import query_utm_crs_info
 
-from ..palette import Palette
 from ..store import atomic_path
-from .styles import QGIS_VERSION, raster_qml_body, regions_mix_qml_body, regions_qml_body, tiles_qml_body
+from .geopackage import read_styles
+from .styles import LABEL_MIX_STYLE, QGIS_VERSION, qml_body
 
 Bounds = tuple[float, float, float, float]
 
@@ -143,14 +145,16 @@ def _vector_layer(gpkg: Path, layer: str, name: str, style: str, checked: bool =
                         "Polygon", wkb)
 
 
-def _drawn_layer(gpkg: Path, layer: str, style: str, fallback: Bounds) -> ProjectLayer:
-    """A layer to draw in: its extent, or the tiles' while it is empty."""
+def _analyst_layer(gpkg: Path, layer: str, style: str, fallback: Bounds) -> ProjectLayer:
+    """A layer the analyst made or draws in: its extent, or the tiles' while it is empty. A result's
+    per-region summary (``similar_<name>_regions``) starts switched off, under its tiles."""
     info = pyogrio.read_info(gpkg, layer=layer, force_total_bounds=True)
     b = info["total_bounds"]
     extent: Bounds = fallback if b is None or not np.all(np.isfinite(b)) else (float(b[0]), float(b[1]),
                                                                               float(b[2]), float(b[3]))
     return ProjectLayer(f"settlements_{layer}", layer, f"./{gpkg.name}|layername={layer}", "ogr",
-                        CRS.from_user_input(info["crs"]), extent, style, True, "Polygon", "Polygon")
+                        CRS.from_user_input(info["crs"]), extent, style, not layer.endswith("_regions"), "Polygon",
+                        "Polygon")
 
 
 def _padded(b: Bounds, share: float = 0.02) -> Bounds:
@@ -183,27 +187,34 @@ def view_bounds(gpkg: Path) -> tuple[Bounds, CRS]:
     return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), CRS.from_user_input(tiles["crs"])
 
 
-def write_project(path: Path, gpkg: Path, cluster_map: Path, palette: Palette, k: int, title: str,
-                  drawn: dict[str, str] | None = None) -> Path:
-    """Write ``path`` (.qgz): the ``drawn`` layers (name -> style body; e.g. examples to draw in, which may
-    be empty), label mix (off), regions, tiles, cluster map; opening on the tiles and the regions they
-    meet, in a projected CRS (:func:`view_crs`).
+def write_project(path: Path, gpkg: Path, cluster_map: Path | None, title: str, analyst: list[str] | None = None
+                  ) -> Path:
+    """Write ``path`` (.qgz): the ``analyst``'s layers of ``gpkg`` (drawn examples to draw in, which may be
+    empty, and ``similar`` results), label mix (off), regions, tiles, cluster map; opening on the tiles and
+    the regions they meet, in a projected CRS (:func:`view_crs`). Each layer is styled as the GeoPackage's
+    default style for it says; the cluster map as its ``.qml`` sidecar says (left out when None).
 
     The GeoPackage and the cluster map must lie in the project's folder (they are referenced
     relatively).
     """
-    with rasterio.open(cluster_map) as src:
-        rcrs = CRS.from_wkt(src.crs.to_wkt())
-        rb = _bounds(src.bounds)
+    styles = read_styles(gpkg)
+    default = {st.layer: qml_body(st.qml) for st in styles if st.default}
+    mix = next((qml_body(st.qml) for st in styles if st.layer == "regions" and st.name == LABEL_MIX_STYLE), "")
     layers = [
-        _vector_layer(gpkg, "regions", "regions: label mix", regions_mix_qml_body(palette, k), checked=False),
-        _vector_layer(gpkg, "regions", "regions", regions_qml_body(palette, k)),
-        _vector_layer(gpkg, "tiles", "tiles", tiles_qml_body(palette)),
-        ProjectLayer("settlements_cluster_map", "cluster map", f"./{cluster_map.name}", "gdal", rcrs, rb,
-                     raster_qml_body(palette)),
+        _vector_layer(gpkg, "regions", "regions: label mix", mix, checked=False),
+        _vector_layer(gpkg, "regions", "regions", default.get("regions", "")),
+        _vector_layer(gpkg, "tiles", "tiles", default.get("tiles", "")),
     ]
+    if cluster_map is not None:
+        with rasterio.open(cluster_map) as src:
+            rcrs = CRS.from_wkt(src.crs.to_wkt())
+            rb = _bounds(src.bounds)
+        sidecar = cluster_map.with_suffix(".qml")
+        style = qml_body(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else ""
+        layers.append(ProjectLayer("settlements_cluster_map", "cluster map", f"./{cluster_map.name}", "gdal", rcrs,
+                                   rb, style))
     bounds, layer_crs = view_bounds(gpkg)
-    layers = [_drawn_layer(gpkg, name, style, bounds) for name, style in (drawn or {}).items()] + layers
+    layers = [_analyst_layer(gpkg, name, default.get(name, ""), bounds) for name in analyst or []] + layers
     centre = Transformer.from_crs(layer_crs, 4326, always_xy=True).transform((bounds[0] + bounds[2]) / 2,
                                                                              (bounds[1] + bounds[3]) / 2)
     crs = view_crs(layer_crs, *centre)

@@ -27,7 +27,7 @@ from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
 
 from ..errors import OutputError
-from ..palette import NO_DATA_CODE, Palette, hex_to_rgb
+from ..palette import NO_DATA_CODE, Legend, hex_to_rgb
 from ..store import atomic_path, write_atomic
 from .styles import raster_qml
 
@@ -61,13 +61,14 @@ class CodeGrid:
 MAX_MAP_PIXELS = 1 << 26
 
 
-def tile_cells(tiles: pd.DataFrame, crss: list[CRS], palette: Palette) -> list[Cells]:
+def tile_cells(tiles: pd.DataFrame, crss: list[CRS], legend: Legend) -> list[Cells]:
     """Kept tiles (columns raster, kept, label, minx, miny, maxx, maxy) as coded cells per raster."""
     kept = tiles[tiles["kept"].astype(bool)]
+    code_of = dict(zip(legend.labels, legend.codes, strict=True))
     parts = []
     for r, crs in enumerate(crss):
         k = kept[kept["raster"] == r]
-        codes = np.array([palette.code(lb) for lb in k["label"]], dtype=np.uint8)
+        codes = k["label"].map(code_of).to_numpy(dtype=np.uint16)
         parts.append(Cells(crs, k[["minx", "miny", "maxx", "maxy"]].to_numpy(np.float64), codes))
     return parts
 
@@ -126,11 +127,13 @@ def code_grid(parts: list[Cells], max_pixels: int = MAX_MAP_PIXELS) -> CodeGrid:
         c[sl] = np.clip(c[sl], math.ceil(left - 1e-6), math.floor(right + 1e-6))
         r[sl] = np.clip(r[sl], math.ceil(top - 1e-6), math.floor(bottom + 1e-6))
         start = stop
-    grid = np.full((int(r[:, 1].max()), int(c[:, 1].max())), NO_DATA_CODE, dtype=np.uint8)
+    # one byte per pixel, but for a legend of more than 255 labels (many clusters and a model's classes)
+    dtype = np.uint8 if max(int(p.codes.max()) for p in drawn) <= np.iinfo(np.uint8).max else np.uint16
+    grid = np.full((int(r[:, 1].max()), int(c[:, 1].max())), NO_DATA_CODE, dtype=dtype)
     starts = np.cumsum([0, *(len(b) for b in boxes)])
     for p in reversed(range(len(drawn))):  # where rasters overlap the first listed wins, as in the histograms
         sl = slice(int(starts[p]), int(starts[p + 1]))
-        _paint(grid, c[sl], r[sl], drawn[p].codes.astype(np.uint8), mx, my)
+        _paint(grid, c[sl], r[sl], drawn[p].codes.astype(dtype), mx, my)
     return CodeGrid(grid, Affine(res_x / mx, 0, x0, 0, -res_y / my, y0), crs)
 
 
@@ -163,9 +166,9 @@ def _overview_levels(width: int, height: int, block: int) -> int:
     return levels
 
 
-def aux_xml(palette: Palette, counts: dict[int, int]) -> str:
+def aux_xml(legend: Legend, counts: dict[int, int]) -> str:
     """GDAL PAM sidecar: category names and a thematic raster attribute table (value, name, count, RGB)."""
-    names = palette.class_names()
+    names = legend.class_names()
     top = max(names)
     cats = "\n      ".join(f"<Category>{escape(names.get(v, ''))}</Category>" for v in range(top + 1))
     fields = [("Value", _GFT_INTEGER, _GFU_MINMAX), ("Class", _GFT_STRING, _GFU_NAME),
@@ -175,8 +178,8 @@ def aux_xml(palette: Palette, counts: dict[int, int]) -> str:
     defs = "\n      ".join(f'<FieldDefn index="{i}"><Name>{n}</Name><Type>{t}</Type><Usage>{u}</Usage></FieldDefn>'
                            for i, (n, t, u) in enumerate(fields))
     rows = []
-    for i, lb in enumerate(palette.labels):
-        code, colour = palette.code(lb), palette.colour(lb)
+    for i, lb in enumerate(legend.labels):
+        code, colour = legend.code(lb), legend.colour(lb)
         r, g, b = hex_to_rgb(colour)
         values = [code, escape(lb), counts.get(code, 0), r, g, b, colour]
         rows.append(f'<Row index="{i}">' + "".join(f"<F>{v}</F>" for v in values) + "</Row>")
@@ -203,23 +206,24 @@ class _ModeOverviewsOnPalette(logging.Filter):
         return "overviews on palette index" not in record.getMessage()
 
 
-def write_cluster_map(path: Path, grid: CodeGrid, palette: Palette) -> Path:
+def write_cluster_map(path: Path, grid: CodeGrid, legend: Legend) -> Path:
     """Write the COG (atomically) with its colour table, plus the ``.aux.xml`` and ``.qml`` sidecars."""
     h, w = grid.codes.shape
     bs = _block_size(w, h)
-    profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8", "nodata": NO_DATA_CODE,
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": grid.codes.dtype.name,
+               "nodata": NO_DATA_CODE,
                "crs": rasterio.crs.CRS.from_wkt(grid.crs.to_wkt()), "transform": grid.transform}
     dst = cog_profiles.get("deflate")
     dst.update({"blockxsize": bs, "blockysize": bs})
     values, counts = np.unique(grid.codes, return_counts=True)
-    write_atomic(path.with_suffix(".qml"), lambda p: p.write_text(raster_qml(palette), encoding="utf-8"))
+    write_atomic(path.with_suffix(".qml"), lambda p: p.write_text(raster_qml(legend), encoding="utf-8"))
     aux = path.with_name(path.name + ".aux.xml")
-    write_atomic(aux, lambda p: p.write_text(aux_xml(palette, dict(zip(values.tolist(), counts.tolist(),
+    write_atomic(aux, lambda p: p.write_text(aux_xml(legend, dict(zip(values.tolist(), counts.tolist(),
                                                                         strict=True))), encoding="utf-8"))
     with MemoryFile() as mem:
         with mem.open(**profile) as src:
             src.write(grid.codes, 1)
-            src.write_colormap(1, palette.colour_table())
+            src.write_colormap(1, legend.colour_table())
             src.set_band_description(1, "label code (see the raster attribute table)")
         gdal_log, note = logging.getLogger("rasterio._env"), _ModeOverviewsOnPalette()
         gdal_log.addFilter(note)

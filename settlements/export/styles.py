@@ -1,15 +1,15 @@
-"""QGIS styles (QML) generated from the palette: no colour is written here by hand.
+"""QGIS styles (QML) generated from the legend: no colour is written here by hand.
 
 Vector styles go into the GeoPackage's ``layer_styles`` table (QGIS loads the default one when the
 layer opens); the raster style is a ``.qml`` sidecar beside the cluster map (QGIS loads it the
-same way). The QGIS project embeds the same XML, so every view of the outputs shows one palette.
+same way). The QGIS project embeds the same XML, so every view of the outputs shows one legend.
 """
 
 from __future__ import annotations
 
 from xml.sax.saxutils import escape, quoteattr
 
-from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Palette, hex_to_rgb, score_colours
+from ..palette import NO_DATA, NO_DATA_COLOUR, OUTLINE_COLOUR, Legend, hex_to_rgb, score_colours
 from .geopackage import LayerStyle
 
 QGIS_VERSION = "3.22.0"
@@ -68,14 +68,14 @@ def _layer_tail(aliases: dict[str, str], map_tip: str, display_field: str, extra
 REGION_FILL_ALPHA = 96
 
 
-def categorized_renderer(field: str, palette: Palette, outline_width: float, no_data_category: bool,
+def categorized_renderer(field: str, legend: Legend, outline_width: float, no_data_category: bool,
                          fill_alpha: int = 255) -> str:
     """A categorized polygon renderer on ``field``: one category per palette label, filled at ``fill_alpha``.
 
     With ``no_data_category`` features whose value is NULL (e.g. regions without imagery) fall in an
     outline-only "no data" category (QGIS's "all other values"), so they stay visible uncoloured.
     """
-    items = palette.items()
+    items = legend.items()
     cats = [f'<category render="true" symbol="{i}" value={quoteattr(label)} label={quoteattr(label)}/>'
             for i, (label, _) in enumerate(items)]
     symbols = [_fill_symbol(str(i), c, outline_width, fill_alpha) for i, (_, c) in enumerate(items)]
@@ -92,7 +92,7 @@ def categorized_renderer(field: str, palette: Palette, outline_width: float, no_
       {sep.join(symbols)}
     </symbols>
     <source-symbol>
-      {_fill_symbol("0", palette.colours[0] if palette.colours else NO_DATA_COLOUR, outline_width)}
+      {_fill_symbol("0", legend.colours[0] if legend.colours else NO_DATA_COLOUR, outline_width)}
     </source-symbol>
     <rotation/>
     <sizescale/>
@@ -109,11 +109,11 @@ def _outline_renderer(outline_width: float) -> str:
   </renderer-v2>"""
 
 
-def pie_diagram(palette: Palette, size_mm: float = 7.0) -> str:
+def pie_diagram(legend: Legend, size_mm: float = 7.0) -> str:
     """A pie per region of the label fractions (``frac_<label>``), in the palette's colours."""
     attrs = "\n      ".join(
-        f'<attribute field={quoteattr(chr(34) + "frac_" + palette.key(lb) + chr(34))} color="{c}" colorOpacity="1" '
-        f"label={quoteattr(lb)}/>" for lb, c in palette.items())
+        f'<attribute field={quoteattr(chr(34) + "frac_" + legend.key(lb) + chr(34))} color="{c}" colorOpacity="1" '
+        f"label={quoteattr(lb)}/>" for lb, c in legend.items())
     return f"""<SingleCategoryDiagramRenderer diagramType="Pie" attributeLegend="1">
     <DiagramCategory enabled="1" width="{size_mm}" height="{size_mm}" sizeType="MM" penWidth="0.1"
         penColor="{OUTLINE_COLOUR}" penAlpha="255" backgroundColor="{NO_DATA_COLOUR}" backgroundAlpha="0"
@@ -137,26 +137,33 @@ def _document(body: str) -> str:
 """
 
 
-def categorized_qml(field: str, palette: Palette, aliases: dict[str, str] | None = None,
+def qml_body(qml: str) -> str:
+    """What a QML document holds inside its ``<qgis>`` element: the style a QGIS project embeds in a layer."""
+    start = qml.find(">", qml.find("<qgis")) + 1
+    end = qml.rfind("</qgis>")
+    return qml[start:end].strip() if 0 < start <= end else ""
+
+
+def categorized_qml(field: str, legend: Legend, aliases: dict[str, str] | None = None,
                     outline_width: float = 0.06, map_tip: str = "", display_field: str = "",
                     no_data_category: bool = False) -> str:
     """A complete QML: categorized polygon renderer on ``field``, aliases and map tip."""
-    return _document(categorized_renderer(field, palette, outline_width, no_data_category) + "\n"
+    return _document(categorized_renderer(field, legend, outline_width, no_data_category) + "\n"
                      + _layer_tail(aliases or {}, map_tip, display_field))
 
 
-def tiles_qml_body(palette: Palette) -> str:
+def tiles_qml_body(legend: Legend) -> str:
     """Tiles: categorized by label, thin outlines."""
     tip = "<b>[% \"label\" %]</b><br>cluster [% \"cluster\" %], region [% \"region_id\" %]"
-    return (categorized_renderer("label", palette, 0.02, no_data_category=False) + "\n"
+    return (categorized_renderer("label", legend, 0.02, no_data_category=False) + "\n"
             + _layer_tail(TILES_ALIASES, tip, '"label"'))
 
 
-def region_aliases(palette: Palette, k: int) -> dict[str, str]:
+def region_aliases(legend: Legend, k: int) -> dict[str, str]:
     """Readable names for every regions column, label and cluster columns included."""
     out = dict(REGIONS_ALIASES)
-    for lb in palette.labels:
-        s = palette.key(lb)
+    for lb in legend.labels:
+        s = legend.key(lb)
         out |= {f"n_{s}": f"Tiles: {lb}", f"frac_{s}": f"Share: {lb}", f"km2_{s}": f"Area (km²): {lb}"}
     for c in range(k):
         out |= {f"n_c{c}": f"Tiles: cluster {c}", f"frac_c{c}": f"Share: cluster {c}",
@@ -173,38 +180,38 @@ def area_expression(km2: str) -> str:
             f"ELSE format_number({x}, 2) || ' km²' END")
 
 
-def region_map_tip(palette: Palette) -> str:
+def region_map_tip(legend: Legend) -> str:
     """HTML map tip: region name, dominant label, then each label's share and area of the mapped area."""
     rows = "".join(
         f'<tr><td><span style="color:{c}">&#9632;</span> {escape(lb)}</td>'
-        f'<td align="right">[% format_number(coalesce("frac_{palette.key(lb)}", 0) * 100, 1) %] %</td>'
-        f'<td align="right">[% {area_expression(chr(34) + "km2_" + palette.key(lb) + chr(34))} %]</td></tr>'
-        for lb, c in palette.items())
+        f'<td align="right">[% format_number(coalesce("frac_{legend.key(lb)}", 0) * 100, 1) %] %</td>'
+        f'<td align="right">[% {area_expression(chr(34) + "km2_" + legend.key(lb) + chr(34))} %]</td></tr>'
+        for lb, c in legend.items())
     return ('<b>[% "region_name" %]</b> ([% "region_id" %])<br>dominant: [% coalesce("dominant_label", \'no data\') %]'
             f'<br>mapped [% {area_expression(chr(34) + "mapped_km2" + chr(34))} %] of '
             f'[% {area_expression(chr(34) + "area_km2" + chr(34))} %]'
             f"<table>{rows}</table>")
 
 
-def regions_qml_body(palette: Palette, k: int) -> str:
+def regions_qml_body(legend: Legend, k: int) -> str:
     """Regions: categorized by dominant label, translucent so the tiles below show, label mix in the map tip."""
-    return (categorized_renderer("dominant_label", palette, 0.3, no_data_category=True,
+    return (categorized_renderer("dominant_label", legend, 0.3, no_data_category=True,
                                  fill_alpha=REGION_FILL_ALPHA) + "\n"
-            + _layer_tail(region_aliases(palette, k), region_map_tip(palette), '"region_name"'))
+            + _layer_tail(region_aliases(legend, k), region_map_tip(legend), '"region_name"'))
 
 
-def regions_mix_qml_body(palette: Palette, k: int) -> str:
+def regions_mix_qml_body(legend: Legend, k: int) -> str:
     """Regions, second style: outlines with a pie of the label fractions on each region."""
     return (_outline_renderer(0.2) + "\n"
-            + _layer_tail(region_aliases(palette, k), region_map_tip(palette), '"region_name"',
-                          extra=pie_diagram(palette)))
+            + _layer_tail(region_aliases(legend, k), region_map_tip(legend), '"region_name"',
+                          extra=pie_diagram(legend)))
 
 
-def raster_qml_body(palette: Palette) -> str:
+def raster_qml_body(legend: Legend) -> str:
     """The cluster map: paletted renderer with one class per label code, names as class labels."""
     entries = "\n        ".join(
-        f'<paletteEntry value="{palette.code(lb)}" color="{c}" alpha="255" label={quoteattr(lb)}/>'
-        for lb, c in palette.items())
+        f'<paletteEntry value="{legend.code(lb)}" color="{c}" alpha="255" label={quoteattr(lb)}/>'
+        for lb, c in legend.items())
     return f"""<pipe>
     <provider>
       <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour"
@@ -225,31 +232,35 @@ def raster_qml_body(palette: Palette) -> str:
   <blendMode>0</blendMode>"""
 
 
-def raster_qml(palette: Palette) -> str:
+def raster_qml(legend: Legend) -> str:
     """The ``.qml`` sidecar of the cluster map; the nodata code has no entry, so it stays transparent."""
-    return _document(raster_qml_body(palette))
+    return _document(raster_qml_body(legend))
 
 
-def vector_styles(palette: Palette, k: int) -> list[LayerStyle]:
+#: The name of the regions' second style (a pie of the label mix), which the QGIS project shows as a layer.
+LABEL_MIX_STYLE = "settlements label mix"
+
+
+def vector_styles(legend: Legend, k: int) -> list[LayerStyle]:
     """The GeoPackage's ``layer_styles`` rows: defaults for tiles and regions, plus the label-mix style."""
     return [
-        LayerStyle("tiles", "settlements labels", _document(tiles_qml_body(palette)), "tiles coloured by label"),
-        LayerStyle("regions", "settlements label mix", _document(regions_mix_qml_body(palette, k)),
+        LayerStyle("tiles", "settlements labels", _document(tiles_qml_body(legend)), "tiles coloured by label"),
+        LayerStyle("regions", LABEL_MIX_STYLE, _document(regions_mix_qml_body(legend, k)),
                    "regions with a pie of their label shares", default=False),
-        LayerStyle("regions", "settlements dominant label", _document(regions_qml_body(palette, k)),
+        LayerStyle("regions", "settlements dominant label", _document(regions_qml_body(legend, k)),
                    "regions coloured by their dominant label"),
     ]
 
 
-def change_styles(palette: Palette) -> list[LayerStyle]:
-    """QGIS default styles for the change layers (``changes``, ``tile_changes``), from the one palette."""
+def change_styles(legend: Legend) -> list[LayerStyle]:
+    """QGIS default styles for the change layers (``changes``, ``tile_changes``), from the one legend."""
     tip = ("<b>[% region_name %]</b><br>since run [% previous_run %]: [% round(changed_share * 100, 1) %] % "
            "of the mapped area changed label<br>" + "<br>".join(
-               f"{escape(lb)}: [% round(\"dfrac_{palette.key(lb)}\" * 100, 1) %] points, "
-               f"[% round(\"dkm2_{palette.key(lb)}\", 3) %] km²" for lb in palette.labels))
+               f"{escape(lb)}: [% round(\"dfrac_{legend.key(lb)}\" * 100, 1) %] points, "
+               f"[% round(\"dkm2_{legend.key(lb)}\", 3) %] km²" for lb in legend.labels))
     return [
         LayerStyle("changes", "settlements largest gain",
-                   categorized_qml("largest_gain", palette,
+                   categorized_qml("largest_gain", legend,
                                    aliases={"region_name": "Region", "largest_gain": "Label that grew most",
                                             "largest_loss": "Label that shrank most",
                                             "changed_share": "Share of mapped area that changed label",
@@ -257,7 +268,7 @@ def change_styles(palette: Palette) -> list[LayerStyle]:
                                    outline_width=0.2, map_tip=tip, display_field="region_name"),
                    "regions coloured by the label whose share grew most since the previous run"),
         LayerStyle("tile_changes", "settlements new label",
-                   categorized_qml("new_label", palette,
+                   categorized_qml("new_label", legend,
                                    aliases={"old_label": "Label before", "new_label": "Label now",
                                             "change": "Change", "raster": "Source raster"},
                                    outline_width=0.05, map_tip="[% change %]", display_field="change"),

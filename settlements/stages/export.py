@@ -1,7 +1,9 @@
 """The export stage: labels, histograms and every output file, from the artifacts of the other stages.
 
-Writes ``outputs/<name>/``: the GeoPackage (tiles, regions, clusters, histogram, runs, changes),
-the cluster-map COG, the QGIS project and the pictures, all staged and committed with the run.
+Writes the cluster map (:mod:`settlements.export.tile_map`: the GeoPackage's tiles, regions and
+histogram, the COG, map and histograms pictures) with the rest of the GeoPackage (clusters, runs,
+changes, the analyst's layers carried over), the QGIS project and the atlas into ``outputs/<name>/``
+(names from :mod:`settlements.products`), all staged and committed with the run.
 """
 
 from __future__ import annotations
@@ -23,47 +25,25 @@ from ..changes import previous_labels, region_changes, tile_changes
 from ..clustering import KMeansClusterer, dominance_warning, restart_warning
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts
-from ..errors import OutputError
 from ..export import plots
-from ..export.geopackage import write_geopackage
-from ..export.layers import regions_layer, tile_regions, tiles_layer
 from ..export.previous import read_previous, read_runs
 from ..export.qgis_project import write_project
-from ..export.raster import code_grid, tile_cells, write_cluster_map
 from ..export.runs import concat_runs, run_columns
 from ..export.styles import change_styles, vector_styles
-from ..histograms import region_histograms
+from ..export.tile_map import CLUSTER_LAYERS, named_as_final, tile_map, write_tile_map
 from ..identity import anchor_tiles
 from ..labels import ClusterLabels, exported_snapshot, pull_edits, read_labels, write_labels
+from ..products import outputs
 from ..rasters import OpenRasters, RasterInfo, clipping_warning, load_infos, read_tile
-from ..reprocess import claim
-from ..similar_examples import drawn_layers, drawn_style_bodies, drawn_styles
+from ..reprocess import output_paths
+from ..similar_examples import analyst_layers
 from ..store import Workspace, ensure_dir, read_json, read_table
+from ..tile_tables import tiles_frame
 
 log = logging.getLogger(__name__)
 
 #: GDAL's block cache (bytes) while this process reads scattered tiles (the atlas).
 SCATTERED_READ_CACHE = 16 << 20
-
-
-def tiles_frame(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], labels: ClusterLabels,
-                 regions: gpd.GeoDataFrame) -> tuple[pd.DataFrame, gpd.GeoDataFrame]:
-    tiles = read_table(ws.tiles, "tile")
-    meta = read_table(ws.embedded, "embed")
-    assign = read_table(ws.assignments, "cluster")
-    shares = read_table(ws.shares, "tile")
-    t = tiles.merge(meta, on="tile_id").merge(assign, on="tile_id", how="left")
-    t["cluster"] = t["cluster"].fillna(-1).astype(int)
-    t["label"] = [labels.label_of(c) if c >= 0 else None for c in t["cluster"]]
-    t = t.merge(tile_regions(shares, regions), on="tile_id", how="left")
-    layer = tiles_layer(t[t["kept"]], infos, cfg.output.crs, lambda k, info: {
-        "tile_id": k["tile_id"].to_numpy(), "cluster": k["cluster"].to_numpy().astype(np.int32),
-        "label": k["label"].to_numpy(), "distance": k["distance"].to_numpy().astype(np.float64),
-        "region_id": k["region_id"].to_numpy(), "raster": info.path.name,
-        "row": k["row"].to_numpy(), "col": k["col"].to_numpy(),
-        "valid_fraction": k["valid_cell"].to_numpy().astype(np.float64),
-    })
-    return t, layer
 
 
 def result_warnings(infos: list[RasterInfo], sizes: np.ndarray, restarts: dict | None = None) -> list[str]:
@@ -104,7 +84,6 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     outputs as they were. ``run_info``: what the runner knows of the run (start, stage times, state
     key, library versions) for its row in the ``runs`` table.
     """
-    assert ws.commit is not None
     infos = load_infos(ws)
     k = cfg.clustering.k
     regions = gpd.read_parquet(ws.regions)
@@ -112,7 +91,8 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     sizes = np.bincount(assign["cluster"].to_numpy(), minlength=k)
     out_dir = cfg.output_dir
     ensure_dir(out_dir, "output.dir")
-    gpkg = out_dir / f"{cfg.name}.gpkg"
+    files = outputs(cfg)
+    gpkg = files.gpkg
     # edits made in QGIS go to the YAML (committed with the outputs)
     pull_edits(gpkg, ws.labels, cfg.name, k, need_snapshot=True, target=ws.out(cfg.labels_path))
     labels = read_labels(ws.labels, k)
@@ -120,17 +100,17 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         write_labels(ws.out(cfg.labels_path), cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
                      out_dir=out_dir)
         log.info("wrote labels template %s: name the clusters, then run again", cfg.labels_path)
-    palette = labels.palette
+    legend = labels.legend()
     t, tiles_out = tiles_frame(cfg, ws, infos, labels, regions)
     shares = read_table(ws.shares, "tile")
-    wide, long = region_histograms(t[["tile_id", "kept", "valid_cell", "cluster", "label"]], shares,
-                                   regions.drop(columns="geometry"), list(palette.labels), k)
-    regions_out = regions_layer(wide, regions, cfg.output.crs)
+    cluster_map = tile_map(t, tiles_out, shares, regions, [i.crs for i in infos], cfg.output.crs, legend,
+                           (f"{cfg.name}: tiles by label", f"{cfg.name}: label histograms"), clusters=k)
+    regions_out, long = cluster_map.regions, cluster_map.histogram
     centroids = KMeansClusterer.load(ws.clusters).cluster_centers_
     clusters = pd.DataFrame({
         "cluster": np.arange(k, dtype=np.int32),
         "label": [labels.label_of(i) for i in range(k)],
-        "colour": [palette.colour(labels.label_of(i)) for i in range(k)],
+        "colour": [legend.colour(labels.label_of(i)) for i in range(k)],
         "size": sizes.astype(np.int64),
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
@@ -140,7 +120,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     before = previous_labels(labels, cluster_info.get("matching"))
     changes = region_changes(previous, long, regions_out, labels, before)
     changed_tiles = tile_changes(previous, tiles_out, labels, before)
-    drawn = drawn_layers(gpkg, cfg.output.crs)  # what the analyst drew for `settlements similar` is kept
+    kept, kept_styles = analyst_layers(gpkg, cfg.output.crs)  # drawn examples, similar results: always kept
     embed_info = read_json(ws.embed_meta, "embed")
     skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
     now = datetime.now(timezone.utc)
@@ -170,25 +150,16 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     }])
     old_runs = read_runs(gpkg)
     runs = run_row if old_runs is None else concat_runs(old_runs, run_row)
-    styles = vector_styles(palette, k) + change_styles(palette) + drawn_styles()
-    cluster_map = out_dir / f"{cfg.name}_labels.tif"
-    project = out_dir / f"{cfg.name}.qgz"
-    stage = ws.commit.folder(out_dir)
-    try:
-        write_geopackage(stage / gpkg.name, {"tiles": tiles_out, "regions": regions_out, "clusters": clusters,
-                                             "histogram": long, "runs": runs, "changes": changes,
-                                             "tile_changes": changed_tiles, **drawn}, styles)
-        write_cluster_map(stage / cluster_map.name, code_grid(tile_cells(t, [i.crs for i in infos], palette)),
-                          palette)
-        write_project(stage / project.name, stage / gpkg.name, stage / cluster_map.name, palette, k,
-                      f"settlements: {cfg.name}", drawn=drawn_style_bodies())
+    styles = vector_styles(legend, k) + change_styles(legend) + kept_styles
+    stage = ws.out_dir(out_dir)
+    with named_as_final(stage, out_dir):
+        write_tile_map(cluster_map, files.cluster_map.in_folder(stage), CLUSTER_LAYERS, styles,
+                       cfg.output.max_plot_regions, extra={"clusters": clusters, "runs": runs, "changes": changes,
+                                                           "tile_changes": changed_tiles, **kept})
+        raster = files.cluster_map.raster
+        assert raster is not None
+        write_project(stage / files.project.name, stage / gpkg.name, stage / raster.name, f"settlements: {cfg.name}",
+                      analyst=list(kept))
         panels = atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
-        plots.atlas(stage / "atlas.png", panels, palette, f"{cfg.name}: most typical tiles of each cluster")
-        plots.histograms(stage / "histograms.png", wide, palette, cfg.output.max_plot_regions,
-                         f"{cfg.name}: label histograms")
-        plots.label_map(stage / "map.png", tiles_out, regions_out, palette, f"{cfg.name}: tiles by label")
-    except OutputError as exc:  # name the output, not the hidden staging folder it was built in
-        raise OutputError(str(exc).replace(str(stage), str(out_dir))) from None
-    claim(cfg, out_dir, ws.commit)
-    return {"gpkg": gpkg, "atlas": out_dir / "atlas.png", "histograms": out_dir / "histograms.png",
-            "map": out_dir / "map.png", "cluster_map": cluster_map, "project": project}
+        plots.atlas(stage / files.atlas.name, panels, legend, f"{cfg.name}: most typical tiles of each cluster")
+    return output_paths(cfg)

@@ -1,8 +1,11 @@
 """``settlements train``: training labels -> top model -> (fine tuning) -> blocked cross-validation.
 
-Artifacts go to ``work/<name>/supervised/`` (models with the settings that made them, the fine-tuning
-checkpoint); the evaluation goes to ``outputs/<name>/``: ``evaluation.csv``, ``confusion.csv``,
-``confusion.png`` and ``cluster_quality.csv``.
+Models go to ``work/<name>/supervised/`` (each with the settings that made it, and ``training.json``);
+the evaluation to ``outputs/<name>/``: ``evaluation.csv``, ``confusion.csv``, ``confusion.png`` and
+``cluster_quality.csv`` (names from :class:`settlements.store.Workspace` and :mod:`settlements.products`).
+All of them are written through the command's commit (:func:`settlements.pipeline.train`): a training
+that fails (its evaluation too) or is interrupted replaces none of the last good ones. The fine
+tuning's checkpoint is work state, written each epoch, so a rerun with the same settings resumes there.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, TopModelSettings, Training
 from ..errors import ConfigError, StageError, TrainingError
 from ..neighbours import neighbour_mean, tile_neighbours, with_neighbours
+from ..products import outputs
 from ..rasters import OpenRasters, RasterInfo, load_infos, read_tile
-from ..reprocess import pipeline_lock
-from ..store import read_table, workspace, write_atomic, write_json
+from ..store import Workspace, read_table, write_atomic, write_json
+from ..tile_tables import kept_tiles
 from ..tiling import ground_order
 from .evaluation import (
     block_folds,
@@ -40,34 +44,11 @@ from .evaluation import (
 from .figures import confusion_figure
 from .finetune import FineTuner, TileImages, targets_of
 from .top_model import TopModel, save_state
-from .training_labels import kept_tiles, tile_labels
+from .training_labels import tile_labels
 
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "top_model", "fine_tuned")
-
-
-@dataclass(frozen=True)
-class SupervisedPaths:
-    """Where the supervised artifacts and outputs of one pipeline live."""
-
-    work: Path
-    out: Path
-    name: str
-
-    top_model = property(lambda self: self.work / "top_model.pt")
-    fine_tuned = property(lambda self: self.work / "fine_tuned.pt")
-    checkpoint = property(lambda self: self.work / "finetune_checkpoint.pt")
-    record = property(lambda self: self.work / "training.json")
-    evaluation = property(lambda self: self.out / "evaluation.csv")
-    confusion = property(lambda self: self.out / "confusion.csv")
-    confusion_png = property(lambda self: self.out / "confusion.png")
-    cluster_quality = property(lambda self: self.out / "cluster_quality.csv")
-    gpkg = property(lambda self: self.out / f"{self.name}_supervised.gpkg")
-
-
-def supervised_paths(cfg: PipelineConfig) -> SupervisedPaths:
-    return SupervisedPaths(cfg.work_dir / "supervised", cfg.output_dir, cfg.name)
 
 
 def training_settings(cfg: PipelineConfig) -> Training:
@@ -179,7 +160,7 @@ def _class_column(tiles: pd.DataFrame, labels: pd.DataFrame) -> np.ndarray:
     return tiles[["tile_id"]].merge(labels, on="tile_id", how="left")["class"].to_numpy(dtype=object)
 
 
-def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
+def evaluate(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
              y_train: np.ndarray, y_ref: np.ndarray, inputs: TopModelInputs | None = None) -> dict[str, Path]:
     """Blocked cross-validation of every method on the same held-out blocks; clustering quality.
 
@@ -191,10 +172,10 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     inputs = inputs or TopModelInputs.of(emb, tiles, infos)
     blocks = tiles["block"].to_numpy()
     ev = t.evaluation
-    paths = supervised_paths(cfg)
+    files = outputs(cfg)
     has_train, has_ref = pd.notna(y_train), pd.notna(y_ref)
     fold = block_folds(tiles["block"].to_numpy(), has_ref.astype(float), ev.folds, ev.seed)
-    assign = read_table(workspace(cfg).assignments, "cluster")
+    assign = read_table(ws.assignments, "cluster")
     clusters = tiles[["tile_id"]].merge(assign, on="tile_id", how="left")["cluster"].to_numpy()
     do_ft = t.finetune.enabled and ev.finetune
     methods = [m for m in METHODS if m != "fine_tuned" or do_ft]
@@ -226,17 +207,18 @@ def evaluate(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame, 
     scores = scores[["method", "class", "precision", "recall", "f1", "support"]]
     confusion = pd.concat([confusion_long(y_true, np.concatenate(preds[m]), classes).assign(method=m)
                            for m in methods], ignore_index=True)[["method", "true", "predicted", "count"]]
-    write_atomic(paths.evaluation, lambda p: scores.to_csv(p, index=False, float_format="%.4f"))
-    write_atomic(paths.confusion, lambda p: confusion.to_csv(p, index=False))
-    confusion_figure(paths.confusion_png, confusion, classes, scores,
+    stage = ws.out_dir(cfg.output_dir)  # committed with the models
+    write_atomic(stage / files.evaluation.name, lambda p: scores.to_csv(p, index=False, float_format="%.4f"))
+    write_atomic(stage / files.confusion.name, lambda p: confusion.to_csv(p, index=False))
+    confusion_figure(stage / files.confusion_png.name, confusion, classes, scores,
                      f"{cfg.name}: blocked {ev.folds}-fold cross-validation ({ev.block_tiles}x{ev.block_tiles}-tile "
                      f"blocks), {len(y_true)} held-out tiles")
     quality = clustering_quality(cfg, infos, tiles, emb, y_ref, inputs.near)
-    write_atomic(paths.cluster_quality, lambda p: quality.to_csv(p, index=False, float_format="%.4f"))
+    write_atomic(stage / files.cluster_quality.name, lambda p: quality.to_csv(p, index=False, float_format="%.4f"))
     macro = scores[scores["class"] == "macro avg"].set_index("method")["f1"].round(4).to_dict()
     log.info("blocked cross-validation macro F1: %s", macro)
-    return {"evaluation": paths.evaluation, "confusion": paths.confusion, "confusion_png": paths.confusion_png,
-            "cluster_quality": paths.cluster_quality}
+    return {"evaluation": files.evaluation, "confusion": files.confusion, "confusion_png": files.confusion_png,
+            "cluster_quality": files.cluster_quality}
 
 
 def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
@@ -267,29 +249,22 @@ def clustering_quality(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.D
     return pd.DataFrame(rows, columns=["features", "nmi", "ari", "purity"])
 
 
-def train(cfg: PipelineConfig) -> dict[str, Any]:
-    """Top model on every labelled tile, then fine tuning when asked, then the blocked evaluation."""
-    training_settings(cfg)
-    if not workspace(cfg).embeddings.exists():
-        raise StageError(f"{workspace(cfg).embeddings}: missing; run `settlements run {cfg.source}` first")
-    with pipeline_lock(cfg):
-        return _train(cfg)
-
-
-def blocked_tiles(cfg: PipelineConfig, infos: list[RasterInfo]) -> pd.DataFrame:
+def blocked_tiles(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo]) -> pd.DataFrame:
     """The embedded tiles with their spatial ``block``: one partition of the ground for training and evaluation."""
-    tiles = kept_tiles(workspace(cfg))
+    tiles = kept_tiles(ws)
     side = block_side_m(cfg.tiling.stride_length, infos, tiles, training_settings(cfg).evaluation.block_tiles)
     tiles["block"] = spatial_blocks(tiles, side)
     return tiles
 
 
-def _train(cfg: PipelineConfig) -> dict[str, Any]:
+def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
+    """Top model on every labelled tile, then fine tuning when asked, then the blocked evaluation; every file
+    written through ``ws`` (a command's commit: :func:`settlements.pipeline.train`)."""
     t = training_settings(cfg)
-    ws = workspace(cfg)
-    paths = supervised_paths(cfg)
+    if not ws.embeddings.exists():
+        raise StageError(f"{ws.embeddings}: missing; run `settlements run {cfg.source}` first")
     infos = load_infos(ws)
-    tiles = blocked_tiles(cfg, infos)
+    tiles = blocked_tiles(cfg, ws, infos)
     emb = np.load(ws.embeddings, mmap_mode="r")
     labels = tile_labels(cfg, t.labels)
     reference = tile_labels(cfg, t.reference) if t.reference is not None else labels
@@ -308,18 +283,21 @@ def _train(cfg: PipelineConfig) -> dict[str, Any]:
                                      parts=feature_parts(chosen))
     config = cfg.to_yaml_dict()
     state = {**top.state(), "config": config, "embedding_rows": int(len(emb)), "neighbours": chosen.neighbours}
-    save_state(paths.top_model, state)
+    top_model = ws.top_model  # its final path: nothing staged it yet
+    save_state(ws.out(top_model), state)
     result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
-                              "top_model": paths.top_model, "neighbours": chosen.neighbours,
+                              "top_model": top_model, "neighbours": chosen.neighbours,
                               "neighbours_macro_f1": scores}
     if t.finetune.enabled:
-        paths.work.mkdir(parents=True, exist_ok=True)
+        ws.finetune_checkpoint.parent.mkdir(parents=True, exist_ok=True)
         ft = fine_tune(cfg, infos, tiles[has].reset_index(drop=True), y_train[has].astype(str), np.asarray(emb),
-                       paths.checkpoint)
-        ft.save(paths.fine_tuned, {"config": config})
-        result.update(fine_tuned=paths.fine_tuned, best_epoch=ft.best_epoch_)
+                       ws.finetune_checkpoint)
+        fine_tuned = ws.fine_tuned
+        ft.save(ws.out(fine_tuned), {"config": config})
+        result.update(fine_tuned=fine_tuned, best_epoch=ft.best_epoch_)
     if t.evaluation.enabled:
-        result.update(evaluate(cfg, infos, tiles, np.asarray(emb), y_train, y_ref, inputs))
-    write_json(paths.record, {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
+        result.update(evaluate(cfg, ws, infos, tiles, np.asarray(emb), y_train, y_ref, inputs))
+    write_json(ws.out(ws.training),
+               {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
                | {"config": config, "class_counts": pd.Series(y_train[has]).value_counts().to_dict()})
     return result

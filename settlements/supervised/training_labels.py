@@ -15,25 +15,16 @@ import pyogrio
 import shapely
 
 from ..config import LabelSource, PipelineConfig
-from ..errors import ConfigError, StageError
+from ..errors import ConfigError
 from ..labels import read_labels
 from ..palette import default_cluster_name
 from ..rasters import RasterInfo, load_infos
 from ..store import Workspace, read_table, workspace
+from ..tile_tables import kept_tiles
 from .raster_labels import raster_labels
 from .reference import spectral_labels
 
 log = logging.getLogger(__name__)
-
-
-def kept_tiles(ws: Workspace) -> pd.DataFrame:
-    """The tile table restricted to tiles that have an embedding, with their embedding row."""
-    tiles = read_table(ws.tiles, "tile")
-    if "ground_x" not in tiles.columns:
-        raise StageError(f"{ws.tiles}: tiles of an older version (no ground position); run the pipeline again")
-    meta = read_table(ws.embedded, "embed")
-    t = tiles.merge(meta[["tile_id", "kept", "emb_row", "valid_cell"]], on="tile_id")
-    return t[t["kept"]].sort_values("emb_row").reset_index(drop=True)
 
 
 def cluster_labels(cfg: PipelineConfig, ws: Workspace, src: LabelSource) -> pd.DataFrame:
