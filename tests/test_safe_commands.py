@@ -76,12 +76,13 @@ def everything(folder: Path) -> dict[str, str]:
 WRITERS = [
     ["labels", "pull", "{gpkg}"], ["labels-template", "{config}", "--force"], ["labels", "template", "{config}"],
     ["run", "{config}", "--force"], ["tile", "{config}"], ["embed", "{config}"], ["cluster", "{config}"],
-    ["export", "{config}"], ["cache", "prune", "{config}"],
+    ["export", "{config}"], ["cache", "prune", "{config}"], ["train", "{config}"], ["predict", "{config}"],
+    ["similar", "{config}", "--examples", "1"], ["export-embeddings", "{config}"],
 ]
 
 
 def test_every_writing_command_takes_the_pipeline_lock(base: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    config = copy_of(base, tmp_path, export=True)
+    config = copy_of(base, tmp_path, export=True, training={"labels": {"source": "spectral"}})
     cfg = load_config(config)
     gpkg = cfg.output_dir / "small.gpkg"
     with sqlite3.connect(gpkg) as con:  # an edit in QGIS, waiting to be pulled
@@ -92,8 +93,10 @@ def test_every_writing_command_takes_the_pipeline_lock(base: Path, tmp_path: Pat
             argv = [a.format(gpkg=gpkg, config=config) for a in args]
             code, _, err = run_cli(monkeypatch, capsys, *argv)
             one_error_line(code, err, r"another run of pipeline 'small' is in progress")
-        code, _, err = run_cli(monkeypatch, capsys, "labels", "pull", str(gpkg), "--wait", "0.3")
-        one_error_line(code, err, r"in progress .* after waiting 0\.3 s")
+        for args in WRITERS:  # each waits, when asked
+            argv = [a.format(gpkg=gpkg, config=config) for a in args]
+            code, _, err = run_cli(monkeypatch, capsys, *argv, "--wait", "0.3")
+            one_error_line(code, err, r"in progress .* after waiting 0\.3 s")
     assert everything(tmp_path) == before
     # once the lock is free, the pull goes through
     code, out, err = run_cli(monkeypatch, capsys, "labels", "pull", str(gpkg))
