@@ -23,6 +23,7 @@ from .config import PipelineConfig, load_config, read_yaml
 from .errors import ConfigError
 from .export.previous import clusters_rows, last_run_value
 from .palette import Legend, build_legend, default_cluster_name, is_colour
+from .products import Outputs, outputs
 from .store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,11 @@ _LabelsDumper.add_representer(
     _TileIds, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
 
 
-def atlas_hint(labels_path: Path, out_dir: Path | None) -> str:
+def atlas_hint(labels_path: Path, pipeline: str, out_dir: Path | None) -> str:
     """Where the atlas is, as the labels file's header names it: relative to the file where possible."""
     if out_dir is None:
-        return "atlas.png in the pipeline's output folder"
-    atlas = Path(out_dir) / "atlas.png"
+        return f"{Outputs(Path('.'), pipeline).atlas.name} in the pipeline's output folder"
+    atlas = Outputs(Path(out_dir), pipeline).atlas
     try:
         rel = Path(os.path.relpath(atlas, Path(labels_path).resolve().parent))
     except ValueError:  # another drive
@@ -155,7 +156,7 @@ def write_labels(path: Path, pipeline: str, labels: ClusterLabels, sizes: dict[i
         if anchors.get(cid):
             entry["anchors"] = _TileIds(int(t) for t in anchors[cid])
         body["clusters"][cid] = entry
-    text = HEADER.format(name=pipeline, atlas=atlas_hint(path, out_dir)) + yaml.dump(
+    text = HEADER.format(name=pipeline, atlas=atlas_hint(path, pipeline, out_dir)) + yaml.dump(
         body, Dumper=_LabelsDumper, sort_keys=False, allow_unicode=True, width=120)
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
@@ -330,6 +331,7 @@ def pipeline_of(gpkg: Path, config: Path | None = None) -> PipelineConfig:
         if recorded != (cfg.name, str(cfg.labels_path), str(cfg.work_dir)):
             raise ConfigError(f"{gpkg}: its pipeline config {source} no longer names the labels file and work folder "
                               "the GeoPackage records; pass --config PIPELINE.yaml")
-    if gpkg.name != f"{cfg.name}.gpkg":
-        raise ConfigError(f"{gpkg}: expected the file name {cfg.name}.gpkg (pipeline '{cfg.name}')")
+    expected = outputs(cfg).gpkg.name
+    if gpkg.name != expected:
+        raise ConfigError(f"{gpkg}: expected the file name {expected} (pipeline '{cfg.name}')")
     return cfg
