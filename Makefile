@@ -10,12 +10,13 @@ SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 puca
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
-.PHONY: venv data demo region reprocess test lint bench bench-quick quality gpu-wheels gpu-check clean help
+.PHONY: venv data demo region reprocess test lint docs bench bench-quick quality gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
 	@echo "make test            run the linter, the type checker and the test suite"
 	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
 	@echo "make data            link or fetch the input scenes into data/"
+	@echo "make docs            build the user guide into site/ (open site/index.html)"
 	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
 	@echo "make quality         cluster and model quality on the hand-labelled Mumbai patches and Olinda"
 	@echo "make gpu-wheels      fetch what benchmarks/gpu_check.sh needs on an offline GPU machine into .whl/"
@@ -29,6 +30,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The docs tools (the `docs` extra) on top of the environment: only `make docs` needs them.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[$(strip $(FAISS)),docs]'
+	touch $@
 
 # Inputs: link each scene from ../shared/data when present; Olinda can also come from Debian packages.
 data:
@@ -56,7 +62,7 @@ reprocess: venv data
 	done; exit $$status
 
 test: venv data
-	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
+	$(BIN)/ruff check settlements tests docs $(wildcard benchmarks)
 	$(BIN)/mypy settlements
 	$(BIN)/python -m pytest -q
 
@@ -78,8 +84,16 @@ gpu-wheels: data
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# The user guide: mkdocs.yml's hook writes docs/reference/configuration.md from settlements/config.py,
+# --strict turns every warning (a broken link or anchor, a page outside the nav) into an error, and
+# check_links.py checks every internal link and anchor of the built HTML. Material's end-of-life banner
+# is silenced (see docs/architecture.md). No --quiet: MkDocs 1.6 then counts no warning, and --strict passes.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	$(PY) docs/check_links.py site
+
 lint: venv
-	$(BIN)/ruff check settlements tests $(wildcard benchmarks)
+	$(BIN)/ruff check settlements tests docs $(wildcard benchmarks)
 	$(BIN)/mypy settlements
 
 clean:

@@ -1,6 +1,7 @@
-"""The documentation: the configuration reference generated from the schema.
+"""The documentation: the configuration reference generated from the schema, and links that lead somewhere.
 
-These tests need neither MkDocs nor a build, so ``make test`` runs them.
+``make docs`` builds the guide with MkDocs (``--strict``: every Markdown link and anchor checked) and
+then checks the built HTML; these tests need neither MkDocs nor a build, so ``make test`` runs them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from settlements.config import Length, PipelineConfig, Strict
 
@@ -31,6 +32,7 @@ def _script(name: str) -> ModuleType:
 
 
 reference = _script("config_reference")
+check_links = _script("check_links")
 
 
 def test_every_config_field_has_a_description() -> None:
@@ -87,3 +89,79 @@ def test_a_type_the_reference_cannot_name_is_an_error() -> None:
 
 def test_length_is_a_value_not_a_section() -> None:
     assert Length not in reference.Reference().sections
+
+
+def test_every_guide_page_is_in_the_nav() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
+    assert [p for p in pages if f": {p}" not in nav] == []
+
+
+def test_the_similar_examples_use_a_shipped_pipeline() -> None:
+    text = (DOCS / "similar.md").read_text(encoding="utf-8")
+    used = set(re.findall(r"settlements similar (pipelines/\S+\.yaml)", text))
+    assert used and all((ROOT / path).is_file() for path in used)
+
+
+def _site(tmp_path: Path, pages: dict[str, str]) -> Path:
+    for name, body in pages.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"<html><body>{body}</body></html>", encoding="utf-8")
+    return tmp_path
+
+
+def test_the_link_check_passes_a_sound_site(tmp_path: Path) -> None:
+    site = _site(tmp_path, {
+        "index.html": '<a href="guide/a.html#step-2">a</a> <a href="https://example.org/x">out</a> <a href="#top">'
+                      '<span id="top"></span>',
+        "guide/a.html": '<h2 id="step-2">Step 2</h2><img src="../img.png"><a href="/index.html">home</a>',
+        "img.png": "",
+    })
+    assert check_links.broken_links(site) == []
+
+
+def test_the_link_check_finds_missing_files_anchors_and_twice_given_ids(tmp_path: Path) -> None:
+    site = _site(tmp_path, {
+        "index.html": '<a href="gone.html">x</a> <a href="a.html#nowhere">y</a> <p id="d"></p><p id="d"></p>',
+        "a.html": '<h2 id="here">Here</h2>',
+    })
+    problems = check_links.broken_links(site)
+    assert len(problems) == 3
+    assert any("'gone.html'" in p for p in problems)
+    assert any("no anchor #nowhere in a.html" in p for p in problems)
+    assert any("id 'd' given 2 times" in p for p in problems)
+
+
+def _yaml_blocks() -> list[tuple[str, str]]:
+    """The ```yaml blocks of the README and the guide, with the file each is in."""
+    blocks = []
+    for path in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        blocks += [(path.name, block) for block in re.findall(r"^```yaml\n(.*?)^```", text, flags=re.S | re.M)]
+    return blocks
+
+
+def test_the_guide_s_pipeline_examples_are_valid_config() -> None:
+    """Every example of a pipeline, a training section or a label source passes the schema as written."""
+    import yaml
+
+    from settlements.config import LabelSource, Training
+
+    checked = 0
+    for where, block in _yaml_blocks():
+        data = yaml.safe_load(block)
+        if not isinstance(data, dict):
+            continue
+        try:
+            if "rasters" in data:
+                PipelineConfig.model_validate({"name": "example", **data})
+            elif set(data) == {"training"}:
+                Training.model_validate(data["training"])
+            elif set(data) == {"labels"}:
+                LabelSource.model_validate(data["labels"])
+            else:
+                continue
+        except ValidationError as exc:
+            pytest.fail(f"{where}: an example fails the schema: {exc}")
+        checked += 1
+    assert checked >= 5, checked
