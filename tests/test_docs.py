@@ -91,6 +91,18 @@ def test_length_is_a_value_not_a_section() -> None:
     assert Length not in reference.Reference().sections
 
 
+def _readme_links() -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def test_the_readme_links_into_the_guide() -> None:
+    links = [link for link in _readme_links() if "://" not in link]
+    assert any(link.startswith("docs/") and link.endswith(".md") for link in links)
+    missing = [link for link in links if not (ROOT / link.split("#")[0]).exists()]
+    assert missing == []
+
+
 def test_every_guide_page_is_in_the_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
