@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from settlements.config import PipelineConfig, load_config
 from settlements.pipeline import RunReport, run
@@ -17,6 +18,17 @@ DATA = ROOT / "data"
 PIPELINES = ROOT / "pipelines"
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+#: Seconds a test waits at most for a process, a marker or a lock: a guard against a hang, never a check of
+#: speed, so far above any real duration that a slow or busy machine never reaches it. (Hypothesis runs
+#: without deadlines: see the profile below.)
+HANG_GUARD = 1800
+
+# Every property test runs under this one profile: no deadline and no speed health check (a busy machine is
+# no failure), and the same examples on every machine and every run (derandomized; `make fuzz` explores).
+settings.register_profile("settlements", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          derandomize=True, database=None)
+settings.load_profile("settlements")
 
 
 def scene(*parts: str) -> Path:

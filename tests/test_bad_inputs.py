@@ -26,7 +26,7 @@ from settlements.config import load_config
 from settlements.pipeline import run, stage_tile
 from settlements.store import read_table, workspace
 
-from .conftest import run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, run_cli, scene, write_pipeline
 
 SMALL = {"tiling": {"tile_size": "64px"}, "embedding": {"input_size": 32, "num_workers": 0},
          "clustering": {"k": 2}}
@@ -547,7 +547,7 @@ def test_installed_command_prints_one_line_for_a_truncated_raster(tmp_path, olin
     before = snapshot(tmp_path)
     exe = Path(sys.executable).with_name("settlements")
     env = {k: v for k, v in __import__("os").environ.items() if k != "CPL_LOG"}
-    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=HANG_GUARD, env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(rf"error: {re.escape(str(tif))}: cannot (open raster|read pixels)", lines[0]), \

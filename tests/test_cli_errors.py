@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import rasterio
 
-from .conftest import run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, run_cli, scene, write_pipeline
 
 
 def run_bad(tmp_path: Path, monkeypatch, capsys, **overrides) -> tuple[int, str, Path]:
@@ -101,7 +101,7 @@ def test_errors_exit_2_from_the_installed_command(tmp_path) -> None:
     cfg = tmp_path / "x.yaml"
     cfg.write_text("rasters: []\nregions: {wkt: 'POINT (0 0)', crs: 'EPSG:4326'}\n")
     exe = Path(sys.executable).with_name("settlements")
-    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {cfg}: invalid config: rasters: List should have at least 1 item after validation, not 0 (got [])"]

@@ -23,6 +23,7 @@ import yaml
 from settlements.config import load_config
 from settlements.pipeline import run
 
+from .conftest import HANG_GUARD
 from .reprocess_helpers import (
     assert_same_content,
     integrity_ok,
@@ -43,7 +44,7 @@ def start(config: Path, *args: str, env: dict[str, str] | None = None) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for(proc: subprocess.Popen, marker: Callable[[], object], timeout: float = 240) -> object:
+def wait_for(proc: subprocess.Popen, marker: Callable[[], object], timeout: float = HANG_GUARD) -> object:
     """Poll until ``marker()`` is truthy while the run goes on; return what it saw."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -58,7 +59,7 @@ def wait_for(proc: subprocess.Popen, marker: Callable[[], object], timeout: floa
     pytest.fail("kill point never reached")
 
 
-def kill_when(proc: subprocess.Popen, marker: Callable[[], object], timeout: float = 240) -> object:
+def kill_when(proc: subprocess.Popen, marker: Callable[[], object], timeout: float = HANG_GUARD) -> object:
     """SIGKILL the run's process group as soon as ``marker()`` is truthy; return what it saw."""
     seen = wait_for(proc, marker, timeout)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -138,8 +139,8 @@ def test_sigkill_during_embedding_and_during_geopackage_write(tmp_path: Path) ->
 def test_runs_at_once_one_works_the_others_fail_clearly_or_wait(tmp_path: Path) -> None:
     config = kampala_chips(tmp_path, 2)
     cfg = load_config(config)
-    procs = [start(config), start(config), start(config, "--wait", "300")]
-    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    procs = [start(config), start(config), start(config, "--wait", str(HANG_GUARD))]
+    results = [(p.wait(timeout=HANG_GUARD), *p.communicate()) for p in procs]
     codes = [r[0] for r in results]
     assert codes.count(0) == 1, results  # exactly one run did the work
     assert codes[2] in (0, 3), results  # the waiting one either ran, or ran after it and found nothing to do
@@ -230,7 +231,7 @@ def test_a_kill_at_any_step_of_the_commit_leaves_old_or_new_outputs_and_the_next
         cfg = load_config(config)
         before = state(config)
         proc = start(config, env={"SETTLEMENTS_CRASH_AT": step})  # settlements.store.CRASH_ENV
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode == -signal.SIGKILL, (step, out, err)
         journal = cfg.work_dir / ".settlements-commit.json"
         if step == "commit:staged":  # killed before the commit point: everything as it was
@@ -287,7 +288,7 @@ def test_a_kill_at_every_step_of_a_commit_leaves_the_old_files_or_a_journal_that
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             (root / f).write_text("old " + f.name)
         proc = subprocess.run([sys.executable, "-c", COMMIT_SCRIPT, str(root)], capture_output=True, text=True,
-                              env={**os.environ, "SETTLEMENTS_CRASH_AT": step}, timeout=120)
+                              env={**os.environ, "SETTLEMENTS_CRASH_AT": step}, timeout=HANG_GUARD)
         assert proc.returncode == -signal.SIGKILL, (step, proc.stderr)
         contents = {f: (root / f).read_text().split()[0] for f in files}
         journal = root / "work" / ".settlements-commit.json"
@@ -327,7 +328,7 @@ def test_a_signal_exits_128_plus_its_number_with_one_line_and_changes_nothing(
     wait_for(proc, markers[point])
     workers = [p for p in session_processes(proc.pid) if p != proc.pid]
     (os.killpg if group else os.kill)(proc.pid, sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + sig, (proc.returncode, out, err)
     assert err.splitlines() == [f"error: interrupted by {sig.name}; the outputs are those of the last completed run"]
     if point == "embedding":

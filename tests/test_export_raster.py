@@ -18,7 +18,7 @@ from rio_cogeo.cogeo import cog_validate
 from settlements.export.raster import Cells, code_grid
 from settlements.palette import NO_DATA_CODE
 
-from .conftest import Ran
+from .conftest import HANG_GUARD, Ran
 
 SCENES = ["olinda", "swellendam"]
 
@@ -101,18 +101,18 @@ def test_cluster_map_is_a_valid_cog_with_palette_rat_and_mode_overviews(ran: Ran
                     reason="gdal-bin (ogrinfo, gdalinfo) is not installed")
 def test_gdal_tools_read_every_output_without_warnings(ran: Ran) -> None:
     out = ran.gpkg.parent
-    proc = subprocess.run(["ogrinfo", "-al", "-so", str(ran.gpkg)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["ogrinfo", "-al", "-so", str(ran.gpkg)], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0 and "Warning" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
     for layer in ("tiles", "regions", "clusters", "histogram", "runs"):
         assert f"Layer name: {layer}" in proc.stdout
     rasters = [ran.report.outputs["cluster_map"], *sorted(Path(out).glob("*.png"))]
     assert len(rasters) == 4
     for path in rasters:
-        proc = subprocess.run(["gdalinfo", str(path)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(["gdalinfo", str(path)], capture_output=True, text=True, timeout=HANG_GUARD)
         assert proc.returncode == 0 and "Warning" not in proc.stderr and "ERROR" not in proc.stderr, (path,
                                                                                                      proc.stderr)
     info = subprocess.run(["gdalinfo", str(ran.report.outputs["cluster_map"])], capture_output=True, text=True,
-                          timeout=120).stdout
+                          timeout=HANG_GUARD).stdout
     assert "LAYOUT=COG" in info and "ColorInterp=Palette" in info and "Overviews:" in info
     labels = pyogrio.read_dataframe(ran.gpkg, layer="clusters")["label"]
     assert all(f": {name}" in info for name in labels)  # category names

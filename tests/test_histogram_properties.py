@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import shapely
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pyproj import CRS, Transformer
 
@@ -25,7 +25,7 @@ from settlements.tiling import TileGrid, tile_plan
 UTM = CRS.from_epsg(32633)
 LAEA = CRS.from_proj4("+proj=laea +lat_0=45 +lon_0=15 +datum=WGS84 +units=m +no_defs")
 TO_AREA = Transformer.from_crs(UTM, LAEA, always_xy=True)
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=60)
 
 
 def info(width: int, height: int, px: float, x0: float, y0: float) -> RasterInfo:

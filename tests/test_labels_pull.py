@@ -21,7 +21,7 @@ from settlements.config import load_config
 from settlements.labels import ClusterLabels, exported_snapshot, merge_table_edits, read_labels
 from settlements.pipeline import stage_export
 
-from .conftest import ROOT, Ran, write_pipeline
+from .conftest import HANG_GUARD, ROOT, Ran, write_pipeline
 
 NEW_NAME = "sea or river"
 NEW_COLOUR = "#ff00ff"
@@ -48,7 +48,7 @@ def test_table_edits_merge_onto_the_yaml_keeping_yaml_edits_made_since_the_expor
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", "from settlements.cli import main; main()", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=HANG_GUARD)
 
 
 def _magenta_pixels(path: Path) -> int:

@@ -25,7 +25,7 @@ from settlements.config import load_config
 from settlements.pipeline import run, stage_export
 from settlements.reprocess import pipeline_lock
 
-from .conftest import ROOT, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, ROOT, run_cli, scene, write_pipeline
 from .reprocess_helpers import layer, leftovers, snapshot
 
 pytestmark = pytest.mark.slow
@@ -229,7 +229,8 @@ def test_library_warnings_and_repeated_warnings_are_one_line_each(base: Path, tm
     data["clusters"][7] = {"name": "gone"}
     labels.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "settlements.cli", "export", str(config)], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
+                          text=True, timeout=HANG_GUARD,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert lines and all(line.startswith("WARNING ") for line in lines), lines

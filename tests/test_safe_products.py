@@ -39,7 +39,7 @@ from settlements.config import check_similar_options, load_config
 from settlements.palette import MIN_COLOUR_DISTANCE, build_legend, colour_distance, hex_to_rgb
 from settlements.pipeline import door, export_embeddings, predict, run, similar, train
 
-from .conftest import ROOT, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, ROOT, run_cli, scene, write_pipeline
 from .reprocess_helpers import leftovers, session_processes
 from .test_safe_commands import SMALL, one_error_line
 
@@ -129,7 +129,7 @@ def killed_at(done: Path, folder: Path, command: str, step: str) -> tuple[dict[s
     config = copy_of(done, folder)
     before = state(folder)
     proc = start(*COMMANDS[command](config), env={"SETTLEMENTS_CRASH_AT": step})  # settlements.store.CRASH_ENV
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == -signal.SIGKILL, (command, step, out, err)
     journal = journal_of(folder)
     renames = []
@@ -198,7 +198,7 @@ def test_sigint_and_sigterm_change_nothing_and_say_so(done: Path, tmp_path: Path
                 assert proc.poll() is None and time.monotonic() < end, proc.communicate()
                 time.sleep(0.002)
             os.killpg(proc.pid, sig)
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode == 128 + sig, (command, sig.name, proc.returncode, out, err)
         assert err.splitlines() == [f"error: interrupted by {sig.name}; the outputs are those of the last completed "
                                     "run"], err
@@ -235,7 +235,7 @@ def test_two_first_runs_into_one_output_folder_the_second_is_told_whose_it_is(tm
         data["output"]["dir"] = str(shared)
         configs[name].write_text(yaml.safe_dump(data))
     procs = {name: start("run", str(config)) for name, config in configs.items()}
-    results = {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
+    results = {name: (p.wait(timeout=HANG_GUARD), *p.communicate()) for name, p in procs.items()}
     codes = sorted(r[0] for r in results.values())
     assert codes == [0, 2], results
     winner = next(n for n, r in results.items() if r[0] == 0)

@@ -28,7 +28,7 @@ from settlements.similar_examples import select_tiles
 from settlements.store import workspace
 from settlements.tile_tables import kept_tiles
 
-from .conftest import Ran, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, Ran, run_cli, scene, write_pipeline
 from .mumbai import all_ranked, colour_space, example_draws, informal_share, precision
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -362,7 +362,7 @@ def _qgis(*args: str) -> dict:
 
     probe = Path(__file__).parent / "qgis" / "probe_similar.py"
     proc = subprocess.run([SYSTEM_PYTHON, str(probe), *args], capture_output=True, text=True,
-                          env=qgis_environment(), timeout=240)
+                          env=qgis_environment(), timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

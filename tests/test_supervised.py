@@ -84,7 +84,7 @@ def test_spectral_rule_separates_water_vegetation_and_built_up() -> None:
     assert classify_pixels(green, red, nir, 0.3, 0.15).tolist() == [0, 1, 2, 2]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(st.integers(4, 30), st.integers(4, 30), st.integers(1, 5), st.integers(2, 5), st.integers(0, 99))
 def test_blocks_never_straddle_folds(rows: int, cols: int, size: int, folds: int, seed: int) -> None:
     r, c = np.divmod(np.arange(rows * cols), cols)

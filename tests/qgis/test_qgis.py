@@ -21,7 +21,7 @@ import shapely
 
 from settlements.export.qgis_render import SYSTEM_PYTHON, qgis_available, qgis_environment
 
-from ..conftest import Ran
+from ..conftest import HANG_GUARD, Ran
 
 WHY_NOT = qgis_available()
 pytestmark = [pytest.mark.qgis, pytest.mark.slow,
@@ -133,7 +133,7 @@ def probed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     spec_path = moved / "spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([SYSTEM_PYTHON, str(PROBE), str(spec_path)], capture_output=True, text=True,
-                          env=qgis_environment(), timeout=240)
+                          env=qgis_environment(), timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"ran": ran, "report": report, "places": pts, "moved": moved, "palette": palette_of(ran.gpkg),
