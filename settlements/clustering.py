@@ -26,21 +26,61 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Share of all tiles in one cluster above which a run warns: the embeddings then barely tell tiles apart.
+#: Distance between two embeddings, as a share of their typical length, below which they count as the same:
+#: far above rounding (float16 storage, another CPU's kernels or library version: under 0.001) and below
+#: what tells real tiles apart (measured: see ``sameness``'s test and the README's *Odd inputs*).
+SAME_EMBEDDING = 0.01
+#: Share of the tiles with one and the same embedding above which a run warns: the tiles barely differ.
 DOMINANT_SHARE = 0.9
 
 
-def dominance_warning(sizes: np.ndarray) -> str | None:
-    """One line when one cluster holds nearly every tile (flat or saturated tiles, a bad scaling, ...)."""
-    total = int(np.sum(sizes))
-    if total == 0 or len(sizes) < 2:
+def sameness(x: np.ndarray, k: int) -> dict[str, Any]:
+    """How many distinct embeddings the rows of ``x`` hold, up to :data:`SAME_EMBEDDING` (rounding apart).
+
+    Groups rows by leaders, in row order: each leader takes every row left within the tolerance of it.
+    Rounding moves no row across a tolerance this much wider than itself, so the counts come out the same
+    on every machine and with every library version, whatever k-means then makes of them. At most ``k``
+    leaders are tried: ``distinct`` is None when the rows hold at least ``k`` groups; ``largest`` is the
+    biggest group found (a group of most rows is found among the first leaders but by rare chance).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    tol2 = float(SAME_EMBEDDING * max(float(np.median(norms)), 1e-12)) ** 2
+    sq = norms.astype(np.float64) ** 2
+    left = np.ones(len(x), dtype=bool)
+    sizes: list[int] = []
+    while left.any() and len(sizes) < k:
+        lead = int(np.argmax(left))
+        members = left & (sq + sq[lead] - 2.0 * (x @ x[lead]).astype(np.float64) <= tol2)  # no copy of the rows
+        members[lead] = True
+        left &= ~members
+        sizes.append(int(members.sum()))
+    return {"tiles": len(x), "distinct": None if left.any() else len(sizes), "largest": max(sizes, default=0)}
+
+
+def sameness_warning(same: dict | None, k: int) -> str | None:
+    """One line when the embeddings leave k-means nothing real to split: all alike, fewer distinct than k,
+    or nearly all one. Worded from the embeddings alone, so it reads the same wherever the run ran."""
+    if not same or not same["tiles"]:
         return None
-    top = int(np.argmax(sizes))
-    share = sizes[top] / total
-    if share <= DOMINANT_SHARE:
-        return None
-    return (f"clusters: cluster {top} holds {share:.0%} of the {total} tiles; the tiles barely differ to the CNN "
-            "(check rasters.scaling and look at atlas.png)")
+    n, distinct = same["tiles"], same["distinct"]
+    check = "the tiles barely differ to the CNN (check rasters.scaling and look at atlas.png)"
+    if distinct == 1:
+        return f"clusters: all {n} tiles have the same embedding (within {SAME_EMBEDDING:.0%}); {check}"
+    if distinct is not None and distinct < k:
+        return (f"clusters: the {n} tiles have only {distinct} distinct embeddings (within {SAME_EMBEDDING:.0%}) "
+                f"for k={k}: clusters beyond those split identical tiles; {check}, or lower clustering.k")
+    if same["largest"] > DOMINANT_SHARE * n:
+        return (f"clusters: {same['largest'] / n:.0%} of the {n} tiles have the same embedding "
+                f"(within {SAME_EMBEDDING:.0%}); {check}")
+    return None
+
+
+def cluster_warnings(same: dict | None, restarts: dict | None, k: int) -> list[str]:
+    """Signs of clusters not to trust: embeddings with little to split, else restarts that disagree (on
+    embeddings alike they always do, and say nothing more)."""
+    found = sameness_warning(same, k)
+    return [found] if found else [w for w in [restart_warning(restarts)] if w]
 
 
 #: Mean agreement (ARI) of the k-means restarts with the kept one below which a run warns: k-means then
@@ -85,6 +125,7 @@ class KMeansClusterer:
     n_train_: int
     on_gpu_: bool
     restart_agreement_: dict[str, Any] | None
+    sameness_: dict[str, Any]
 
     def __init__(self, k: int = _DEFAULTS.k, seed: int = _DEFAULTS.seed, sample_size: int = _DEFAULTS.sample_size,
                  niter: int = _DEFAULTS.niter, nredo: int = 1, pca_dim: int | None = _DEFAULTS.pca_dim,
@@ -106,7 +147,7 @@ class KMeansClusterer:
         return cls(k=c.k, seed=c.seed, sample_size=c.sample_size, niter=c.niter, nredo=c.nredo,
                    pca_dim=c.pca_dim if pca else None, l2_normalize=c.l2_normalize)
 
-    # learned state: mean_, components_ (PCA), cluster_centers_, n_train_, on_gpu_, restart_agreement_
+    # learned state: mean_, components_ (PCA), cluster_centers_, n_train_, on_gpu_, restart_agreement_, sameness_
     def _transform(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.l2_normalize:
@@ -136,6 +177,7 @@ class KMeansClusterer:
         self.components_ = None
         if self.l2_normalize:
             sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
+        self.sameness_ = sameness(sample, self.k)  # what k-means is given, before any PCA
         if self.pca_dim is not None and self.pca_dim < sample.shape[1]:
             # the leading components need few rows: randomized SVD on an explicit sample of the sample
             rows = sample if len(sample) <= PCA_SAMPLE else sample[np.sort(rng.choice(len(sample), PCA_SAMPLE,

@@ -60,7 +60,8 @@ def test_non_finite_pixels_are_no_data_in_a_run(tmp_path, monkeypatch, capsys) -
 
 
 def test_a_flat_result_warns_in_one_line_and_the_runs_row_says_so(tmp_path, monkeypatch, capsys, caplog) -> None:
-    """range 0..10 on 8-bit Landsat: nearly every pixel clips to white and one cluster takes every tile."""
+    """range 0..10 on 8-bit Landsat: nearly every pixel clips to white, every tile has the same embedding, and
+    the warning says so from the embeddings (not from how k-means split their rounding noise)."""
     path, data, prof = olinda_copy(tmp_path, "clipped")
     with rasterio.open(path, "w", **prof | {"width": 320, "height": 320}) as dst:  # whole tiles: no grey edges
         dst.write(data[:, :320, :320])
@@ -71,10 +72,61 @@ def test_a_flat_result_warns_in_one_line_and_the_runs_row_says_so(tmp_path, monk
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("settlements") and r.levelno >= logging.WARNING]
     assert len(ours) == 1 and "\n" not in ours[0], ours
     assert "clipped.tif: 100% of the valid pixels lie outside the scaling range (band 1: 0..10," in ours[0]
-    assert "cluster 0 holds 100% of the 25 tiles" in ours[0]
+    assert ours[0].endswith("; clusters: all 25 tiles have the same embedding (within 1%); the tiles barely differ "
+                            "to the CNN (check rasters.scaling and look at atlas.png)")
     runs = pyogrio.read_dataframe(gpkg, layer="runs", read_geometry=False)
     warnings = json.loads(runs["warnings"].iloc[-1])
-    assert len(warnings) == 2 and "outside the scaling range" in warnings[0] and "holds 100%" in warnings[1]
+    assert len(warnings) == 2 and "outside the scaling range" in warnings[0]
+    assert warnings[1].startswith("clusters: all 25 tiles have the same embedding (within 1%)")
+
+
+def rounded(x: np.ndarray) -> dict[str, np.ndarray]:
+    """``x`` and what other machines and library versions make of it: float16 storage, kernels that differ in
+    the last bits (relative 1e-6 and 1e-4 of each row), and every row bit-identical to the first."""
+    rng = np.random.default_rng(0)
+    scale = np.linalg.norm(x, axis=1, keepdims=True)
+    return {"as run": x, "float16": x.astype(np.float16).astype(np.float32),
+            **{f"noise {e:g}": x + (rng.normal(size=x.shape) * e / np.sqrt(x.shape[1]) * scale).astype(np.float32)
+               for e in (1e-6, 1e-4)},
+            "identical": np.repeat(x[:1], len(x), axis=0)}
+
+
+def test_the_flat_check_answers_the_same_for_embeddings_that_differ_only_by_rounding(
+        tmp_path, monkeypatch, capsys) -> None:
+    """The check reads the embeddings k-means is given: the clipped scene's (all alike) give one verdict and
+    one text however they are rounded, k-means' split of them aside; the real scene's give none, and a few
+    real embeddings repeated give 'only N distinct'."""
+    from settlements.clustering import sameness, sameness_warning
+
+    def embeddings(name: str, **raster: object) -> np.ndarray:
+        path, data, prof = olinda_copy(tmp_path / name, name)
+        path.parent.mkdir()
+        with rasterio.open(path, "w", **prof | {"width": 320, "height": 320}) as dst:
+            dst.write(data[:, :320, :320])
+        code, _, err, _ = small_run(tmp_path / name, path, monkeypatch, capsys, raster=raster)
+        assert code == 0, err
+        x = np.load(tmp_path / name / "work" / "odd" / "cluster_input.npy").astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)  # as k-means is given them (l2_normalize)
+
+    flat = embeddings("white", scaling={"method": "range", "min": 0, "max": 10})
+    real = embeddings("real")
+    for k in (2, 8):
+        for how, x in rounded(flat).items():
+            assert sameness(x, k) == {"tiles": 25, "distinct": 1, "largest": 25}, (k, how)
+            assert sameness_warning(sameness(x, k), k) == ("clusters: all 25 tiles have the same embedding (within "
+                                                           "1%); the tiles barely differ to the CNN (check "
+                                                           "rasters.scaling and look at atlas.png)"), (k, how)
+    for how, x in rounded(real).items():
+        if how != "identical":
+            assert sameness(x, 8) == {"tiles": 25, "distinct": None, "largest": 1}, how
+            assert sameness_warning(sameness(x, 8), 8) is None
+    few = np.repeat(real[[0, 7, 14]], [10, 8, 7], axis=0)
+    for how, x in rounded(few).items():
+        if how != "identical":
+            assert sameness(x, 8) == {"tiles": 25, "distinct": 3, "largest": 10}, how
+            assert sameness_warning(sameness(x, 8), 8).startswith(
+                "clusters: the 25 tiles have only 3 distinct embeddings (within 1%) for k=8: clusters beyond those "
+                "split identical tiles;")
 
 
 # ------------------------------------------------------------------------------ label names as columns

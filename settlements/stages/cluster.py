@@ -65,14 +65,16 @@ def cluster(cfg: PipelineConfig, ws: Workspace, refit: bool = False, executor: E
     if matching is not None:
         relabel_after_refit(cfg.name, ws.labels, ws.out(cfg.labels_path), matching, sizes, anchor_tiles(assignments),
                             cfg.output_dir)
-    # the agreement of the restarts of the fit in use (carried over while its centroids are reused)
+    # the agreement of the restarts and the sameness of the embeddings of the fit in use (carried over while
+    # its centroids are reused)
     restarts = previous.get("restarts") if reuse and previous is not None else model.restart_agreement_
+    same = previous.get("sameness") if reuse and previous is not None else model.sameness_
     write_json(ws.out(ws.cluster_meta), {
         "fit_key": fit_key, "space_key": space_key, "k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse,
-        "trained_on": getattr(model, "n_train_", None), "restarts": restarts, "matching": matching,
-        "anchored": anchored})
+        "trained_on": getattr(model, "n_train_", None), "restarts": restarts, "sameness": same,
+        "matching": matching, "anchored": anchored})
     return {"k": c.k, "sizes": sizes.tolist(), "reused_centroids": reuse, "matching": matching,
-            "restarts": restarts}
+            "restarts": restarts, "sameness": same}
 
 
 def cluster_input(ws: Workspace, meta: pd.DataFrame, weight: float, normalise: bool) -> Path:

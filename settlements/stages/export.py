@@ -22,7 +22,7 @@ import rasterio
 from rasterio.windows import Window
 
 from ..changes import previous_labels, region_changes, tile_changes
-from ..clustering import KMeansClusterer, dominance_warning, restart_warning
+from ..clustering import KMeansClusterer, cluster_warnings
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts
 from ..export import plots
@@ -46,11 +46,11 @@ log = logging.getLogger(__name__)
 SCATTERED_READ_CACHE = 16 << 20
 
 
-def result_warnings(infos: list[RasterInfo], sizes: np.ndarray, restarts: dict | None = None) -> list[str]:
-    """Signs of a result not to trust (most pixels clipped, one cluster holding nearly all, k-means restarts
+def result_warnings(infos: list[RasterInfo], cluster_info: dict, k: int) -> list[str]:
+    """Signs of a result not to trust (most pixels clipped, embeddings with little to split, k-means restarts
     that disagree); logged as one line."""
-    found = [w for w in [*(clipping_warning(i) for i in infos), dominance_warning(sizes), restart_warning(restarts)]
-             if w]
+    found = [w for w in (clipping_warning(i) for i in infos) if w]
+    found += cluster_warnings(cluster_info.get("sameness"), cluster_info.get("restarts"), k)
     if found:
         log.warning("result: %s", "; ".join(found))
     return found
@@ -115,7 +115,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
     cluster_info = read_json(ws.cluster_meta, "cluster")
-    warnings = result_warnings(infos, sizes, cluster_info.get("restarts"))
+    warnings = result_warnings(infos, cluster_info, k)
     previous = read_previous(gpkg)
     before = previous_labels(labels, cluster_info.get("matching"))
     changes = region_changes(previous, long, regions_out, labels, before)
