@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 FAISS ?= cpu                       # cpu or gpu (faiss-gpu; never both in one environment)
 SHARED ?= ../shared/data
-SCENES := olinda_brazil swellendam_za kampala_oam bangalore_s2 amsterdam_s2 pucallpa_landsat mumbai_train boundaries
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
@@ -38,13 +37,10 @@ venv: $(VENV)/.installed
 lock:
 	PYTHON=$(PYTHON) requirements/lock.sh
 
-# Inputs: link each scene from ../shared/data when present; Olinda can also come from Debian packages.
-data:
-	@mkdir -p data
-	@for s in $(SCENES); do \
-	  if [ -e "$(SHARED)/$$s" ] && [ ! -e "data/$$s" ]; then ln -sfn "$$(cd $(SHARED) && pwd)/$$s" "data/$$s"; fi; \
-	done
-	@[ -e data/olinda_brazil/L7_ETMs.tif ] || ./data/fetch_olinda.sh
+# Inputs: one line per scene of data/: present, linked from ../shared/data, fetched from its pinned public
+# source (settlements/scenes.py: commit or package version, SHA-256), or could not get and why.
+data: venv
+	@$(BIN)/settlements data --dest data --shared $(SHARED)
 
 demo: venv data
 	@$(BIN)/settlements run pipelines/olinda.yaml; rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
@@ -54,13 +50,14 @@ region: venv data
 	@$(BIN)/settlements run --wait 3600 pipelines/$(REGION).yaml; rc=$$?; \
 	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then exit $$rc; fi
 
-# Every pipeline, in turn, each waiting for a run already in progress; unchanged ones are skipped.
-# Exit status: 0 when every pipeline succeeded or had nothing to do, else the last failure's code
-# (2 bad input or locked, 1 other failure); a failing pipeline does not stop the others.
+# Every pipeline, in turn, each waiting for a run already in progress; unchanged ones are skipped, and so
+# are shipped examples whose scene is not fetched yet (exit 4: their line says what to fetch).
+# Exit status: 0 when every pipeline succeeded, had nothing to do or awaits its example scene, else the
+# last failure's code (2 bad input or locked, 1 other failure); a failing pipeline does not stop the others.
 reprocess: venv data
 	@status=0; for p in $(PIPELINES); do \
 	  $(BIN)/settlements run --wait 3600 pipelines/$$p.yaml; rc=$$?; \
-	  if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then echo "reprocess: $$p failed (exit $$rc)" >&2; status=$$rc; fi; \
+	  if [ $$rc -ne 0 ] && [ $$rc -ne 3 ] && [ $$rc -ne 4 ]; then echo "reprocess: $$p failed (exit $$rc)" >&2; status=$$rc; fi; \
 	done; exit $$status
 
 test: venv data

@@ -131,11 +131,18 @@ def run(
     scheduler: str = typer.Option(None, help="Dask scheduler address (tcp://HOST:PORT); default a LocalCluster."),
     workers: int = typer.Option(None, help="Workers of the LocalCluster (default: one per core)."),
 ) -> None:
-    """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 2 bad input, 1 failure."""
-    from .reprocess import EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
+    """Run every stage: tile, embed, cluster, export. Exit 0 done, 3 nothing to do, 4 example scene not
+    fetched, 2 bad input, 1 failure."""
+    from .reprocess import EXIT_NOT_FETCHED, EXIT_NOTHING_TO_DO, pipeline_lock, up_to_date
+    from .scenes import missing_examples
 
     check_executor(executor, scheduler)  # before anything is created
     cfg = _config(config)
+    inputs = [r.path for r in cfg.rasters] + [r.path for r in cfg.regions if r.path is not None]
+    if missing := missing_examples(inputs):  # a shipped example on a fresh clone: say what to fetch
+        advice = "; ".join(s.advice() for s in missing)
+        typer.echo(f"{cfg.name}: not run: its inputs are not fetched yet: {advice}", err=True)
+        sys.exit(EXIT_NOT_FETCHED)
     if not force and not refit:  # the cheap check first
         with pipeline_lock(cfg, wait):
             unchanged = up_to_date(cfg)
@@ -336,6 +343,19 @@ def export_embeddings(
     fmt = check_export_format(fmt)
     for kind, path in export(_config(config), fmt, output, wait).items():
         typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+def data(
+    dest: Path = typer.Option(Path("data"), help="Folder of the scene folders (the pipelines' ../data)."),
+    shared: Path = typer.Option(Path("../shared/data"), help="Scene folders to link instead, when there."),
+) -> None:
+    """Link or fetch the shipped pipelines' example scenes (pinned by commit or version and SHA-256): one
+    line per scene saying what it found, linked, fetched, or could not get and why."""
+    from .scenes import SCENES, provide
+
+    for scene in SCENES:
+        typer.echo(provide(scene, dest, shared if shared.is_dir() else None))
 
 
 def _interrupted(signum: int) -> int:

@@ -48,8 +48,9 @@ from .store import (
 log = logging.getLogger(__name__)
 
 #: Exit codes for schedulers: 0 outputs written, 2 bad input (or the pipeline is locked),
-#: 3 nothing to do, 1 any other failure (a bug or the machine: see the traceback).
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO = 0, 1, 2, 3
+#: 3 nothing to do, 4 inputs are an example scene not fetched yet (``make data``; nothing run),
+#: 1 any other failure (a bug or the machine: see the traceback).
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO, EXIT_NOT_FETCHED = 0, 1, 2, 3, 4
 
 
 #: The marker file naming the pipeline that owns a work or output folder.

@@ -124,7 +124,8 @@ LAYERS: list[tuple[str, set[str]]] = [
         "settlements.embedding"}),
     ("storage: the work folder, the commit, the lock", {"settlements.store", "settlements.reprocess"}),
     ("domain: inputs, tiles, embeddings, clusters, labels, numbers", {
-        "settlements.tiling", "settlements.rasters", "settlements.regions", "settlements.neighbours",
+        "settlements.tiling", "settlements.rasters", "settlements.regions", "settlements.scenes",
+        "settlements.neighbours",
         "settlements.histograms", "settlements.clustering", "settlements.embedding.assemble",
         "settlements.embedding.backbones", "settlements.embedding.cache", "settlements.embedding.infer",
         "settlements.executors", "settlements.search", "settlements.export.previous", "settlements.labels",
