@@ -258,13 +258,13 @@ def _fetch_debian(source: Debian, files: list[SceneFile], staging: Path) -> None
     with tempfile.TemporaryDirectory(prefix=".deb-", dir=staging.parent) as tmp:
         spec = f"{source.package}={source.version}"
         got = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True, text=True)
-        if got.returncode != 0:  # the package lists may be old or missing: refresh them once
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+        if got.returncode != 0 and "Failed to fetch" not in got.stderr:  # package lists old or missing (not
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)  # offline): refresh once
             got = subprocess.run(["apt-get", "download", spec], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob("*.deb"))
         if got.returncode != 0 or not debs:
-            reason = (got.stderr.strip().splitlines() or ["no .deb written"])[-1]
-            raise FetchFailed(f"apt-get download {spec}: {reason}")
+            reason = (got.stderr.strip().splitlines() or ["no .deb written"])[-1].removeprefix("E: ")
+            raise FetchFailed(f"apt-get download {spec}: {' '.join(reason.split())}")
         extract_deb(debs[0], files, staging)
 
 
