@@ -140,8 +140,9 @@ def run(
     cfg = _config(config)
     inputs = [r.path for r in cfg.rasters] + [r.path for r in cfg.regions if r.path is not None]
     if missing := missing_examples(inputs):  # a shipped example on a fresh clone: say what to fetch
-        advice = "; ".join(s.advice() for s in missing)
-        typer.echo(f"{cfg.name}: not run: its inputs are not fetched yet: {advice}", err=True)
+        scenes = ", ".join(s.advice() for s in missing)
+        typer.echo(f"{cfg.name}: not run: its inputs are example scenes not fetched yet: {scenes}; `make data` "
+                   "fetches them when online", err=True)
         sys.exit(EXIT_NOT_FETCHED)
     if not force and not refit:  # the cheap check first
         with pipeline_lock(cfg, wait):

@@ -85,9 +85,9 @@ class Scene:
         return folder.is_dir() and all((folder / f.name).is_file() for f in self.files)
 
     def advice(self) -> str:
-        """What to fetch, in one clause."""
+        """What to fetch, in a few words: the scene and its sources."""
         sources = "; ".join(f"{len(files)} file(s) from {src.describe()}" for src, files in self.parts)
-        return f"`make data` fetches example scene {self.name} when online ({sources})"
+        return f"{self.name} ({sources})"
 
 
 _QGIS_TRAINING = GitHub("qgis/QGIS-Training-Data", "fd26dd88e39b9aec550eea450cec18d02b1de3b5")
@@ -209,6 +209,8 @@ def provide(scene: Scene, dest: Path, shared: Path | None, github: str = GITHUB_
             elif todo and isinstance(source, Debian):
                 _fetch_debian(source, todo, staging)
     except FetchFailed as exc:
+        if not any(staging.iterdir()):  # nothing checked to keep for the next try
+            staging.rmdir()
         return f"{scene.name}: could not get: {exc}; needed by {scene.used_by}"
     if folder.is_dir():  # a folder of the user's with some files: add the missing ones only
         for f in scene.files:

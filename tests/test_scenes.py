@@ -23,16 +23,14 @@ import yaml
 from settlements.scenes import SCENES, Debian, FetchFailed, GitHub, Scene, SceneFile, extract_deb, missing_examples
 from settlements.scenes import provide as provide_scene
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, scene
 
-SHARED = ROOT.parent / "shared" / "data"
 BY_NAME = {s.name: s for s in SCENES}
 
 
 def shared_scene(name: str) -> Path:
-    if not (SHARED / name).is_dir():
-        pytest.skip(f"{SHARED / name} missing (a clone without ../shared)")
-    return SHARED / name
+    """The real files of a scene (data/<scene>: a link into ../shared/data, or fetched by `make data`)."""
+    return scene(name).resolve()
 
 
 def test_every_shipped_pipeline_input_has_a_recipe() -> None:
@@ -49,15 +47,15 @@ def test_every_shipped_pipeline_input_has_a_recipe() -> None:
 
 
 def test_recipes_pin_the_real_files() -> None:
-    """The SHA-256 of each recipe file is that of the file in ../shared/data; GitHub commits are full SHAs."""
+    """The SHA-256 of each recipe file is that of the real file (../shared/data); GitHub commits are full SHAs."""
     import pooch
 
-    for scene in SCENES:
-        for source, files in scene.parts:
+    for example in SCENES:
+        for source, files in example.parts:
             if isinstance(source, GitHub):
                 assert re.fullmatch(r"[0-9a-f]{40}", source.commit), source
             for f in files:
-                assert pooch.file_hash(str(shared_scene(scene.name) / f.name)) == f.sha256, (scene.name, f.name)
+                assert pooch.file_hash(str(shared_scene(example.name) / f.name)) == f.sha256, (example.name, f.name)
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):
@@ -102,7 +100,7 @@ def test_a_scene_is_fetched_from_its_pinned_source_and_checked(github, tmp_path:
     line = provide_scene(kampala, dest, None, base)
     assert line == "kampala_oam: fetched 6 file(s) from github.com/hotosm/fAIr-utilities @ 61f15156 (SHA-256 checked)"
     for f in kampala.files:
-        assert (dest / "kampala_oam" / f.name).read_bytes() == (SHARED / "kampala_oam" / f.name).read_bytes()
+        assert (dest / "kampala_oam" / f.name).read_bytes() == (shared_scene("kampala_oam") / f.name).read_bytes()
     assert sorted(p.name for p in dest.iterdir()) == ["kampala_oam"]  # no staging folder left
     assert provide_scene(kampala, dest, None, base) == f"kampala_oam: present in {dest / 'kampala_oam'}"
 
@@ -132,7 +130,7 @@ def test_a_file_the_server_does_not_have_is_named_with_its_status(github, tmp_pa
     line = provide_scene(bangalore, tmp_path / "data", None, base)
     url = f"{base}/DynaSlum/satsense/b0fa650193995a30328f26a36ebab2437c0e37ef/test/data/source/section_2_sentinel.tif"
     assert line == f"bangalore_s2: could not get: {url}: HTTP 404; needed by pipelines/bangalore.yaml"
-    assert not (tmp_path / "data" / "bangalore_s2").exists()
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())  # no folder, no staging
 
 
 def test_offline_says_so_in_one_line(tmp_path: Path) -> None:
@@ -146,10 +144,12 @@ def test_offline_says_so_in_one_line(tmp_path: Path) -> None:
 
 
 def test_shared_scenes_are_linked_and_scenes_without_a_recipe_said_so(tmp_path: Path) -> None:
-    shared_scene("bangalore_s2")
+    shared = tmp_path / "shared"  # a folder of scene folders, as ../shared/data is
+    shared.mkdir()
+    (shared / "bangalore_s2").symlink_to(shared_scene("bangalore_s2"))
     dest = tmp_path / "data"
-    linked = provide_scene(BY_NAME["bangalore_s2"], dest, SHARED)
-    assert linked == f"bangalore_s2: linked from {SHARED / 'bangalore_s2'}"
+    linked = provide_scene(BY_NAME["bangalore_s2"], dest, shared)
+    assert linked == f"bangalore_s2: linked from {shared / 'bangalore_s2'}"
     assert (dest / "bangalore_s2").is_symlink() and (dest / "bangalore_s2" / "section_2_sentinel.tif").is_file()
     line = provide_scene(BY_NAME["mumbai_train"], dest, None)
     assert line == ("mumbai_train: not here: only in ../shared/data (no public recipe; tests and make quality skip "
@@ -210,10 +210,9 @@ def test_run_skips_a_shipped_example_with_what_to_fetch_but_fails_on_a_missing_i
     example = pipeline("kampala", tmp_path / "data" / "kampala_oam" / "OAM-*-19.tif")
     code, out, err = run_cli(monkeypatch, capsys, "run", str(example))
     assert code == 4 and not out and err.count("\n") == 1, (code, out, err)
-    assert err.startswith("kampala: not run: its inputs are not fetched yet: `make data` fetches example scene "
-                          "kampala_oam when online (6 file(s) from github.com/hotosm/fAIr-utilities @ 61f15156); "
-                          "`make data` fetches example scene boundaries when online (1 file(s) from Debian package "
-                          "r-cran-spdata 2.2.1-1)")
+    assert err == ("kampala: not run: its inputs are example scenes not fetched yet: kampala_oam (6 file(s) from "
+                   "github.com/hotosm/fAIr-utilities @ 61f15156), boundaries (1 file(s) from Debian package "
+                   "r-cran-spdata 2.2.1-1); `make data` fetches them when online\n")
     own = pipeline("mine", tmp_path / "mine" / "scene.tif")
     code, out, err = run_cli(monkeypatch, capsys, "run", str(own))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "scene.tif" in err, (code, err)
