@@ -222,8 +222,10 @@ def write_cluster_map(path: Path, grid: CodeGrid, legend: Legend) -> Path:
                                                                         strict=True))), encoding="utf-8"))
     with MemoryFile() as mem:
         with mem.open(**profile) as src:
-            src.write(grid.codes, 1)
+            # the colour table before the pixels: GDAL sets the TIFF's photometric tag (palette) with it, which
+            # libtiff refuses once pixels are written ("Cannot modify tag PhotometricInterpretation")
             src.write_colormap(1, legend.colour_table())
+            src.write(grid.codes, 1)
             src.set_band_description(1, "label code (see the raster attribute table)")
         gdal_log, note = logging.getLogger("rasterio._env"), _ModeOverviewsOnPalette()
         gdal_log.addFilter(note)
