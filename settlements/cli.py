@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -36,6 +37,7 @@ from .config import (
 )
 from .errors import ConfigError, Interrupted, SettlementsError
 from .interrupts import handle_signals, received
+from .progress import log as _progress_log
 
 if TYPE_CHECKING:
     from .pipeline import RunReport
@@ -84,17 +86,47 @@ def _warning_to_log(message: Warning | str, category: type[Warning], filename: s
                                              os.path.basename(filename), lineno)
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    """Who speaks: by default warnings and progress (:mod:`settlements.progress`); ``-v`` this package's INFO
+    lines too; ``-vv`` every library's INFO lines as well (pyogrio's record counts, FAISS's loader, GDAL's
+    notes through rasterio) and this package's DEBUG; ``-q`` errors only."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_OncePerMessage())
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    root = logging.INFO if verbose >= 2 else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=root, handlers=[handler])
+    own = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else root
+    logging.getLogger("settlements").setLevel(own)
+    # progress has a handler of its own: plain, time-stamped lines, also where the rest is quiet
+    shown = _progress_log
+    shown.handlers.clear()
+    shown.propagate = False
+    shown.setLevel(logging.ERROR if quiet else logging.INFO)
+    lines = logging.StreamHandler()
+    lines.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    shown.addHandler(lines)
     warnings.showwarning = _warning_to_log
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each stage's details.")) -> None:
-    _setup_logging(verbose)
+def _main(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Log each step's details (-vv: every library's too); before or after the "
+                                     "command."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only: no warnings, no progress."),
+) -> None:
+    _setup_logging(verbose, quiet)
+
+
+_VERBOSITY = re.compile(r"^(-v+|-q|--verbose|--quiet)$")
+
+
+def verbosity_first(args: list[str]) -> list[str]:
+    """``args`` with ``-v``, ``-vv``, ``--verbose``, ``-q`` and ``--quiet`` moved before the command, wherever
+    they were given (``settlements run -v CONFIG`` is ``settlements -v run CONFIG``); nothing after ``--``."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if _VERBOSITY.match(a)]
+    return flags + [a for a in args[:end] if not _VERBOSITY.match(a)] + args[end:]
 
 
 def _config(path: Path) -> PipelineConfig:
@@ -376,7 +408,7 @@ def _run_app() -> int:
     except ImportError:  # older typer raises click's own
         from click import exceptions as click_exceptions  # type: ignore[no-redef]
     try:
-        rv = app(standalone_mode=False)
+        rv = app(args=verbosity_first(sys.argv[1:]), standalone_mode=False)
     except Interrupted as exc:
         return _interrupted(exc.signum)
     except KeyboardInterrupt:  # a SIGINT that came before the handler was installed

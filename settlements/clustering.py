@@ -20,6 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.extmath import randomized_svd
 
 from .config import Clustering, check_k
+from .progress import counted
 
 if TYPE_CHECKING:
     from .embedding.cache import NpyRows
@@ -207,7 +208,7 @@ class KMeansClusterer:
         much the map depends on the initialisation. ``None`` for a single run.
         """
         runs = []
-        for redo in range(self.nredo):
+        for redo in counted(range(self.nredo), "k-means", "restart"):
             km = faiss.Kmeans(
                 sample.shape[1], self.k, niter=self.niter, nredo=1, seed=(self.seed + redo * _REDO_SEED_STEP) % 2**31,
                 gpu=gpu, max_points_per_centroid=math.ceil(take / self.k) + 1, min_points_per_centroid=1,

@@ -31,8 +31,9 @@ from . import similar as similar_query
 from .config import ExportFormat, PipelineConfig, PredictModel, SimilarOptions, check_executor
 from .errors import ConfigError, SettlementsError
 from .executors import Executor, make_executor
-from .export.previous import last_run_id
+from .export.previous import last_run_id, last_run_value
 from .labels import default_labels, pipeline_of, pull_edits, read_labels, write_labels
+from .progress import step
 from .reprocess import (
     claimed,
     labels_hash,
@@ -248,14 +249,19 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
         t0 = time.time()
         report.tiles = stage_tile(cfg, ws)
         seconds["tile"] = time.time() - t0
+        step("%s: 1/4 tile: %d tiles over %d raster(s) (%.1f s)", cfg.name, report.tiles["tiles"],
+             report.tiles["rasters"], seconds["tile"])
         t0 = time.time()
         ex = make_executor(executor, scheduler, n_workers)
         try:
             report.embedding = stage_embed(cfg, ex, ws)
             seconds["embed"] = time.time() - t0
+            step("%s: 2/4 embed: %d embedded, %d reused from cache (%.1f s)", cfg.name,
+                 report.embedding["tiles_embedded"], report.embedding["tiles_reused"], seconds["embed"])
             t0 = time.time()
             report.clustering = stage_cluster(cfg, refit=refit, executor=ex, ws=ws)
             seconds["cluster"] = time.time() - t0
+            step("%s: 3/4 cluster: k=%d (%.1f s)", cfg.name, cfg.clustering.k, seconds["cluster"])
         finally:
             ex.close()
         info = {"started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
@@ -263,11 +269,14 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
         t0 = time.time()
         report.outputs = stage_export(cfg, started, report.embedding, info, ws)
         seconds["export"] = time.time() - t0
+        step("%s: 4/4 export (%.1f s)", cfg.name, seconds["export"])
         assert ws.commit is not None
-        report.run_id = last_run_id(ws.current(report.outputs["gpkg"]))
+        recorded = ws.current(report.outputs["gpkg"])
+        report.run_id = last_run_id(recorded)
+        # the duration the runs table records, from the start to the last output written: one figure everywhere
+        report.seconds = float((last_run_value(recorded, "duration_s") or (time.time() - started,))[0])
         staged = sorted(ws.commit.folder(cfg.output_dir).iterdir())
         record_success(cfg, str(report.run_id), parts, staged, ws.commit)
-    report.seconds = time.time() - started
     return report
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .embedding.cache import NpyRows
+from .progress import counted
 from .store import atomic_path, write_json
 
 if TYPE_CHECKING:
@@ -79,7 +79,8 @@ class Space:
     def blocks(self, desc: str) -> Iterator[tuple[int, int]]:
         """(start, stop) of each block of rows, with a progress bar on large runs."""
         n = len(self.rows)
-        for s in tqdm(range(0, n, BLOCK_ROWS), desc=desc, unit="block", disable=True if n <= 4 * BLOCK_ROWS else None):
+        starts = range(0, n, BLOCK_ROWS)
+        for s in starts if n <= 4 * BLOCK_ROWS else counted(starts, desc, "block"):
             yield s, min(s + BLOCK_ROWS, n)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,18 +62,34 @@ def write_pipeline(tmp: Path, name: str, base: str | None = None, **overrides: o
     return path
 
 
+#: The start of a progress line (:mod:`settlements.progress`): a time stamp. Everything else a command writes
+#: to stderr is an error or a warning.
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+
+
+def said(stderr: str) -> list[str]:
+    """The lines of a command's stderr but its progress lines: its errors and warnings."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+
+
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run ``settlements ARGS`` in-process: exit code, stdout, stderr."""
+    """Run ``settlements ARGS`` in-process: exit code, stdout, stderr. The loggers the command line sets up
+    (``-v``, ``-q``, progress) are as they were afterwards."""
+    import logging
     import sys
 
     from settlements.cli import main
 
     monkeypatch.setattr(sys, "argv", ["settlements", *args])
+    own, shown = logging.getLogger("settlements"), logging.getLogger("settlements.progress")
+    before = own.level, shown.level, shown.propagate, list(shown.handlers)
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
+    finally:
+        own.level, shown.level, shown.propagate, shown.handlers = before[0], before[1], before[2], before[3]
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -119,7 +119,8 @@ def test_the_runner_and_the_stages_depend_one_way() -> None:
 #: The floors of the house, lowest first: a module imports from its own floor or lower ones, never higher.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation: errors, settings, colours, output names", {
-        "settlements", "settlements.errors", "settlements.interrupts", "settlements.config", "settlements.palette",
+        "settlements", "settlements.errors", "settlements.interrupts", "settlements.progress", "settlements.config",
+        "settlements.palette",
         "settlements.products", "settlements.export", "settlements.stages", "settlements.supervised",
         "settlements.embedding"}),
     ("storage: the work folder, the commit, the lock", {"settlements.store", "settlements.reprocess"}),

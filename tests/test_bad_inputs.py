@@ -26,7 +26,7 @@ from settlements.config import load_config
 from settlements.pipeline import run, stage_tile
 from settlements.store import read_table, workspace
 
-from .conftest import HANG_GUARD, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, run_cli, said, scene, write_pipeline
 
 SMALL = {"tiling": {"tile_size": "64px"}, "embedding": {"input_size": 32, "num_workers": 0},
          "clustering": {"k": 2}}
@@ -48,7 +48,7 @@ def expect_error(tmp: Path, monkeypatch, capsys, cfg: Path, pattern: str, comman
         earlier.write_bytes(b"earlier output")
     before = snapshot(tmp)
     code, _, err = run_cli(monkeypatch, capsys, command, str(cfg))
-    lines = err.strip().splitlines()
+    lines = said(err)
     assert code == 2, err
     assert len(lines) == 1, err
     assert lines[0].startswith("error: "), lines[0]
@@ -462,7 +462,7 @@ def test_disk_full_while_writing_keeps_earlier_outputs(small_run, monkeypatch, c
         code, _, stderr = run_cli(monkeypatch, capsys, "export", str(small_run))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    err = stderr.strip().splitlines()
+    err = said(stderr)
     assert code == 2
     assert len(err) == 1 and re.search(
         r"^error: \S*small\.gpkg: cannot write \((disk full|file size limit of 65536 bytes reached)\): ", err[0]), err
@@ -549,7 +549,7 @@ def test_installed_command_prints_one_line_for_a_truncated_raster(tmp_path, olin
     env = {k: v for k, v in __import__("os").environ.items() if k != "CPL_LOG"}
     proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=HANG_GUARD, env=env)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    lines = said(proc.stderr)
     assert len(lines) == 1 and re.match(rf"error: {re.escape(str(tif))}: cannot (open raster|read pixels)", lines[0]), \
         proc.stderr
     assert snapshot(tmp_path) == before

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import rasterio
 
-from .conftest import HANG_GUARD, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, run_cli, said, scene, write_pipeline
 
 
 def run_bad(tmp_path: Path, monkeypatch, capsys, **overrides) -> tuple[int, str, Path]:
@@ -20,7 +20,7 @@ def run_bad(tmp_path: Path, monkeypatch, capsys, **overrides) -> tuple[int, str,
 
 def assert_clean_failure(code: int, err: str, out_dir: Path, pattern: str) -> None:
     assert code == 2
-    lines = err.strip().splitlines()
+    lines = said(err)
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
     import re
@@ -103,7 +103,7 @@ def test_errors_exit_2_from_the_installed_command(tmp_path) -> None:
     exe = Path(sys.executable).with_name("settlements")
     proc = subprocess.run([str(exe), "run", str(cfg)], capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    assert said(proc.stderr) == [
         f"error: {cfg}: invalid config: rasters: List should have at least 1 item after validation, not 0 (got [])"]
     assert not (tmp_path / "outputs").exists()
 

@@ -23,7 +23,7 @@ import yaml
 from settlements.config import load_config
 from settlements.pipeline import run
 
-from .conftest import HANG_GUARD
+from .conftest import HANG_GUARD, said
 from .reprocess_helpers import (
     assert_same_content,
     integrity_ok,
@@ -147,7 +147,7 @@ def test_runs_at_once_one_works_the_others_fail_clearly_or_wait(tmp_path: Path) 
     failed = [r for r in results[:2] if r[0] == 2]
     assert failed, results  # of two runs that do not wait, at most one can hold the lock
     for _, _, err in failed:
-        lines = err.strip().splitlines()
+        lines = said(err)
         assert len(lines) == 1 and lines[0].startswith("error: ")
         assert "another run of pipeline 'ka' is in progress" in lines[0]
     if codes[2] == 3:
@@ -330,7 +330,7 @@ def test_a_signal_exits_128_plus_its_number_with_one_line_and_changes_nothing(
     (os.killpg if group else os.kill)(proc.pid, sig)
     out, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 128 + sig, (proc.returncode, out, err)
-    assert err.splitlines() == [f"error: interrupted by {sig.name}; the outputs are those of the last completed run"]
+    assert said(err) == [f"error: interrupted by {sig.name}; the outputs are those of the last completed run"]
     if point == "embedding":
         assert workers, "no DataLoader worker was running: the test did not test them"
     assert session_processes(proc.pid) == [], "processes of the run outlived it"

@@ -21,7 +21,7 @@ from settlements.config import load_config
 from settlements.labels import ClusterLabels, exported_snapshot, merge_table_edits, read_labels
 from settlements.pipeline import stage_export
 
-from .conftest import HANG_GUARD, ROOT, Ran, write_pipeline
+from .conftest import HANG_GUARD, ROOT, Ran, said, write_pipeline
 
 NEW_NAME = "sea or river"
 NEW_COLOUR = "#ff00ff"
@@ -137,7 +137,7 @@ def test_a_bad_colour_in_the_table_is_one_error_line_and_changes_nothing(exporte
     yaml_before, gpkg_before = labels_path.read_bytes(), bad.read_bytes()
     proc = _cli("labels", "pull", str(bad))
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    lines = said(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "clusters.2.colour" in lines[0]
     assert str(bad) in lines[0]
     assert labels_path.read_bytes() == yaml_before and bad.read_bytes() == gpkg_before

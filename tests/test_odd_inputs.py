@@ -16,7 +16,7 @@ import pyogrio
 import pytest
 import rasterio
 
-from .conftest import run_cli, scene, write_pipeline
+from .conftest import run_cli, said, scene, write_pipeline
 
 SMALL = {"tiling": {"tile_size": "64px"}, "embedding": {"input_size": 32, "num_workers": 0},
          "clustering": {"k": 2}}
@@ -288,7 +288,7 @@ def test_too_few_valid_pixels_advises_what_can_help(tmp_path, monkeypatch, capsy
     with rasterio.open(path, "w", **prof | {"nodata": 0}) as dst:
         dst.write(data)
     code, _, err, _ = small_run(tmp_path, path, monkeypatch, capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(said(err)) == 1, err
     assert ("error: tiling.max_invalid_fraction: no tile has at least 50% valid pixels in any raster (most pixels "
             "are nodata, masked or non-finite); raise max_invalid_fraction (now 0.5, at most 1) or use smaller "
             "tiles") in err

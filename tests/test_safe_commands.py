@@ -25,7 +25,7 @@ from settlements.config import load_config
 from settlements.pipeline import run, stage_export
 from settlements.reprocess import pipeline_lock
 
-from .conftest import HANG_GUARD, ROOT, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, ROOT, run_cli, said, scene, write_pipeline
 from .reprocess_helpers import layer, leftovers, snapshot
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def copy_of(base: Path, dst: Path, export: bool = False, **overrides: object) ->
 
 
 def one_error_line(code: int, err: str, pattern: str) -> str:
-    lines = err.strip().splitlines()
+    lines = said(err)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert re.search(pattern, lines[0]), lines[0]
     return lines[0]
@@ -232,7 +232,7 @@ def test_library_warnings_and_repeated_warnings_are_one_line_each(base: Path, tm
                           text=True, timeout=HANG_GUARD,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.splitlines()
+    lines = said(proc.stderr)
     assert lines and all(line.startswith("WARNING ") for line in lines), lines
     assert len(set(lines)) == len(lines), lines
     assert any("cluster 7 is not among the 2 clusters" in line for line in lines), lines

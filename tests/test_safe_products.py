@@ -39,7 +39,7 @@ from settlements.config import check_similar_options, load_config
 from settlements.palette import MIN_COLOUR_DISTANCE, build_legend, colour_distance, hex_to_rgb
 from settlements.pipeline import door, export_embeddings, predict, run, similar, train
 
-from .conftest import HANG_GUARD, ROOT, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, ROOT, run_cli, said, scene, write_pipeline
 from .reprocess_helpers import leftovers, session_processes
 from .test_safe_commands import SMALL, one_error_line
 
@@ -200,7 +200,7 @@ def test_sigint_and_sigterm_change_nothing_and_say_so(done: Path, tmp_path: Path
             os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode == 128 + sig, (command, sig.name, proc.returncode, out, err)
-        assert err.splitlines() == [f"error: interrupted by {sig.name}; the outputs are those of the last completed "
+        assert said(err) == [f"error: interrupted by {sig.name}; the outputs are those of the last completed "
                                     "run"], err
         assert session_processes(proc.pid) == []
         assert state(root) == before, (command, sig.name)

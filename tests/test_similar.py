@@ -28,7 +28,7 @@ from settlements.similar_examples import select_tiles
 from settlements.store import workspace
 from settlements.tile_tables import kept_tiles
 
-from .conftest import HANG_GUARD, Ran, run_cli, scene, write_pipeline
+from .conftest import HANG_GUARD, Ran, run_cli, said, scene, write_pipeline
 from .mumbai import all_ranked, colour_space, example_draws, informal_share, precision
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -281,7 +281,7 @@ def test_bad_examples_are_one_line_and_change_nothing(mumbai: Mumbai, monkeypatc
              "TWO": str(mumbai.tmp / "two.gpkg")}.get(a, a) for a in args]
     before = gpkg.read_bytes()
     code, out, err = run_cli(monkeypatch, capsys, "similar", str(mumbai.ran.config_path), *args)
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and said(err)[0].startswith("error: ") and len(said(err)) == 1, err
     assert message in err, err
     assert gpkg.read_bytes() == before
 

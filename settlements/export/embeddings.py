@@ -32,12 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 from pyproj import CRS
-from tqdm.auto import tqdm
 
 from ..config import ExportFormat, PipelineConfig
 from ..embedding.cache import NpyRows
 from ..errors import ConfigError, OutputError, StageError
 from ..products import embeddings_npy, outputs
+from ..progress import counted
 from ..reprocess import file_record, unchanged
 from ..store import Workspace, atomic_path, read_json, write_json
 from ..tile_tables import tiles_by_row
@@ -111,7 +111,7 @@ def write_geoparquet(target: Path, frame: gpd.GeoDataFrame, embeddings: NpyRows 
     rows = frame["emb_row"].to_numpy(np.int64)
     block_rows = block_rows or ROW_GROUP_ROWS
     with atomic_path(target, suffix=".parquet") as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for s in tqdm(range(0, len(frame), block_rows), desc="export", unit="block", disable=None):
+        for s in counted(range(0, len(frame), block_rows), f"writing {target.name}", "block"):
             e = min(s + block_rows, len(frame))
             vectors = None
             if embeddings is not None:  # rows in order: one contiguous read

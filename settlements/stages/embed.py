@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts, embedded_table, write_embeddings
@@ -18,6 +17,7 @@ from ..embedding.cache import EmbeddingCache
 from ..embedding.infer import InferenceSettings
 from ..errors import TilingError
 from ..executors import EmbedJob, Executor, LocalExecutor
+from ..progress import progress
 from ..rasters import RasterInfo, compute_scaling, load_infos
 from ..store import Workspace, expand_inputs, read_table, settings_key, write_json, write_table
 from ..tiling import WINDOW_COLUMNS
@@ -87,7 +87,7 @@ def embed(cfg: PipelineConfig, ws: Workspace, executor: Executor | None = None) 
             jobs.append(EmbedJob(keys[r], info, rt[WINDOW_COLUMNS].to_numpy()[need], e.input_size, min_valid))
             read.append(rt["tile_id"].to_numpy()[need])
     n_new = sum(len(j.windows) for j in jobs)
-    with tqdm(total=n_new, desc="embedding", unit="tile", disable=None) as bar:
+    with progress(n_new, "embedding", "tile") as bar:
         (executor or LocalExecutor()).embed(jobs, backbone, settings, cache, bar)
     meta, source = embedded_table(tiles, keys, cache, min_valid)
     if len(source) == 0:

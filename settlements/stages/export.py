@@ -26,6 +26,7 @@ from ..clustering import KMeansClusterer, cluster_warnings
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts
 from ..export import plots
+from ..export.geopackage import add_layers
 from ..export.previous import read_previous, read_runs
 from ..export.qgis_project import write_project
 from ..export.runs import concat_runs, run_columns
@@ -123,11 +124,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     kept, kept_styles = analyst_layers(gpkg, cfg.output.crs)  # drawn examples, similar results: always kept
     embed_info = read_json(ws.embed_meta, "embed")
     skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
-    now = datetime.now(timezone.utc)
-    run_row = pd.DataFrame([{
-        "run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
-        "finished_utc": now.isoformat(timespec="seconds"),
-        "duration_s": float(time.time() - run_started) if run_started else float("nan"),
+    run_row = {
         "config": json.dumps(cfg.to_yaml_dict(), default=str),
         "config_path": str(cfg.source or ""),
         "labels_path": str(cfg.labels_path),
@@ -147,14 +144,13 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         "cells_clipped": int(read_json(ws.rasters, "tile").get("counts", {}).get("cells_clipped", -1)),
         "warnings": json.dumps(warnings),
         **run_columns(run_info, cluster_info, previous, len(changed_tiles)),
-    }])
+    }
     old_runs = read_runs(gpkg)
-    runs = run_row if old_runs is None else concat_runs(old_runs, run_row)
     styles = vector_styles(legend, k) + change_styles(legend) + kept_styles
     stage = ws.out_dir(out_dir)
     with named_as_final(stage, out_dir):
         write_tile_map(cluster_map, files.cluster_map.in_folder(stage), CLUSTER_LAYERS, styles,
-                       cfg.output.max_plot_regions, extra={"clusters": clusters, "runs": runs, "changes": changes,
+                       cfg.output.max_plot_regions, extra={"clusters": clusters, "changes": changes,
                                                            "tile_changes": changed_tiles, **kept})
         raster = files.cluster_map.raster
         assert raster is not None
@@ -162,4 +158,11 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
                       analyst=list(kept))
         panels = atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
         plots.atlas(stage / files.atlas.name, panels, legend, f"{cfg.name}: most typical tiles of each cluster")
+        # the run's row last, when every output is written: its duration is the run's (what the summary line says)
+        now = datetime.now(timezone.utc)
+        row = pd.DataFrame([{"run_id": now.strftime("%Y%m%dT%H%M%S.%fZ"),
+                             "finished_utc": now.isoformat(timespec="seconds"),
+                             "duration_s": float(time.time() - run_started) if run_started else float("nan"),
+                             **run_row}])
+        add_layers(stage / gpkg.name, {"runs": row if old_runs is None else concat_runs(old_runs, row)}, [])
     return output_paths(cfg)

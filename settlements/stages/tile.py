@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import shapely
 from pyproj import CRS, Transformer
-from tqdm.auto import tqdm
 
 from ..config import PipelineConfig, check_backbone_name, check_k
 from ..errors import ConfigError, RegionError
 from ..labels import parse_labels
+from ..progress import counted
 from ..rasters import RasterInfo, compute_scaling, inspect_raster, valid_footprint
 from ..regions import (
     area_m2,
@@ -157,7 +157,7 @@ def plan_tiles(cfg: PipelineConfig, infos: list[RasterInfo], regions: gpd.GeoDat
     grids = [grid_of(info, cfg) for info in infos]
     earlier = EarlierRasters(infos)
     planned = [raster_tiles(cfg, earlier, r, grid, regions, ea)
-               for r, grid in enumerate(tqdm(grids, desc="tiling", unit="raster", disable=None))]
+               for r, grid in enumerate(counted(grids, "tiling", "raster"))]
     if all(rt.shares.empty for rt in planned):
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
         raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")

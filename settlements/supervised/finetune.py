@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..config import FINAL_LAYER, Embedding, FineTuneSettings
 from ..embedding.backbones import PooledFeatures, build_backbone, resolve_layer
 from ..embedding.infer import to_model_input
 from ..errors import ModelFileError, TrainingError
+from ..progress import counted
 from ..rasters import OpenRasters, RasterInfo, read_tile
 from ..store import settings_key
 from .top_model import Head, TopModel, balanced_weights, encode, load_state, save_state
@@ -198,8 +198,7 @@ class FineTuner:
                                 pin_memory=device.type == "cuda", drop_last=len(train) > self.batch_size)
             self._train_mode(net)
             total, seen = 0.0, 0
-            for xb, yb in tqdm(loader, desc=f"fine tuning epoch {epoch}/{self.epochs}", unit="batch", leave=False,
-                               disable=None):
+            for xb, yb in counted(loader, f"fine tuning epoch {epoch}/{self.epochs}", "batch"):
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 opt.zero_grad()
                 loss = loss_fn(net(xb), yb)
@@ -233,18 +232,20 @@ class FineTuner:
         target = torch.as_tensor(val.targets, device=logits.device)
         return float(loss_fn(logits.to(device), target.to(device)))
 
-    def _logits(self, net: FineTunedNet, data: TileImages, device: torch.device) -> torch.Tensor:
+    def _logits(self, net: FineTunedNet, data: TileImages, device: torch.device,
+                desc: str | None = None) -> torch.Tensor:
+        """The net's outputs for every tile of ``data`` (``desc``: counted as progress under that name)."""
         net.eval()
         out = []
         loader = DataLoader(data, batch_size=max(self.batch_size, 128), shuffle=False, num_workers=self.num_workers)
         with torch.inference_mode():
-            for xb, _ in loader:
+            for xb, _ in loader if desc is None else counted(loader, desc, "batch"):
                 out.append(net(xb.to(device)).float().cpu())
         return torch.cat(out) if out else torch.empty((0, len(self.classes_)))
 
     def predict_proba(self, data: TileImages) -> np.ndarray:
         device = next(self.net_.parameters()).device
-        return torch.softmax(self._logits(self.net_, data, device), dim=1).numpy()
+        return torch.softmax(self._logits(self.net_, data, device, "fine-tuned model"), dim=1).numpy()
 
     def predict(self, data: TileImages) -> np.ndarray:
         return self.classes_[self.predict_proba(data).argmax(axis=1)]

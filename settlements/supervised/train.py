@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 from rasterio.windows import Window
 from sklearn.metrics import f1_score
-from tqdm.auto import tqdm
 
 from ..clustering import KMeansClusterer
 from ..config import FineTuneSettings, PipelineConfig, TopModelSettings, Training
 from ..errors import ConfigError, StageError, TrainingError
 from ..neighbours import neighbour_mean, tile_neighbours, with_neighbours
 from ..products import outputs
+from ..progress import counted, step
 from ..rasters import OpenRasters, RasterInfo, load_infos, read_tile
 from ..store import Workspace, read_table, write_atomic, write_json
 from ..tile_tables import kept_tiles
@@ -181,7 +181,7 @@ def evaluate(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], tiles:
     methods = [m for m in METHODS if m != "fine_tuned" or do_ft]
     truth: list[np.ndarray] = []
     preds: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    for f in tqdm(range(ev.folds), desc="cross-validation", unit="fold", disable=None):
+    for f in counted(range(ev.folds), "cross-validation", "fold"):
         tr, te = (fold != f) & has_train, (fold == f) & has_ref
         if not te.any():
             continue
@@ -226,7 +226,8 @@ def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
     out = np.empty((len(tiles), 10 * 3), dtype=np.float32)
     with OpenRasters(infos) as sources:
         cols = ["raster", "tile_col", "tile_row", "tile_w", "tile_h"]
-        for i, (r, c, row, w, h) in enumerate(tiles[cols].itertuples(index=False)):
+        rows = tiles[cols].itertuples(index=False)
+        for i, (r, c, row, w, h) in enumerate(counted(rows, "colour statistics", "tile", total=len(tiles))):
             px, valid = read_tile(sources[r], infos[r], Window(c, row, w, h))
             out[i] = colour_statistics(px, valid)
     return out
@@ -273,6 +274,7 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     if has.sum() < 2:
         raise TrainingError(f"training.labels: only {int(has.sum())} tiles are labelled")
     inputs = TopModelInputs.of(emb, tiles, infos)
+    step("%s: train: top model on %d labelled tiles", cfg.name, int(has.sum()))
     chosen, scores = resolve_neighbours(t.top_model, inputs, y_train, tiles["block"].to_numpy(), has,
                                         t.evaluation.seed)
     if scores:
@@ -289,6 +291,7 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
                               "top_model": top_model, "neighbours": chosen.neighbours,
                               "neighbours_macro_f1": scores}
     if t.finetune.enabled:
+        step("%s: train: fine tuning", cfg.name)
         ws.finetune_checkpoint.parent.mkdir(parents=True, exist_ok=True)
         ft = fine_tune(cfg, infos, tiles[has].reset_index(drop=True), y_train[has].astype(str), np.asarray(emb),
                        ws.finetune_checkpoint)
@@ -296,6 +299,7 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         ft.save(ws.out(fine_tuned), {"config": config})
         result.update(fine_tuned=fine_tuned, best_epoch=ft.best_epoch_)
     if t.evaluation.enabled:
+        step("%s: train: blocked %d-fold evaluation", cfg.name, t.evaluation.folds)
         result.update(evaluate(cfg, ws, infos, tiles, np.asarray(emb), y_train, y_ref, inputs))
     write_json(ws.out(ws.training),
                {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
