@@ -199,6 +199,23 @@ def run(
 
 
 @app.command()
+def init(
+    rasters: list[str] = typer.Argument(..., help="Raster files, or quoted globs such as 'chips/*.tif'.",
+                                        show_default=False),
+    regions: Path = typer.Option(None, help="Polygons to count per region (default: each raster's extent is one)."),
+    output: Path = typer.Option(None, "--output", "-o", help="The pipeline to write (default: pipelines/<the first "
+                                                            "raster's name>.yaml)."),
+    force: bool = typer.Option(False, help="Replace an existing file."),
+) -> None:
+    """Write a commented pipeline from the rasters themselves (CRS, ground pixel size, tile size, bands,
+    scaling), then check it as validate --no-weights does."""
+    from .new_pipeline import init_pipeline
+
+    for line in init_pipeline(rasters, regions, output, force).lines():
+        typer.echo(line)
+
+
+@app.command()
 def tile(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Check inputs and build the tile grid and region shares."""
     from .pipeline import stage_tile

@@ -42,6 +42,8 @@ class Length(Strict):
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, data: Any) -> Any:
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            raise ValueError(f"{data:g} has no unit: write '{data:g}px' (pixels) or '{data:g}m' (ground metres)")
         if isinstance(data, str):
             match = _LENGTH_RE.match(data)
             if not match:
@@ -488,8 +490,8 @@ class PipelineConfig(Strict):
                       "-): it names the output and work folders and the files in them")
     rasters: list[RasterInput] = Field(min_length=1, description="the input rasters; where they overlap, the one "
                                        "listed first wins")
-    regions: list[Regions] = Field(min_length=1, description="one region source or a list; each region gets its "
-                                   "histograms")
+    regions: list[Regions] = Field(default_factory=list, description="one region source or a list; each region "
+                                   "gets its histograms; none: each raster's extent is a region")
     tiling: Tiling = Field(default_factory=Tiling, description="the tile grid")
     embedding: Embedding = Field(default_factory=Embedding, description="the CNN")
     clustering: Clustering = Field(default_factory=Clustering, description="k-means")
@@ -505,6 +507,8 @@ class PipelineConfig(Strict):
     def _regions_list(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("regions"), dict):
             data = {**data, "regions": [data["regions"]]}
+        if isinstance(data, dict) and "regions" in data and data["regions"] is None:  # `regions:` left empty
+            data = {**data, "regions": []}
         return data
 
     @property

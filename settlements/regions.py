@@ -7,6 +7,8 @@ never in the raster's or the output's CRS.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import geopandas as gpd
@@ -132,6 +134,34 @@ def load_all_regions(specs: list[Regions]) -> gpd.GeoDataFrame:
         gdf.insert(2, "source", source)
         frames.append(gdf if not frames else gdf.to_crs(frames[0].crs))
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+
+
+#: ``source`` of the regions a pipeline without ``regions`` makes: each raster's extent.
+FOOTPRINT_SOURCE = "rasters"
+
+
+def footprint_regions(rasters: Sequence[tuple[Path, CRS, tuple[float, float, float, float]]]) -> gpd.GeoDataFrame:
+    """Regions for a pipeline without ``regions``: each raster's extent ((path, CRS, bounds) of every file), in
+    the first raster's CRS, as :func:`load_all_regions` gives them.
+
+    The extent, not the valid footprint: its edges are exact (the box in the raster's own CRS, densified
+    where it is reprojected), so the regions' areas are true; where a raster holds no imagery (a nodata
+    collar, alpha) its region's ``valid_fraction`` says so. Ids are the files' paths relative to the folder
+    they share (unique), names their file names. Where rasters overlap, their regions do too: each
+    region's numbers cover all the ground inside it, counted once (the raster listed first wins).
+    """
+    if not rasters:
+        raise RegionError("rasters: no raster to make regions of")
+    paths = [Path(p).resolve() for p, _, _ in rasters]
+    twice = next((p for i, p in enumerate(paths) if p in paths[:i]), None)
+    if twice is not None:
+        raise RegionError(f"rasters: {twice} is listed twice; list each raster once")
+    common = Path(os.path.commonpath([p.parent for p in paths]))
+    crs = rasters[0][1]
+    geoms = [geometry_in(shapely.box(*bounds), src, crs, pieces=256) for _, src, bounds in rasters]
+    return gpd.GeoDataFrame({"region_id": [p.relative_to(common).as_posix() for p in paths],
+                             "region_name": [p.name for p in paths], "source": FOOTPRINT_SOURCE},
+                            geometry=[_polygonal(g) for g in geoms], crs=crs)
 
 
 def equal_area_crs(regions: gpd.GeoDataFrame) -> CRS:

@@ -10,6 +10,7 @@ torch is imported only to check the backbone and its weights (skipped with ``--n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,9 +71,9 @@ class ValidationReport:
             extra = "".join([f"; {r.outside} outside every region" if r.outside else "",
                              f"; {r.clipped} grid cells outside the regions not tiled" if r.clipped else ""])
             out.append(f"  {r.path}: {r.crs}, {r.size[0]} x {r.size[1]} px, bands {list(r.bands)} {r.dtype}, "
-                       f"tile {r.tile_px[0]} x {r.tile_px[1]} px ({r.tile_m[0]:,.1f} x {r.tile_m[1]:,.1f} m on the "
-                       f"ground) -> {r.tiles} tiles; meets {r.regions_met} region(s), {format_area(r.overlap_km2)}; "
-                       f"{skips}{extra}")
+                       f"tile {r.tile_px[0]} x {r.tile_px[1]} px ({metres(r.tile_m[0])} x {metres(r.tile_m[1])} m "
+                       f"on the ground) -> {r.tiles} tiles; meets {r.regions_met} region(s), "
+                       f"{format_area(r.overlap_km2)}; {skips}{extra}")
         known = sum(r.skips or 0 for r in self.rasters)
         unknown = sum(r.skips is None for r in self.rasters)
         tail = (f"; {unknown} raster(s) with nodata, masks or alpha skip more, known only once read" if unknown
@@ -80,6 +81,13 @@ class ValidationReport:
         out.append(f"  total: {self.tiles} tiles for k={self.k}; {known} will be skipped at raster edges{tail}")
         out.extend(f"  warning: {w}" for w in self.warnings)
         return out
+
+
+def metres(value: float) -> str:
+    """A ground length to four significant digits (5.036, 80.03, 228.0, 1,000): a 65 px tile of 7.75 cm is
+    5.036 m, not 5.0."""
+    decimals = max(0, 3 - math.floor(math.log10(abs(value)))) if value else 0
+    return f"{value:,.{decimals}f}"
 
 
 def _weights_note(cfg: PipelineConfig) -> str:

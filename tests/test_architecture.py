@@ -143,7 +143,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("products: the stages, training, prediction, similar, exports, validate", {
         "settlements.stages.tile", "settlements.stages.embed", "settlements.stages.cluster",
         "settlements.stages.export", "settlements.supervised.train", "settlements.supervised.predict",
-        "settlements.similar", "settlements.export.embeddings", "settlements.validate"}),
+        "settlements.similar", "settlements.export.embeddings", "settlements.validate", "settlements.new_pipeline"}),
     ("the runner: one door for every command that writes", {"settlements.pipeline"}),
     ("the command line", {"settlements.cli"}),
 ]

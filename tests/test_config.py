@@ -50,6 +50,9 @@ def test_defaults_and_lengths(tmp_path: Path) -> None:
         ("clustering:\n  k: 1\n", r"clustering\.k: Input should be greater than or equal to 2"),
         ("tiling:\n  tile_size: big\n", r"tiling\.tile_size: .*expected a length such as '240m'"),
         ("tiling:\n  tile_size: 10px\n  stride: 20px\n", r"stride must not exceed tile_size"),
+        ("tiling:\n  tile_size: 15\n", r"tiling\.tile_size: 15 has no unit: write '15px' \(pixels\) or '15m' \(ground "
+         r"metres\)$"),
+        ("tiling:\n  tile_size: 8px\n  stride: 2.5\n", r"tiling\.stride: 2\.5 has no unit: write '2\.5px'"),
         ("embedding:\n  device: tpu\n", r"embedding\.device: Input should be 'auto', 'cpu' or 'cuda'"),
         ("embedding:\n  bakbone: resnet50\n", r"embedding\.bakbone: unknown key"),
         ("embedding:\n  layer: 'features 15'\n",
@@ -68,6 +71,12 @@ def test_invalid_keys_and_types_name_the_key(tmp_path: Path, extra: str, message
 def test_missing_required_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"rasters: required key is missing"):
         load_config(write(tmp_path, "regions:\n  path: r.gpkg\n"))
+
+
+@pytest.mark.parametrize("regions", ["", "regions:\n", "regions: []\n"])
+def test_regions_may_be_left_out(tmp_path: Path, regions: str) -> None:
+    """Without regions, each raster's extent is a region (the tile stage makes them: tests/test_geometry.py)."""
+    assert load_config(write(tmp_path, "rasters:\n  - path: a.tif\n" + regions)).regions == []
 
 
 def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:

@@ -255,6 +255,36 @@ def test_an_earlier_raster_gives_up_the_ground_where_it_is_nodata(tmp_path) -> N
     assert km2.sum() > alone_km2.sum()  # the collar's own nodata cells still carry area (valid_cell 0 later)
 
 
+def test_without_regions_each_raster_is_a_region_and_its_ground_counts_once(tmp_path) -> None:
+    """No ``regions``: two overlapping crops of the Olinda scene (UTM) and, listed last, the whole scene warped to
+    lon/lat. Each raster's extent is a region whose area is the geodesic area of the raster's footprint, and
+    the cells inside it, from whichever raster, add up to exactly that area: the overlaps counted once."""
+    src_path = scene("olinda_brazil", "L7_ETMs.tif")
+    with rasterio.open(src_path) as src:
+        prof = src.profile | {"count": 3}
+        crops = []
+        for name, (c, r) in {"a": (0, 0), "b": (160, 140)}.items():
+            win = rasterio.windows.Window(c, r, 200, 200)
+            path = tmp_path / f"{name}.tif"
+            with rasterio.open(path, "w", **(prof | {"width": 200, "height": 200,
+                                                      "transform": src.window_transform(win)})) as dst:
+                dst.write(src.read([3, 2, 1], window=win))
+            crops.append(path)
+    rasters = [*crops, warped(tmp_path, src_path, "EPSG:4326", "lonlat")]
+    km2, regions, tiles = tile_stage(tmp_path, rasters, [])
+    assert list(regions["region_id"]) == ["a.tif", "b.tif", "lonlat.tif"]
+    assert set(regions["source"]) == {"rasters"}
+    truth = pd.Series({p.name: geodesic_km2(footprint(p)) for p in rasters})
+    area = regions.set_index("region_id")["area_m2"] / 1e6
+    np.testing.assert_allclose(area.to_numpy(), truth.to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(km2.to_numpy(), truth.to_numpy(), rtol=1e-4)  # the ground inside, counted once
+    # the second crop's region holds the first crop's cells where the first wins, and its own elsewhere
+    shares = read_table(tmp_path / "work" / "geo" / "shares.parquet", "tile").merge(tiles, on="tile_id")
+    in_b = shares[shares["region"] == 1].groupby("raster")["area_m2"].sum() / 1e6
+    assert in_b[0] > 1 and in_b[1] > 20 and in_b.sum() == pytest.approx(truth["b.tif"], rel=1e-4)
+    assert in_b.get(2, 0.0) < 5e-5 * in_b.sum()  # the warped scene: slivers centimetres wide along the crops' edges
+
+
 def test_valid_footprint_traces_imagery_not_the_extent(tmp_path) -> None:
     from settlements.rasters import inspect_raster, valid_footprint
 

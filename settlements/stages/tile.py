@@ -25,6 +25,7 @@ from ..regions import (
     area_m2,
     cell_region_shares,
     equal_area_crs,
+    footprint_regions,
     geometry_in,
     load_all_regions,
     raster_extent_in,
@@ -63,7 +64,10 @@ def check_inputs(cfg: PipelineConfig, backbone: bool = True) -> tuple[list[Raste
         check_backbone_known(cfg)
     check_output_settings(cfg)
     infos = [inspect_raster(path, spec) for path, spec in expand_inputs(cfg.rasters)]
-    regions = load_all_regions(cfg.regions)
+    if cfg.regions:
+        regions = load_all_regions(cfg.regions)
+    else:  # no regions given: each raster's extent is one
+        regions = footprint_regions([(info.path, info.crs, info.extent) for info in infos])
     return infos, regions
 
 
@@ -114,6 +118,33 @@ class EarlierRasters:
         return shapely.union_all(parts) if parts else None
 
 
+class NearRegions:
+    """Which regions may meet a raster: a spatial index of the regions, so that each of many rasters
+    reprojects and intersects only the regions near it, not all of them (a thousand files with their
+    thousand footprint regions, or census tracts of a country)."""
+
+    def __init__(self, regions: gpd.GeoDataFrame) -> None:
+        self.regions = regions
+        self.crs = CRS.from_user_input(regions.crs)
+        self.tree = shapely.STRtree(regions.geometry.values)
+
+    def of(self, crs: CRS, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """Indexes of the regions whose box meets the raster's extent (``bounds`` in ``crs``), with a margin;
+        every region where the extent cannot be placed in the regions' CRS as a plain box (across 180 degrees,
+        out of the projection's domain)."""
+        every = np.arange(len(self.regions))
+        try:
+            box = raster_extent_in(bounds, crs, self.crs).bounds
+        except Exception:  # noqa: BLE001 (PROJ's errors: out of the projection's domain)
+            return every
+        if not np.all(np.isfinite(box)) or (self.crs.is_geographic and (box[2] - box[0] > 180 or box[0] < -180
+                                                                        or box[2] > 180)):
+            return every
+        mx, my = (box[2] - box[0]) * 0.01, (box[3] - box[1]) * 0.01
+        found = self.tree.query(shapely.box(box[0] - mx, box[1] - my, box[2] + mx, box[3] + my))
+        return np.sort(found)
+
+
 @dataclass
 class RasterTiles:
     """One raster's tiles: its grid, its tile table, the cells' region shares (``cell``: row of the table)
@@ -125,7 +156,7 @@ class RasterTiles:
     clipped: int
 
 
-def raster_tiles(cfg: PipelineConfig, earlier: EarlierRasters, r: int, grid: TileGrid, regions: gpd.GeoDataFrame,
+def raster_tiles(cfg: PipelineConfig, earlier: EarlierRasters, r: int, grid: TileGrid, regions: NearRegions,
                  ea: CRS) -> RasterTiles:
     """Raster ``r``'s cells, clipped to the regions when asked, with their ground centres and region shares."""
     info = earlier.infos[r]
@@ -133,11 +164,13 @@ def raster_tiles(cfg: PipelineConfig, earlier: EarlierRasters, r: int, grid: Til
     cells = shapely.box(*(table[c].to_numpy() for c in ("minx", "miny", "maxx", "maxy")))
     bounds = (float(table["minx"].min()), float(table["miny"].min()),
               float(table["maxx"].max()), float(table["maxy"].max()))
-    reg_r = regions_in_crs(regions, earlier.crs[r], bounds)
+    near = regions.of(earlier.crs[r], info.extent)
+    reg_r = regions_in_crs(regions.regions.iloc[near], earlier.crs[r], bounds)
     # overlapping rasters: the first listed wins where it holds imagery; later ones lose that ground
     covered = earlier.covered(r, bounds)
     to_ground = Transformer.from_crs(earlier.crs[r], ea, always_xy=True)
     shares = cell_region_shares(cells, reg_r.geometry.values, to_ground, covered)
+    shares["region"] = near[shares["region"].to_numpy()]  # the index among every region
     n_cells = len(table)
     if cfg.tiling.clip_to_regions:
         table = table.iloc[np.unique(shares["cell"].to_numpy())]
@@ -156,7 +189,8 @@ def plan_tiles(cfg: PipelineConfig, infos: list[RasterInfo], regions: gpd.GeoDat
     raster or ``k`` exceeds the tiles. Tile-size errors come before any pixel is read."""
     grids = [grid_of(info, cfg) for info in infos]
     earlier = EarlierRasters(infos)
-    planned = [raster_tiles(cfg, earlier, r, grid, regions, ea)
+    near = NearRegions(regions)
+    planned = [raster_tiles(cfg, earlier, r, grid, near, ea)
                for r, grid in enumerate(counted(grids, "tiling", "raster"))]
     if all(rt.shares.empty for rt in planned):
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
