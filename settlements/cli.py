@@ -152,6 +152,26 @@ def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
     return "; ".join([*parts, k, f"{report.seconds:.1f} s"])
 
 
+def train_summary(cfg: PipelineConfig, r: dict[str, Any]) -> list[str]:
+    """What ``train`` made, in rounded figures: the labelled tiles per class, the models and the scores, each
+    score saying what it is measured against."""
+    counts = ", ".join(f"{c} {n:,}" for c, n in r["class_counts"].items())
+    lines = [f"{cfg.name}: top model on {r['labelled_tiles']:,} labelled tiles of {len(r['classes'])} classes "
+             f"({counts}): {r['top_model']}"]
+    near = r.get("neighbours_macro_f1") or {}
+    if near:
+        lines.append(f"  neighbours {'on' if r['neighbours'] else 'off'} (blocked {r['neighbours_folds']}-fold "
+                     f"macro F1 against the training labels: alone {near['alone']:.3f}, with neighbours "
+                     f"{near['neighbours']:.3f})")
+    if "fine_tuned" in r:
+        lines.append(f"  fine tuned: {r['fine_tuned']} (best epoch {r['best_epoch']})")
+    if "macro_f1" in r:
+        scores = ", ".join(f"{m} {f:.3f}" for m, f in r["macro_f1"].items())
+        lines.append(f"  blocked {r['folds']}-fold macro F1 {r['scored_against']}: {scores}")
+        lines += [f"  {name}: {r[name]}" for name in ("evaluation", "confusion", "confusion_png", "cluster_quality")]
+    return lines
+
+
 @app.command()
 def run(
     config: Path = CONFIG,
@@ -266,8 +286,9 @@ def train(config: Path = CONFIG, wait: float = WAIT) -> None:
     """Train the top model on the embeddings (then fine tune, when asked) and write the blocked evaluation."""
     from .pipeline import train as train_models
 
-    for name, value in train_models(_config(config), wait).items():
-        typer.echo(f"{name}: {value}")
+    cfg = _config(config)
+    for line in train_summary(cfg, train_models(cfg, wait)):
+        typer.echo(line)
 
 
 @app.command()

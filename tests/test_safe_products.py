@@ -30,6 +30,7 @@ from pathlib import Path
 import geopandas as gpd
 import matplotlib.image
 import numpy as np
+import pandas as pd
 import pyogrio
 import pytest
 import rasterio
@@ -433,3 +434,27 @@ def test_drawn_examples_and_similar_results_survive_every_later_run(done: Path, 
 
 def test_similar_adds_its_result_to_the_qgis_project(done: Path) -> None:
     assert {"similar_first", "similar_first_regions"} <= project_layers(done / "outputs" / "small" / "small.qgz")
+
+
+def test_scores_against_the_training_labels_themselves_say_so_everywhere(done: Path, tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    """Trained on the named clusters with no independent reference: every output that shows a score says it is
+    measured against the training labels themselves (k-means scores its own clusters), and ``train`` prints
+    rounded figures, not raw floats or dicts."""
+    from PIL import Image
+
+    out = done / "outputs" / "small"
+    against = "training labels (clusters)"
+    for name in ("evaluation.csv", "cluster_quality.csv", "confusion.csv"):
+        assert set(pd.read_csv(out / name)["against"]) == {against}, name
+    with Image.open(out / "confusion.png") as png:
+        assert "against the training labels themselves (clusters), not an independent reference" in png.text["Title"]
+    config = copy_of(done, tmp_path)
+    code, printed, err = run_cli(monkeypatch, capsys, "train", str(config))
+    assert code == 0, err
+    lines = printed.splitlines()
+    assert lines[0].startswith("small: top model on ") and "labelled tiles of 2 classes (" in lines[0]
+    scores = next(line for line in lines if "macro F1" in line)
+    assert re.fullmatch(r"  blocked 2-fold macro F1 against the training labels themselves \(clusters\), not an "
+                        r"independent reference: kmeans \d\.\d{3}, top_model \d\.\d{3}", scores), scores
+    assert not re.search(r"\d\.\d{4}|[{}]", printed), printed  # no raw floats, no dicts

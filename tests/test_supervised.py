@@ -208,7 +208,8 @@ def test_augmentation_without_shift_is_a_symmetry_of_the_square() -> None:
 
 def test_blocked_cv_top_model_beats_the_kmeans_baseline(trained: Trained) -> None:
     ev = pd.read_csv(trained.out / "evaluation.csv")
-    assert list(ev.columns) == ["method", "class", "precision", "recall", "f1", "support"]
+    assert list(ev.columns) == ["method", "class", "precision", "recall", "f1", "support", "against"]
+    assert set(ev["against"]) == {"training labels (spectral)"}  # no reference: the training labels themselves
     assert list(dict.fromkeys(ev["method"])) == ["kmeans", "top_model", "fine_tuned"]
     assert set(ev["class"]) == {"water", "vegetation", "built-up", "macro avg"}
     macro = ev[ev["class"] == "macro avg"].set_index("method")
@@ -225,7 +226,7 @@ def test_blocked_cv_top_model_beats_the_kmeans_baseline(trained: Trained) -> Non
 
 def test_confusion_table_and_png_are_written(trained: Trained) -> None:
     conf = pd.read_csv(trained.out / "confusion.csv")
-    assert list(conf.columns) == ["method", "true", "predicted", "count"]
+    assert list(conf.columns) == ["method", "true", "predicted", "count", "against"]
     ev = pd.read_csv(trained.out / "evaluation.csv")
     for method, group in conf.groupby("method"):
         diag = group[group["true"] == group["predicted"]].set_index("true")["count"]
@@ -237,7 +238,7 @@ def test_confusion_table_and_png_are_written(trained: Trained) -> None:
 
 def test_cluster_quality_compares_cnn_and_colour_features(trained: Trained) -> None:
     q = pd.read_csv(trained.out / "cluster_quality.csv")
-    assert list(q.columns) == ["features", "nmi", "ari", "purity"]
+    assert list(q.columns) == ["features", "nmi", "ari", "purity", "against"]
     assert list(q["features"]) == ["cnn", "colour"]
     assert q[["nmi", "purity"]].apply(lambda s: s.between(0, 1)).all().all()
     assert (q["ari"] <= 1).all()

@@ -17,11 +17,14 @@ from ..store import atomic_path  # noqa: E402
 
 
 def confusion_figure(path: Path, confusion: pd.DataFrame, classes: list[str], scores: pd.DataFrame,
-                     title: str) -> None:
-    """``confusion``: method, true, predicted, count; ``scores``: method, class, f1 (for the titles)."""
+                     title: str, truth: str = "reference") -> None:
+    """``confusion``: method, true, predicted, count; ``scores``: method, class, f1 (for the titles); ``truth``:
+    what the rows are (the reference, or the training labels themselves). ``title`` is also the PNG's own
+    Title, which image viewers and tests read."""
     methods = list(dict.fromkeys(confusion["method"]))
     cmap = LinearSegmentedColormap.from_list("ramp", list(RAMP_COLOURS))
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 0.8, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 0.8, 4.2), squeeze=False,
+                             layout="constrained")
     n = len(classes)
     for ax, method in zip(axes[0], methods, strict=True):
         c = confusion[confusion["method"] == method]
@@ -37,11 +40,10 @@ def confusion_figure(path: Path, confusion: pd.DataFrame, classes: list[str], sc
         ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(n), classes, fontsize=8)
         ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("reference", fontsize=8)
+        ax.set_ylabel(truth, fontsize=8)
         f1 = scores[(scores["method"] == method) & (scores["class"] == "macro avg")]["f1"]
         ax.set_title(f"{method}\nmacro F1 {float(f1.iloc[0]):.3f}" if len(f1) else method, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Title": " ".join(title.split())})
     plt.close(fig)

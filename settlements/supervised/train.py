@@ -58,6 +58,19 @@ def training_settings(cfg: PipelineConfig) -> Training:
     return cfg.training
 
 
+def scored_against(t: Training) -> tuple[str, str]:
+    """What the blocked evaluation scores against, short (a CSV column) and in words (pictures, printed lines).
+
+    Without a ``reference`` the scores are against the training labels themselves: they say how well a
+    method reproduces those labels on held-out blocks, not how right the labels are. With ``source:
+    clusters`` the k-means row scores the clusters against their own names.
+    """
+    if t.reference is not None:
+        return f"reference ({t.reference.source})", f"against the reference ({t.reference.source})"
+    return (f"training labels ({t.labels.source})",
+            f"against the training labels themselves ({t.labels.source}), not an independent reference")
+
+
 def make_top_model(settings: TopModelSettings) -> TopModel:
     return TopModel(**settings.model_dump(exclude={"neighbours"}))
 
@@ -161,8 +174,9 @@ def _class_column(tiles: pd.DataFrame, labels: pd.DataFrame) -> np.ndarray:
 
 
 def evaluate(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], tiles: pd.DataFrame, emb: np.ndarray,
-             y_train: np.ndarray, y_ref: np.ndarray, inputs: TopModelInputs | None = None) -> dict[str, Path]:
-    """Blocked cross-validation of every method on the same held-out blocks; clustering quality.
+             y_train: np.ndarray, y_ref: np.ndarray, inputs: TopModelInputs | None = None) -> dict[str, Any]:
+    """Blocked cross-validation of every method on the same held-out blocks; clustering quality. Every file and
+    the returned ``macro_f1`` name what they score against (:func:`scored_against`).
 
     A held-out tile's neighbours may lie in a training block: the top model then sees their imagery's
     embeddings (as it does when predicting), never their labels. ``inputs``: :meth:`TopModelInputs.of` these
@@ -204,21 +218,26 @@ def evaluate(cfg: PipelineConfig, ws: Workspace, infos: list[RasterInfo], tiles:
     classes = sorted(set(y_true) | {c for p in preds.values() for c in np.concatenate(p)})
     scores = pd.concat([class_scores(y_true, np.concatenate(preds[m]), classes).assign(method=m)
                         for m in methods], ignore_index=True)
-    scores = scores[["method", "class", "precision", "recall", "f1", "support"]]
+    against, in_words = scored_against(t)
+    scores = scores[["method", "class", "precision", "recall", "f1", "support"]].assign(against=against)
     confusion = pd.concat([confusion_long(y_true, np.concatenate(preds[m]), classes).assign(method=m)
                            for m in methods], ignore_index=True)[["method", "true", "predicted", "count"]]
+    confusion = confusion.assign(against=against)
     stage = ws.out_dir(cfg.output_dir)  # committed with the models
     write_atomic(stage / files.evaluation.name, lambda p: scores.to_csv(p, index=False, float_format="%.4f"))
     write_atomic(stage / files.confusion.name, lambda p: confusion.to_csv(p, index=False))
     confusion_figure(stage / files.confusion_png.name, confusion, classes, scores,
                      f"{cfg.name}: blocked {ev.folds}-fold cross-validation ({ev.block_tiles}x{ev.block_tiles}-tile "
-                     f"blocks), {len(y_true)} held-out tiles")
-    quality = clustering_quality(cfg, infos, tiles, emb, y_ref, inputs.near)
+                     f"blocks), {len(y_true)} held-out tiles,\n{in_words}",
+                     "reference" if t.reference is not None else "training label")
+    quality = clustering_quality(cfg, infos, tiles, emb, y_ref, inputs.near).assign(against=against)
     write_atomic(stage / files.cluster_quality.name, lambda p: quality.to_csv(p, index=False, float_format="%.4f"))
-    macro = scores[scores["class"] == "macro avg"].set_index("method")["f1"].round(4).to_dict()
-    log.info("blocked cross-validation macro F1: %s", macro)
+    macro = {str(m): round(float(f), 3) for m, f in
+             scores[scores["class"] == "macro avg"].set_index("method")["f1"].items()}
+    log.info("blocked cross-validation macro F1 %s: %s", in_words, macro)
     return {"evaluation": files.evaluation, "confusion": files.confusion, "confusion_png": files.confusion_png,
-            "cluster_quality": files.cluster_quality}
+            "cluster_quality": files.cluster_quality, "macro_f1": macro, "scored_against": in_words,
+            "folds": ev.folds}
 
 
 def colour_features(infos: list[RasterInfo], tiles: pd.DataFrame) -> np.ndarray:
@@ -289,7 +308,9 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     save_state(ws.out(top_model), state)
     result: dict[str, Any] = {"labelled_tiles": int(has.sum()), "classes": [str(c) for c in top.classes_],
                               "top_model": top_model, "neighbours": chosen.neighbours,
-                              "neighbours_macro_f1": scores}
+                              "neighbours_macro_f1": scores, "neighbours_folds": NEIGHBOUR_FOLDS,
+                              "class_counts": {str(k): int(v) for k, v in
+                                               pd.Series(y_train[has]).value_counts().items()}}
     if t.finetune.enabled:
         step("%s: train: fine tuning", cfg.name)
         ws.finetune_checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -303,5 +324,5 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
         result.update(evaluate(cfg, ws, infos, tiles, np.asarray(emb), y_train, y_ref, inputs))
     write_json(ws.out(ws.training),
                {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items()}
-               | {"config": config, "class_counts": pd.Series(y_train[has]).value_counts().to_dict()})
+               | {"config": config})
     return result
