@@ -79,6 +79,11 @@ class Outputs:
     def project(self) -> Path:
         return self.folder / f"{self.name}.qgz"
 
+    def imagery(self, k: int = 1) -> Path:
+        """The VRT mosaic of the k-th group of input files the QGIS project shows under the tiles (a group of
+        several files sharing CRS and bands; :mod:`settlements.export.imagery`)."""
+        return self.folder / f"{self.name}_imagery{'' if k == 1 else f'_{k}'}.vrt"
+
     @property
     def supervised_map(self) -> MapFiles:
         """``settlements predict``: the cluster map's twin for the predicted classes."""
@@ -102,7 +107,7 @@ class Outputs:
 
     def declared(self) -> list[Path]:
         """Every file of the folder named here but the embeddings exports: no other command may write them."""
-        return [*self.cluster_map.files(), self.atlas, self.project, *self.supervised_map.files(),
+        return [*self.cluster_map.files(), self.atlas, self.project, self.imagery(), *self.supervised_map.files(),
                 *self.evaluation_files()]
 
 

@@ -33,7 +33,7 @@ import pandas as pd
 from .config import EXACT_MAX_TILES, QUERY_EXPANSION, SIMILAR_LINEAR_C, PipelineConfig, SimilarOptions
 from .errors import ExamplesError, StageError
 from .export.geopackage import LayerStyle, copy_geopackage
-from .export.qgis_project import write_project
+from .export.qgis_project import write_pipeline_project
 from .export.styles import graduated_qml
 from .export.tile_map import TileMap, named_as_final, similar_layers, tile_map, write_tile_map
 from .neighbours import tile_neighbours
@@ -287,10 +287,8 @@ def write(cfg: PipelineConfig, ws: Workspace, q: Query) -> None:
         copy_geopackage(q.gpkg, staged.gpkg)
         write_tile_map(q.map, MapFiles(staged.gpkg), similar_layers(q.name), q.styles, cfg.output.max_plot_regions,
                        into_existing=True)
-        raster = files.cluster_map.raster
-        project = stage / files.project.name
-        write_project(project, staged.gpkg, raster if raster is not None and raster.is_file() else None,
-                      f"settlements: {cfg.name}", analyst=analyst_layer_names(staged.gpkg))
+        project = write_pipeline_project(files, stage, load_infos(ws), f"settlements: {cfg.name}",
+                                         analyst_layer_names(staged.gpkg))
     keep_recorded(cfg, ws.commit, {files.gpkg: staged.gpkg, files.project: project})
     log.info("similar: %s", json.dumps({**q.record, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
                                        default=str))

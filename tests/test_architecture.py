@@ -136,7 +136,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("formats: GeoPackage, styles, COG, pictures, QGIS project", {
         "settlements.export.geopackage", "settlements.export.styles", "settlements.export.raster",
         "settlements.export.plots", "settlements.export.layers", "settlements.export.runs",
-        "settlements.export.qgis_project", "settlements.export.qgis_render", "settlements.supervised.figures"}),
+        "settlements.export.qgis_project", "settlements.export.qgis_render", "settlements.supervised.figures",
+        "settlements.export.imagery"}),
     ("joined tables: tiles with their cells, regions, clusters; analysts' tiles and layers", {
         "settlements.tile_tables", "settlements.similar_examples", "settlements.supervised.training_labels"}),
     ("the one writer of a labelled-tile map", {"settlements.export.tile_map"}),

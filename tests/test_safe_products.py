@@ -436,6 +436,32 @@ def test_similar_adds_its_result_to_the_qgis_project(done: Path) -> None:
     assert {"similar_first", "similar_first_regions"} <= project_layers(done / "outputs" / "small" / "small.qgz")
 
 
+def layer_names(qgz: Path) -> list[str]:
+    """The project's layers, top of the legend first."""
+    with zipfile.ZipFile(qgz) as z:
+        tree = ET.fromstring(z.read(z.namelist()[0]))
+    return [node.get("name") for node in tree.iter("layer-tree-layer")]
+
+
+def test_the_project_shows_every_product_that_exists_and_the_imagery(done: Path, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    """After run, predict and similar: the project holds the similar result, the cluster map, the supervised map
+    (switched off) and the source imagery at the bottom; a later predict and a later run keep them all, and a
+    run still has nothing to do after predict rewrote the project."""
+    qgz = done / "outputs" / "small" / "small.qgz"
+    names = layer_names(qgz)
+    assert names[-1] == "imagery: L7_ETMs.tif"
+    assert {"similar_first", "cluster map", "predicted tiles", "predicted regions", "predicted map"} <= set(names)
+    assert names.index("cluster map") < names.index("predicted tiles") < names.index("imagery: L7_ETMs.tif")
+    config = copy_of(done, tmp_path)
+    copied = tmp_path / "outputs" / "small" / "small.qgz"
+    assert run_cli(monkeypatch, capsys, "run", str(config))[0] == 0  # its own first run (another config)
+    assert layer_names(copied) == names
+    assert run_cli(monkeypatch, capsys, "predict", str(config))[0] == 0
+    assert layer_names(copied) == names
+    assert run_cli(monkeypatch, capsys, "run", str(config))[0] == 3  # predict's project is recorded as the run's
+
+
 def test_scores_against_the_training_labels_themselves_say_so_everywhere(done: Path, tmp_path: Path, monkeypatch,
                                                                          capsys) -> None:
     """Trained on the named clusters with no independent reference: every output that shows a score says it is

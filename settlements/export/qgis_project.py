@@ -11,6 +11,7 @@ open it in a real QGIS.
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ from pyproj import CRS, Transformer
 from pyproj.aoi import AreaOfInterest
 from pyproj.database import query_utm_crs_info
 
+from ..products import Outputs
+from ..rasters import RasterInfo
 from ..store import atomic_path
 from .geopackage import read_styles
+from .imagery import Imagery, imagery, imagery_qml_body, write_mosaics
 from .styles import LABEL_MIX_STYLE, QGIS_VERSION, qml_body
 
 Bounds = tuple[float, float, float, float]
@@ -187,15 +191,38 @@ def view_bounds(gpkg: Path) -> tuple[Bounds, CRS]:
     return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), CRS.from_user_input(tiles["crs"])
 
 
-def write_project(path: Path, gpkg: Path, cluster_map: Path | None, title: str, analyst: list[str] | None = None
-                  ) -> Path:
-    """Write ``path`` (.qgz): the ``analyst``'s layers of ``gpkg`` (drawn examples to draw in, which may be
-    empty, and ``similar`` results), label mix (off), regions, tiles, cluster map; opening on the tiles and
-    the regions they meet, in a projected CRS (:func:`view_crs`). Each layer is styled as the GeoPackage's
-    default style for it says; the cluster map as its ``.qml`` sidecar says (left out when None).
+def _raster_layer(path: Path, layer_id: str, name: str, checked: bool = True) -> ProjectLayer:
+    """A paletted COG of the folder, styled as its ``.qml`` sidecar says."""
+    with rasterio.open(path) as src:
+        rcrs = CRS.from_wkt(src.crs.to_wkt())
+        rb = _bounds(src.bounds)
+    sidecar = path.with_suffix(".qml")
+    style = qml_body(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else ""
+    return ProjectLayer(layer_id, name, f"./{path.name}", "gdal", rcrs, rb, style, checked)
 
-    The GeoPackage and the cluster map must lie in the project's folder (they are referenced
-    relatively).
+
+def _supervised_layers(gpkg: Path, cog: Path | None) -> list[ProjectLayer]:
+    """The supervised map (``predict``), switched off under the cluster map: its tiles, regions and COG."""
+    default = {st.layer: qml_body(st.qml) for st in read_styles(gpkg) if st.default}
+    found = [str(row[0]) for row in pyogrio.list_layers(gpkg)]
+    layers = [_vector_layer(gpkg, layer, name, default.get(layer, ""), checked=False)
+              for layer, name in (("predicted_regions", "predicted regions"), ("predicted_tiles", "predicted tiles"))
+              if layer in found]
+    if cog is not None:
+        layers.append(_raster_layer(cog, "settlements_predicted_map", "predicted map", checked=False))
+    return layers
+
+
+def write_project(path: Path, gpkg: Path, cluster_map: Path | None, title: str, analyst: list[str] | None = None,
+                  imagery: Sequence[Imagery] = (), supervised: tuple[Path, Path | None] | None = None) -> Path:
+    """Write ``path`` (.qgz): the ``analyst``'s layers of ``gpkg`` (drawn examples to draw in, which may be
+    empty, and ``similar`` results), label mix (off), regions, tiles, cluster map, the ``supervised`` map
+    (its GeoPackage and COG, off) and the source ``imagery`` at the bottom; opening on the tiles and the
+    regions they meet, in a projected CRS (:func:`view_crs`). Each layer is styled as the GeoPackage's
+    default style for it says; a COG as its ``.qml`` sidecar says (the cluster map left out when None).
+
+    The GeoPackages and COGs must lie in the project's folder (they are referenced relatively, as the
+    imagery is, from the project's final folder).
     """
     styles = read_styles(gpkg)
     default = {st.layer: qml_body(st.qml) for st in styles if st.default}
@@ -206,13 +233,11 @@ def write_project(path: Path, gpkg: Path, cluster_map: Path | None, title: str, 
         _vector_layer(gpkg, "tiles", "tiles", default.get("tiles", "")),
     ]
     if cluster_map is not None:
-        with rasterio.open(cluster_map) as src:
-            rcrs = CRS.from_wkt(src.crs.to_wkt())
-            rb = _bounds(src.bounds)
-        sidecar = cluster_map.with_suffix(".qml")
-        style = qml_body(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else ""
-        layers.append(ProjectLayer("settlements_cluster_map", "cluster map", f"./{cluster_map.name}", "gdal", rcrs,
-                                   rb, style))
+        layers.append(_raster_layer(cluster_map, "settlements_cluster_map", "cluster map"))
+    if supervised is not None:
+        layers += _supervised_layers(*supervised)
+    layers += [ProjectLayer(f"settlements_imagery_{k}", im.name, im.source, "gdal", CRS.from_wkt(im.crs_wkt),
+                            im.bounds, imagery_qml_body(im)) for k, im in enumerate(imagery, start=1)]
     bounds, layer_crs = view_bounds(gpkg)
     layers = [_analyst_layer(gpkg, name, default.get(name, ""), bounds) for name in analyst or []] + layers
     centre = Transformer.from_crs(layer_crs, 4326, always_xy=True).transform((bounds[0] + bounds[2]) / 2,
@@ -224,3 +249,26 @@ def write_project(path: Path, gpkg: Path, cluster_map: Path | None, title: str, 
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(f"{path.stem}.qgs", xml)
     return path
+
+
+def write_pipeline_project(files: Outputs, stage: Path, infos: list[RasterInfo], title: str, analyst: list[str],
+                           mosaics: bool = False) -> Path:
+    """The pipeline's project, staged in ``stage`` (a command's staging folder): every product as this command
+    stages it there, else as the output folder holds it (the cluster map, the supervised map where ``predict``
+    made one, the source imagery); ``mosaics``: write the imagery's VRT mosaics too (the export stage)."""
+
+    def present(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        staged = stage / p.name
+        return staged if staged.is_file() else p if p.is_file() else None
+
+    gpkg = present(files.gpkg)
+    assert gpkg is not None, files.gpkg
+    layers = imagery(infos, files.folder, files.imagery)
+    if mosaics:
+        write_mosaics(layers, stage, files.folder)
+    layers = [im for im in layers if not im.files or present(files.folder / Path(im.source).name) is not None]
+    sup = present(files.supervised_map.gpkg)
+    return write_project(stage / files.project.name, gpkg, present(files.cluster_map.raster), title, analyst,
+                         layers, None if sup is None else (sup, present(files.supervised_map.raster)))

@@ -29,9 +29,17 @@ def _rgba(colour: str, alpha: int = 255) -> str:
 
 
 def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int = 255,
-                 outline: str = OUTLINE_COLOUR) -> str:
+                 outline: str = OUTLINE_COLOUR, cased: bool = False) -> str:
+    """A polygon symbol; ``cased``: the outline in ``outline`` with a thin dark line along its middle, so a
+    boundary stays visible over tiles of its own colour."""
+    casing = _fill_layer(NO_DATA_COLOUR, 0.15, 0, OUTLINE_COLOUR) if cased else ""
     return f"""<symbol type="fill" name={quoteattr(name)} alpha="1" clip_to_extent="1" force_rhr="0">
-        <layer class="SimpleFill" enabled="1" locked="0" pass="0">
+        {_fill_layer(colour, outline_width, fill_alpha, outline)}{casing}
+      </symbol>"""
+
+
+def _fill_layer(colour: str, outline_width: float, fill_alpha: int, outline: str) -> str:
+    return f"""<layer class="SimpleFill" enabled="1" locked="0" pass="0">
           <Option type="Map">
             <Option type="QString" name="border_width_map_unit_scale" value="3x:0,0,0,0,0,0"/>
             <Option type="QString" name="color" value="{_rgba(colour, fill_alpha)}"/>
@@ -45,8 +53,7 @@ def _fill_symbol(name: str, colour: str, outline_width: float, fill_alpha: int =
             <Option type="QString" name="outline_width_unit" value="MM"/>
             <Option type="QString" name="style" value="{'solid' if fill_alpha else 'no'}"/>
           </Option>
-        </layer>
-      </symbol>"""
+        </layer>"""
 
 
 def _aliases(aliases: dict[str, str]) -> str:
@@ -64,13 +71,15 @@ def _layer_tail(aliases: dict[str, str], map_tip: str, display_field: str, extra
   <layerGeometryType>2</layerGeometryType>"""
 
 
-#: Opacity of region fills (of 255): regions are drawn over the tiles, which must show through.
-REGION_FILL_ALPHA = 96
+#: Outline width (mm) of regions: drawn over the tiles as outlines in their dominant label's colour, never filled,
+#: so every tile keeps its own colour (a translucent fill turned a red class brown).
+REGION_OUTLINE_MM = 0.6
 
 
 def categorized_renderer(field: str, legend: Legend, outline_width: float, no_data_category: bool,
-                         fill_alpha: int = 255) -> str:
-    """A categorized polygon renderer on ``field``: one category per palette label, filled at ``fill_alpha``.
+                         fill_alpha: int = 255, outline_only: bool = False) -> str:
+    """A categorized polygon renderer on ``field``: one category per palette label, filled at ``fill_alpha``, or
+    (``outline_only``) outlined in the label's colour and not filled.
 
     With ``no_data_category`` features whose value is NULL (e.g. regions without imagery) fall in an
     outline-only "no data" category (QGIS's "all other values"), so they stay visible uncoloured.
@@ -78,7 +87,8 @@ def categorized_renderer(field: str, legend: Legend, outline_width: float, no_da
     items = legend.items()
     cats = [f'<category render="true" symbol="{i}" value={quoteattr(label)} label={quoteattr(label)}/>'
             for i, (label, _) in enumerate(items)]
-    symbols = [_fill_symbol(str(i), c, outline_width, fill_alpha) for i, (_, c) in enumerate(items)]
+    symbols = [_fill_symbol(str(i), c, outline_width, 0, outline=c, cased=True) if outline_only else
+               _fill_symbol(str(i), c, outline_width, fill_alpha) for i, (_, c) in enumerate(items)]
     if no_data_category:
         cats.append(f'<category render="true" symbol="{len(items)}" value="" label={quoteattr(NO_DATA)}/>')
         symbols.append(_fill_symbol(str(len(items)), NO_DATA_COLOUR, outline_width, fill_alpha=0))
@@ -146,9 +156,10 @@ def qml_body(qml: str) -> str:
 
 def categorized_qml(field: str, legend: Legend, aliases: dict[str, str] | None = None,
                     outline_width: float = 0.06, map_tip: str = "", display_field: str = "",
-                    no_data_category: bool = False) -> str:
+                    no_data_category: bool = False, outline_only: bool = False) -> str:
     """A complete QML: categorized polygon renderer on ``field``, aliases and map tip."""
-    return _document(categorized_renderer(field, legend, outline_width, no_data_category) + "\n"
+    return _document(categorized_renderer(field, legend, outline_width, no_data_category,
+                                          outline_only=outline_only) + "\n"
                      + _layer_tail(aliases or {}, map_tip, display_field))
 
 
@@ -194,9 +205,10 @@ def region_map_tip(legend: Legend) -> str:
 
 
 def regions_qml_body(legend: Legend, k: int) -> str:
-    """Regions: categorized by dominant label, translucent so the tiles below show, label mix in the map tip."""
-    return (categorized_renderer("dominant_label", legend, 0.3, no_data_category=True,
-                                 fill_alpha=REGION_FILL_ALPHA) + "\n"
+    """Regions: outlined in their dominant label's colour, unfilled so the tiles below keep their colours; the
+    label mix in the map tip."""
+    return (categorized_renderer("dominant_label", legend, REGION_OUTLINE_MM, no_data_category=True,
+                                 outline_only=True) + "\n"
             + _layer_tail(region_aliases(legend, k), region_map_tip(legend), '"region_name"'))
 
 

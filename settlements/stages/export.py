@@ -28,7 +28,7 @@ from ..embedding.assemble import embed_counts
 from ..export import plots
 from ..export.geopackage import add_layers
 from ..export.previous import read_previous, read_runs
-from ..export.qgis_project import write_project
+from ..export.qgis_project import write_pipeline_project
 from ..export.runs import concat_runs, run_columns
 from ..export.styles import change_styles, vector_styles
 from ..export.tile_map import CLUSTER_LAYERS, named_as_final, tile_map, write_tile_map
@@ -152,10 +152,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         write_tile_map(cluster_map, files.cluster_map.in_folder(stage), CLUSTER_LAYERS, styles,
                        cfg.output.max_plot_regions, extra={"clusters": clusters, "changes": changes,
                                                            "tile_changes": changed_tiles, **kept})
-        raster = files.cluster_map.raster
-        assert raster is not None
-        write_project(stage / files.project.name, stage / gpkg.name, stage / raster.name, f"settlements: {cfg.name}",
-                      analyst=list(kept))
+        write_pipeline_project(files, stage, infos, f"settlements: {cfg.name}", list(kept), mosaics=True)
         panels = atlas_panels(t, infos, labels, k, cfg.output.atlas_tiles)
         plots.atlas(stage / files.atlas.name, panels, legend, f"{cfg.name}: most typical tiles of each cluster")
         # the run's row last, when every output is written: its duration is the run's (what the summary line says)

@@ -22,12 +22,15 @@ from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
 from ..errors import StageError
 from ..export.geopackage import LayerStyle
 from ..export.layers import tile_regions, tiles_layer
-from ..export.styles import categorized_qml
+from ..export.qgis_project import write_pipeline_project
+from ..export.styles import REGION_OUTLINE_MM, categorized_qml
 from ..export.tile_map import PREDICTED_LAYERS, named_as_final, tile_map, write_tile_map
 from ..labels import read_labels
 from ..palette import Legend
 from ..products import outputs
 from ..rasters import load_infos
+from ..reprocess import keep_recorded
+from ..similar_examples import analyst_layer_names
 from ..store import Workspace, read_table
 from ..tile_tables import kept_tiles
 from .finetune import FineTuner, TileImages, torch_device
@@ -83,8 +86,9 @@ def predicted_styles(legend: Legend, chosen: str) -> list[LayerStyle]:
                    categorized_qml("dominant_class", legend,
                                    aliases={"region_name": "Region", "dominant_class": "Dominant class",
                                             "area_km2": "Area (km²)", "mapped_km2": "Mapped area (km²)"},
-                                   outline_width=0.2, map_tip=tip, display_field="region_name"),
-                   "regions coloured by their dominant predicted class"),
+                                   outline_width=REGION_OUTLINE_MM, map_tip=tip, display_field="region_name",
+                                   outline_only=True),
+                   "regions outlined in their dominant predicted class's colour"),
     ]
 
 
@@ -113,9 +117,15 @@ def predict(cfg: PipelineConfig, ws: Workspace, model: PredictModel = DEFAULT_PR
                  label_field="class", dominant_field="dominant_class")
     files = outputs(cfg).supervised_map
     stage = ws.out_dir(cfg.output_dir)
+    every_file = outputs(cfg)
     with named_as_final(stage, cfg.output_dir):
         write_tile_map(m, files.in_folder(stage), PREDICTED_LAYERS, predicted_styles(legend, chosen),
                        cfg.output.max_plot_regions)
+        if every_file.gpkg.is_file():  # the project shows the supervised map too (where a run made one)
+            project = write_pipeline_project(every_file, stage, infos, f"settlements: {cfg.name}",
+                                             analyst_layer_names(every_file.gpkg))
+            assert ws.commit is not None
+            keep_recorded(cfg, ws.commit, {every_file.project: project})
     log.info("prediction (%s): %s", chosen, pd.Series(classes[best]).value_counts().to_dict())
     written = {"gpkg": files.gpkg, "class_map": files.raster, "map": files.picture, "histograms": files.histograms}
     return {kind: path for kind, path in written.items() if path is not None}

@@ -155,6 +155,14 @@ def main(spec_path: str) -> None:
         ms1.setExtent(zoom)
         report["pixels"][name] = sample(qr.render(ms1), ms1, spec["points"], to_map)
     del by_name, ms, image
+    if spec.get("in_place"):  # the project where the run wrote it: its imagery, found by relative paths
+        ok = project.read(spec["in_place"])
+        report["in_place"] = {
+            "read": ok, "order": [n.name() for n in project.layerTreeRoot().findLayers()],
+            "layers": {lyr.name(): {"valid": lyr.isValid(), "source": lyr.source(),
+                                    "renderer": lyr.renderer().type() if lyr.renderer() else None,
+                                    "bands": lyr.bandCount() if hasattr(lyr, "bandCount") else None}
+                       for lyr in project.mapLayers().values()}}
     print(json.dumps(report))
 
 
