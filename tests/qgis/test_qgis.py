@@ -332,3 +332,29 @@ def test_map_tips_read_areas_in_square_metres_hectares_or_km2(probed: dict) -> N
         mapped, area = table.loc[rid, "mapped_km2"], table.loc[rid, "area_km2"]
         assert f"mapped {format_area(mapped)} of {format_area(area)}" in text, text
     assert any(format_area(v).endswith(("m²", "ha")) for v in table["mapped_km2"])
+
+
+def test_many_files_open_as_one_mosaic_from_a_tree_moved_as_a_whole(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Six drone chips (a glob; ``init``, then ``run``): the project shows them as one VRT mosaic beside it, and
+    the tree (inputs, pipeline, outputs) moved elsewhere as a whole opens in QGIS with the mosaic valid."""
+    from settlements.export.qgis_render import render_folder
+
+    from ..conftest import run_cli, scene
+
+    tree = tmp_path / "tree"
+    (tree / "data").mkdir(parents=True)
+    for chip in sorted(scene("kampala_oam").glob("OAM-*-19.tif")):
+        shutil.copy(chip, tree / "data" / chip.name)
+    config = tree / "pipelines" / "chips.yaml"
+    assert run_cli(monkeypatch, capsys, "init", str(tree / "data" / "OAM-*-19.tif"), "-o", str(config))[0] == 0
+    with config.open("a") as f:
+        f.write("embedding: {input_size: 32, num_workers: 0}\n")
+    code, _, err = run_cli(monkeypatch, capsys, "run", str(config))
+    assert code == 0, err
+    vrt = (tree / "outputs" / "chips" / "chips_imagery.vrt").read_text()
+    assert vrt.count('<SourceFilename relativeToVRT="1">../../data/OAM-') == 6 * 3  # 6 files, 3 bands
+    moved = tmp_path / "elsewhere" / "tree"
+    shutil.move(tree, moved)
+    report = render_folder(moved / "outputs" / "chips", tmp_path / "render.png", width=400)
+    assert report["layers"] == {**report["layers"], "imagery: 6 files": True}
+    assert all(report["layers"].values()), report["layers"]
