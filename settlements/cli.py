@@ -337,9 +337,10 @@ def cache_prune(
 
     cfg = _config(config)
     report = prune_cache(cfg, dry_run, wait)
-    verb = "would free" if dry_run else "freed"
-    typer.echo(f"{cfg.name}: {len(report.removed)} shard(s) removed, {len(report.kept)} kept; "
-               f"{verb} {report.freed_bytes} bytes ({report.freed_bytes / 2**20:.1f} MiB)")
+    gone, freed = ("would be removed", "would free") if dry_run else ("removed", "freed")
+    typer.echo(f"{cfg.name}: {len(report.removed)} shard(s) {gone}, {len(report.kept)} kept; "
+               f"{freed} {report.freed_bytes} bytes ({report.freed_bytes / 2**20:.1f} MiB)"
+               + ("; nothing was removed (--dry-run)" if dry_run else ""))
 
 
 @labels_app.command("pull")

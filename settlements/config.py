@@ -189,6 +189,33 @@ DEFAULT_LAYERS: dict[str, str] = {"mobilenet_v2": "features.15"}
 
 _LAYER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
+#: torchvision's classification models (``torchvision.models.list_models(module=torchvision.models)`` of the
+#: pinned torchvision 0.29), so a config names a backbone that exists before torch is imported
+#: (``validate --no-weights``); tests/test_backbones.py checks this list against torchvision's registry.
+BACKBONES: tuple[str, ...] = (
+    "alexnet", "convnext_base", "convnext_large", "convnext_small", "convnext_tiny", "densenet121", "densenet161",
+    "densenet169", "densenet201", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+    "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "efficientnet_v2_l",
+    "efficientnet_v2_m", "efficientnet_v2_s", "googlenet", "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet0_75",
+    "mnasnet1_0", "mnasnet1_3", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_16gf",
+    "regnet_x_1_6gf", "regnet_x_32gf", "regnet_x_3_2gf", "regnet_x_400mf", "regnet_x_800mf", "regnet_x_8gf",
+    "regnet_y_128gf", "regnet_y_16gf", "regnet_y_1_6gf", "regnet_y_32gf", "regnet_y_3_2gf", "regnet_y_400mf",
+    "regnet_y_800mf", "regnet_y_8gf", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50",
+    "resnext101_32x8d", "resnext101_64x4d", "resnext50_32x4d", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5", "shufflenet_v2_x2_0", "squeezenet1_0", "squeezenet1_1", "swin_b", "swin_s", "swin_t",
+    "swin_v2_b", "swin_v2_s", "swin_v2_t", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19",
+    "vgg19_bn", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2",
+)
+
+
+def unknown_backbone(name: str, known: Sequence[str]) -> str:
+    """The message for a backbone ``known`` lacks, with the nearest names."""
+    import difflib
+
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return f"unknown backbone {name!r}{hint} (torchvision's classifiers: {', '.join(known)})"
+
 
 class Embedding(Strict):
     """The CNN: ``layer`` null is the backbone's default cut (:data:`DEFAULT_LAYERS`, else its final feature
@@ -212,6 +239,13 @@ class Embedding(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: fp16 autocast on a GPU and on a CPU with native fp16, else fp32; `bf16` only "
         "when asked (it loses precision); part of the embedding cache key")
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(unknown_backbone(v, BACKBONES))
+        return v
 
     @field_validator("layer")
     @classmethod
@@ -692,7 +726,7 @@ def check_backbone_name(name: str, known: Sequence[str]) -> None:
     """``embedding.backbone`` must be one of ``known``: torchvision's registry
     (:func:`settlements.embedding.backbones.list_backbones`, which needs torch, so it is passed in)."""
     if name not in known:
-        raise BackboneError(f"embedding.backbone: unknown backbone {name!r} (choose from: {', '.join(known)})")
+        raise BackboneError(f"embedding.backbone: {unknown_backbone(name, known)}")
 
 
 def check_k(k: int, n_tiles: int, tiles: str = "tiles") -> None:

@@ -266,11 +266,13 @@ def merge_table_edits(gpkg: Path, current: ClusterLabels, table: dict[int, tuple
 
 
 def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapshot: bool = False,
-               target: Path | None = None) -> list[str]:
+               target: Path | None = None, shown: Path | None = None) -> list[str]:
     """Write names and colours edited in ``gpkg``'s ``clusters`` table into the labels YAML.
 
-    Reads ``labels_path``, writes ``target`` (default: the same file; a run stages it with its outputs).
-    Returns the changes (empty when there are none, or no GeoPackage yet; the YAML is then untouched).
+    Reads ``labels_path``, writes ``target`` (default: the same file; a run stages it with its outputs);
+    ``shown``: the labels file as messages name it (never a staged copy's temporary name). Returns the
+    changes (empty when there are none, when the YAML already holds them, or no GeoPackage yet; the YAML is
+    then untouched).
     With ``need_snapshot`` (an ordinary run) a GeoPackage without the exported snapshot, written by an
     older version, is left alone: without it, a YAML edited since could not be told from a table edit.
     """
@@ -282,10 +284,12 @@ def pull_edits(gpkg: Path, labels_path: Path, pipeline: str, k: int, need_snapsh
         return []
     current = read_labels(labels_path, k)
     merged, changes = merge_table_edits(gpkg, current, table, exported)
+    if (merged.names, merged.colours) == (current.names, current.colours):
+        return []  # already in the YAML (pulled once by this command)
     if changes:
         sizes = {cid: size for cid, (_, _, size) in table.items()}
         write_labels(target or labels_path, pipeline, merged, sizes, out_dir=gpkg.resolve().parent)
-        log.warning("%s: %d label edit(s) pulled into %s", gpkg, len(changes), labels_path)
+        log.info("%s: %d label edit(s) pulled into %s", gpkg, len(changes), shown or labels_path)
     return changes
 
 

@@ -142,7 +142,8 @@ def pull_labels(gpkg: Path, config: Path | None = None, wait: float = 0) -> tupl
     cfg = pipeline_of(gpkg, config)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": gpkg.resolve().parent})})
     with door(cfg, wait) as ws:
-        changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path))
+        changes = pull_edits(gpkg, ws.labels, cfg.name, cfg.clustering.k, target=ws.out(cfg.labels_path),
+                             shown=cfg.labels_path)
         return changes, stage_export(cfg, ws=ws)
 
 

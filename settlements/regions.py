@@ -7,6 +7,7 @@ never in the raster's or the output's CRS.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,14 +185,31 @@ def equal_area_crs(regions: gpd.GeoDataFrame) -> CRS:
     return CRS.from_proj4(f"+proj=laea +lat_0={lat_c:.6f} +lon_0={lon_c:.6f} +datum=WGS84 +units=m +no_defs")
 
 
-def format_area(km2: float) -> str:
-    """An area as people read it: m² below a hectare, ha below a km², km² above (0.003 km² is 3,000 m²)."""
+#: Area units as people read them, each as a multiple of km².
+AREA_UNITS = {"m²": 1e6, "ha": 100.0, "km²": 1.0}
+
+
+def area_unit(km2: float) -> str:
+    """m² below a hectare, ha below a km², km² above."""
     m2 = km2 * 1e6
-    if m2 < 1e4:
-        return f"{m2:,.0f} m²"
-    if m2 < 1e6:
-        return f"{m2 / 1e4:,.2f} ha"
-    return f"{km2:,.2f} km²"
+    return "m²" if m2 < 1e4 else "ha" if m2 < 1e6 else "km²"
+
+
+def common_area_unit(km2: Sequence[float]) -> str:
+    """The one unit for areas shown side by side (the panels of a figure): the unit of their median."""
+    return area_unit(float(np.median(km2))) if len(km2) else "km²"
+
+
+def format_area(km2: float, unit: str | None = None) -> str:
+    """An area as people read it, in ``unit`` (default :func:`area_unit`'s: 0.003 km² is 3,000 m²): whole m²,
+    else two decimals, or three significant digits below 1 (0.0512 km² beside 12.30 km²)."""
+    unit = unit or area_unit(km2)
+    value = km2 * AREA_UNITS[unit]
+    if unit == "m²":
+        return f"{value:,.0f} m²"
+    if value == 0 or value >= 1:
+        return f"{value:,.2f} {unit}"
+    return f"{value:,.{min(8, 2 - math.floor(math.log10(value)))}f} {unit}"
 
 
 def _max_segment(crs: CRS) -> float:

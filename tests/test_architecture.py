@@ -204,6 +204,10 @@ def test_validate_without_weights_imports_no_torch_or_faiss(tmp_path: Path) -> N
     assert code == 0 and not heavy & {"torch", "torchvision", "faiss", "matplotlib"}, heavy
     code, heavy = command_imports("validate", str(cfg))  # the weights check is where torch comes in
     assert code == 0 and "torch" in heavy and "faiss" not in heavy
+    # an unknown backbone is refused by the config itself, before torch could be asked
+    bad = write_pipeline(tmp_path, "bad", "olinda", embedding={"backbone": "resnet_999"})
+    code, heavy = command_imports("validate", "--no-weights", str(bad))
+    assert code == 2 and not heavy & {"torch", "torchvision", "faiss", "matplotlib"}, heavy
 
 
 @pytest.mark.slow

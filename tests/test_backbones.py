@@ -94,3 +94,14 @@ def test_corrupt_weights_file(tmp_path: Path) -> None:
     bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
     with pytest.raises(WeightsError, match=r"broken\.pth: corrupt or unreadable weights file"):
         build_backbone("mobilenet_v2", weights=bad, allow_download=False)
+
+
+def test_the_config_knows_torchvisions_classifiers_without_torch() -> None:
+    """``validate --no-weights`` checks the backbone's name against a static list (no torch imported): it must be
+    torchvision's own registry of classification models."""
+    import torchvision
+
+    from settlements.config import BACKBONES
+
+    assert list(BACKBONES) == sorted(torchvision.models.list_models(module=torchvision.models))
+    assert "mobilenet_v2" in BACKBONES and "resnet50" in BACKBONES

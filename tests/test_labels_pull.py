@@ -86,6 +86,9 @@ def test_names_and_colours_edited_in_the_clusters_table_reach_yaml_styles_raster
 
     proc = _cli("labels", "pull", str(gpkg))
     assert proc.returncode == 0, proc.stderr
+    # a pull that succeeds says what it did on stdout, and nothing on stderr: no WARNING, no temporary name
+    assert said(proc.stderr) == [], proc.stderr
+    assert ".settlements-tmp" not in proc.stdout + proc.stderr
     assert f"cluster 0: name {old_name!r} -> {NEW_NAME!r}" in proc.stdout
     assert "cluster 1: colour" in proc.stdout and NEW_COLOUR in proc.stdout
 

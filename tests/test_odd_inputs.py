@@ -207,7 +207,7 @@ def _figures(monkeypatch) -> list:
     from settlements.export import plots
 
     figs: list = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=110: figs.append(fig))
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi=110, tight=False: figs.append(fig))
     return figs
 
 
@@ -240,11 +240,12 @@ def test_map_axes_read_in_plain_degrees(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_small_areas_read_in_square_metres_or_hectares(olinda, monkeypatch) -> None:
-    """Olinda's census tracts are mostly below a km²: histograms.png titles said '0.00 km2 mapped'."""
+def test_histogram_areas_read_in_one_unit_per_figure(olinda, monkeypatch) -> None:
+    """Olinda's census tracts, from 0.3 ha to 2 km²: the titles said '0.00 km2 mapped', then mixed m², ha and km²
+    in one figure; now every panel is in the unit of the median panel, small ones with three digits."""
     from settlements.export import plots
     from settlements.palette import build_legend
-    from settlements.regions import format_area
+    from settlements.regions import area_unit, format_area
 
     regions = pyogrio.read_dataframe(olinda.gpkg, layer="regions", read_geometry=False)
     clusters = pyogrio.read_dataframe(olinda.gpkg, layer="clusters", read_geometry=False)
@@ -256,10 +257,77 @@ def test_small_areas_read_in_square_metres_or_hectares(olinda, monkeypatch) -> N
     titles = [ax.get_title() for ax in figs[0].axes if ax.get_title()]
     mapped = regions.nlargest(24, "mapped_km2")["mapped_km2"]
     assert len(titles) == len(mapped)
-    assert [t.splitlines()[-1] for t in titles] == [f"{format_area(v)} mapped" for v in mapped]
-    units = {t.split()[-2] for t in titles}
-    assert {"ha", "m²"} <= units or {"ha", "km²"} <= units
+    unit = area_unit(float(mapped.median()))
+    assert [t.splitlines()[-1] for t in titles] == [f"{format_area(v, unit)} mapped" for v in mapped]
+    assert {t.split()[-2] for t in titles} == {unit} and mapped.min() < 0.01 < 1 < mapped.max()
+    assert not any(t.splitlines()[-1].startswith("0.00 ") for t in titles)  # the smallest still reads
+    assert figs[0].get_suptitle().endswith(f"all {len(mapped)} regions (areas in {unit})")
     assert format_area(0.003) == "3,000 m²" and format_area(0.25) == "25.00 ha" and format_area(12.3) == "12.30 km²"
+    assert format_area(0.0512, "km²") == "0.0512 km²" and format_area(12.3, "ha") == "1,230.00 ha"
+
+
+def white_bands(png: Path) -> tuple[float, float, float]:
+    """The widest run of white rows and of white columns (edge to edge) as shares of the picture's height and
+    width, and the share of its rows above anything drawn (an empty top)."""
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)[..., :3]
+    white = (img > 0.99).all(axis=2)
+
+    def widest(run: np.ndarray) -> float:
+        best = n = 0
+        for w in run:
+            n = n + 1 if w else 0
+            best = max(best, n)
+        return best / len(run)
+
+    rows = white.all(axis=1)
+    return widest(rows), widest(white.all(axis=0)), (int(np.argmin(rows)) if not rows.all() else len(rows)) / len(rows)
+
+
+@pytest.mark.parametrize(("scene_path", "bands"), [("amsterdam_s2/OudeKerk.tif", [1, 2, 3]),
+                                                    ("swellendam_za/3420B_2010_328_RGB_LATLNG.tif", [1, 2, 3])])
+def test_map_png_has_no_white_bands(tmp_path, scene_path: str, bands: list[int]) -> None:
+    """A wide scene (Amsterdam, UTM, 834 x 386 px) and a tall one (Swellendam, lon/lat, 1098 x 3039 px) drawn
+    on a square figure left white bands above and below, or left and right; the figure now takes the map's
+    shape (degrees of longitude shortened by cos(latitude)) and is saved without margins."""
+    import geopandas as gpd
+    import shapely
+
+    from settlements.config import RasterInput, Tiling
+    from settlements.export import plots
+    from settlements.palette import build_legend
+    from settlements.rasters import inspect_raster
+    from settlements.tiling import raster_grid, tile_plan
+
+    path = scene(*scene_path.split("/"))
+    info = inspect_raster(path, RasterInput(path=path, bands=bands))
+    plan = tile_plan(raster_grid(Tiling(tile_size="16px"), info.width, info.height, info.pixel_w_m, info.pixel_h_m,
+                                 path), info.affine)
+    tiles = gpd.GeoDataFrame({"label": np.where(plan["row"] % 2 == 0, "roofs", "trees")},
+                             geometry=shapely.box(plan["minx"], plan["miny"], plan["maxx"], plan["maxy"]),
+                             crs=info.crs)
+    regions = gpd.GeoDataFrame({"region_id": ["1"]}, geometry=[shapely.box(*tiles.total_bounds)], crs=info.crs)
+    plots.label_map(tmp_path / "map.png", tiles, regions, build_legend({0: "roofs", 1: "trees"}, {}), "map")
+    rows, cols, _ = white_bands(tmp_path / "map.png")
+    assert rows < 0.05 and cols < 0.05, (rows, cols)
+
+
+def test_a_histogram_of_one_region_has_no_empty_top(tmp_path, monkeypatch) -> None:
+    """One region: the figure had a large empty top and said '(largest 1 regions)'."""
+    from settlements.export import plots
+    from settlements.palette import build_legend
+
+    regions = pd.DataFrame({"region_id": ["1"], "region_name": ["centre"], "mapped_km2": [0.42],
+                            "frac_roofs": [0.7], "frac_trees": [0.3]})
+    legend = build_legend({0: "roofs", 1: "trees"}, {})
+    plots.histograms(tmp_path / "h.png", regions, legend, 24, "centre: label histograms")
+    _, _, top = white_bands(tmp_path / "h.png")
+    assert top < 0.06, top
+    figs = _figures(monkeypatch)
+    plots.histograms(tmp_path / "h2.png", regions, legend, 24, "centre: label histograms")
+    heading = figs[0].get_suptitle()
+    assert "largest 1 regions" not in heading and heading.endswith("the one region (areas in ha)")
 
 
 def test_validate_reads_a_small_region_in_square_metres(tmp_path, monkeypatch, capsys) -> None:

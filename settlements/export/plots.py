@@ -17,13 +17,18 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from pyproj import CRS  # noqa: E402
 
 from ..palette import Legend  # noqa: E402
-from ..regions import format_area  # noqa: E402
+from ..regions import common_area_unit, format_area  # noqa: E402
 from ..store import atomic_path  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int = 110) -> None:
+def _save(fig: plt.Figure, path: Path, dpi: int = 110, tight: bool = False) -> None:
+    """``tight``: the picture cropped to what is drawn (no white bands where a map's shape differs from the
+    figure's)."""
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        if tight:
+            fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight", pad_inches=0.1)
+        else:
+            fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
 
 
@@ -65,15 +70,24 @@ def atlas(path: Path, panels: list[tuple[int, str, int, list[np.ndarray]]], lege
     _save(fig, path)
 
 
+def histograms_heading(title: str, shown: int, mapped: int, unit: str) -> str:
+    """The figure's title: what it shows, of how many regions, and the one unit of its areas."""
+    which = ("the one region" if mapped == 1 else f"all {mapped} regions" if shown == mapped
+             else f"the {shown} largest of {mapped} regions")
+    return f"{title}\nshare of mapped area per label, {which} (areas in {unit})"
+
+
 def histograms(path: Path, regions: pd.DataFrame, legend: Legend, max_regions: int, title: str) -> None:
-    """Small multiples: label fractions of the regions with the largest mapped area."""
-    top = regions[regions["mapped_km2"] > 0].nlargest(max_regions, "mapped_km2")
+    """Small multiples: label fractions of the regions with the largest mapped area, their areas in one unit."""
+    mapped = regions[regions["mapped_km2"] > 0]
+    top = mapped.nlargest(max_regions, "mapped_km2")
+    unit = common_area_unit(top["mapped_km2"].to_numpy())
     n = max(1, len(top))
     cols = min(4, n)
     rows = math.ceil(n / cols)
     labels = list(legend.labels)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(3.3 * cols, 9.0), 2.5 * rows + 1.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.0 * cols, 6.0), 2.3 * rows + 1.2), squeeze=False,
+                             sharey=True, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     x = np.arange(len(labels))
@@ -85,13 +99,11 @@ def histograms(path: Path, regions: pd.DataFrame, legend: Legend, max_regions: i
         ax.set_ylim(0, 1)
         name, rid = reg["region_name"], reg["region_id"]
         name = name if name == rid else f"{name} ({rid})"
-        ax.set_title(f"{name}\n{format_area(float(reg['mapped_km2']))} mapped", fontsize=8)
+        ax.set_title(f"{name}\n{format_area(float(reg['mapped_km2']), unit)} mapped", fontsize=8)
     handles = [Patch(facecolor=c, edgecolor="#404040", label=lb) for lb, c in legend.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}\nshare of mapped area per label (largest {len(top)} regions)", fontsize=11)
-    legend_rows = math.ceil(len(handles) / 5)
-    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / fig.get_figheight(), 1, 1 - 0.6 / fig.get_figheight()))
-    _save(fig, path)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle(histograms_heading(title, len(top), len(mapped), unit), fontsize=10)
+    _save(fig, path, tight=True)
 
 
 #: Above this many tiles the label map is rasterised instead of drawn polygon by polygon: a tile is
@@ -121,9 +133,14 @@ def _label_image(tiles: gpd.GeoDataFrame, legend: Legend, bounds: tuple[float, f
 
 def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, legend: Legend,
               title: str) -> None:
-    """Tiles coloured by label, region outlines on top."""
-    fig, ax = plt.subplots(figsize=(9, 9))
+    """Tiles coloured by label, region outlines on top; the figure shaped as the map is (ground units equal on
+    both axes: lon/lat degrees stretched by 1/cos(latitude)), and saved without white bands."""
     x0, y0, x1, y1 = tiles.total_bounds
+    crs = CRS.from_user_input(tiles.crs) if tiles.crs else None
+    aspect = 1.0 / max(math.cos(math.radians((y0 + y1) / 2)), 0.05) if crs is not None and crs.is_geographic else 1.0
+    shape = (y1 - y0) * aspect / max(x1 - x0, 1e-12)  # the map's height over its width, as drawn
+    width = 7.5 if shape <= 1 else max(7.5 / shape, 3.0)
+    fig, ax = plt.subplots(figsize=(width + 1.6, min(width * shape, 10.0) + 0.9))
     if len(tiles) > MAX_POLYGONS:  # one patch per tile would take minutes and gigabytes: draw an image
         ax.imshow(_label_image(tiles, legend, (x0, y0, x1, y1)), extent=(x0, x1, y0, y1), origin="upper",
                   interpolation="nearest", aspect="auto")
@@ -132,13 +149,13 @@ def label_map(path: Path, tiles: gpd.GeoDataFrame, regions: gpd.GeoDataFrame, le
     regions.boundary.plot(ax=ax, color="#202020", linewidth=0.3)
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
+    ax.set_aspect(aspect)
     ax.set_title(title)
     used = [lb for lb in legend.labels if (tiles["label"] == lb).any()]
     handles = [Patch(facecolor=legend.colour(lb), edgecolor="#404040", label=lb) for lb in used]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    plain_axes(ax, CRS.from_user_input(tiles.crs) if tiles.crs else None)
-    fig.tight_layout()
-    _save(fig, path)
+    plain_axes(ax, crs)
+    _save(fig, path, tight=True)
 
 
 def plain_axes(ax: plt.Axes, crs: CRS | None) -> None:

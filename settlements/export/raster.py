@@ -237,5 +237,5 @@ def write_cluster_map(path: Path, grid: CodeGrid, legend: Legend) -> Path:
                               additional_cog_metadata={"settlements": "label codes; 0 = no data"})
         finally:
             gdal_log.removeFilter(note)
-    log.info("cluster map %s: %d x %d cells, block %d", path, w, h, bs)
+    log.info("cluster map %s: %d x %d cells, block %d", path.name, w, h, bs)
     return path

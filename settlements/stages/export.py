@@ -95,7 +95,8 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
     files = outputs(cfg)
     gpkg = files.gpkg
     # edits made in QGIS go to the YAML (committed with the outputs)
-    pull_edits(gpkg, ws.labels, cfg.name, k, need_snapshot=True, target=ws.out(cfg.labels_path))
+    pull_edits(gpkg, ws.labels, cfg.name, k, need_snapshot=True, target=ws.out(cfg.labels_path),
+               shown=cfg.labels_path)
     labels = read_labels(ws.labels, k)
     if not ws.labels.exists():
         write_labels(ws.out(cfg.labels_path), cfg.name, labels, dict(enumerate(sizes.tolist())), anchor_tiles(assign),
