@@ -189,19 +189,24 @@ def test_ease_grid_provinces_for_the_swellendam_photo(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------ overlapping rasters
 
-def test_overlapping_rasters_count_ground_once_first_listed_wins(tmp_path) -> None:
-    """Two crops of the Olinda scene overlapping by 40 x 60 px: the overlap counts for the first only."""
-    src_path = scene("olinda_brazil", "L7_ETMs.tif")
-    with rasterio.open(src_path) as src:
+def olinda_crops(tmp: Path) -> list[Path]:
+    """Two 200 x 200 px crops of the Olinda scene (bands 3, 2, 1) overlapping by 40 x 60 px: a.tif, b.tif."""
+    with rasterio.open(scene("olinda_brazil", "L7_ETMs.tif")) as src:
         prof = src.profile | {"count": 3}
         crops = []
         for name, (c, r) in {"a": (0, 0), "b": (160, 140)}.items():
             win = rasterio.windows.Window(c, r, 200, 200)
-            path = tmp_path / f"{name}.tif"
+            path = tmp / f"{name}.tif"
             with rasterio.open(path, "w", **(prof | {"width": 200, "height": 200,
                                                       "transform": src.window_transform(win)})) as dst:
                 dst.write(src.read([3, 2, 1], window=win))
             crops.append(path)
+    return crops
+
+
+def test_overlapping_rasters_count_ground_once_first_listed_wins(tmp_path) -> None:
+    """Two crops of the Olinda scene overlapping by 40 x 60 px: the overlap counts for the first only."""
+    crops = olinda_crops(tmp_path)
     tracts = scene("olinda_brazil", "olinda1.shp")
     km2, regions, tiles = tile_stage(tmp_path, crops, [{"path": str(tracts), "id_field": "CD_GEOCODI"}])
     union = shapely.union(footprint(crops[0]), footprint(crops[1]))
@@ -259,18 +264,8 @@ def test_without_regions_each_raster_is_a_region_and_its_ground_counts_once(tmp_
     """No ``regions``: two overlapping crops of the Olinda scene (UTM) and, listed last, the whole scene warped to
     lon/lat. Each raster's extent is a region whose area is the geodesic area of the raster's footprint, and
     the cells inside it, from whichever raster, add up to exactly that area: the overlaps counted once."""
-    src_path = scene("olinda_brazil", "L7_ETMs.tif")
-    with rasterio.open(src_path) as src:
-        prof = src.profile | {"count": 3}
-        crops = []
-        for name, (c, r) in {"a": (0, 0), "b": (160, 140)}.items():
-            win = rasterio.windows.Window(c, r, 200, 200)
-            path = tmp_path / f"{name}.tif"
-            with rasterio.open(path, "w", **(prof | {"width": 200, "height": 200,
-                                                      "transform": src.window_transform(win)})) as dst:
-                dst.write(src.read([3, 2, 1], window=win))
-            crops.append(path)
-    rasters = [*crops, warped(tmp_path, src_path, "EPSG:4326", "lonlat")]
+    crops = olinda_crops(tmp_path)
+    rasters = [*crops, warped(tmp_path, scene("olinda_brazil", "L7_ETMs.tif"), "EPSG:4326", "lonlat")]
     km2, regions, tiles = tile_stage(tmp_path, rasters, [])
     assert list(regions["region_id"]) == ["a.tif", "b.tif", "lonlat.tif"]
     assert set(regions["source"]) == {"rasters"}

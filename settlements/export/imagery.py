@@ -22,6 +22,7 @@ from rasterio.enums import ColorInterp
 
 from ..rasters import RasterInfo
 from ..store import atomic_path
+from .styles import raster_pipe
 
 Bounds = tuple[float, float, float, float]
 
@@ -153,16 +154,4 @@ def imagery_qml_body(layer: Imagery) -> str:
         renderer = (f'<rasterrenderer type="singlebandgray" opacity="1" alphaBand="{alpha}" '
                     f'grayBand="{layer.bands[0]}" gradient="BlackToWhite" nodataColor="">\n      '
                     f'<rasterTransparency/>\n      {enhancement("contrastEnhancement", 0)}\n    </rasterrenderer>')
-    return f"""<pipe>
-    <provider>
-      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour"
-                  zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
-    </provider>
-    {renderer}
-    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
-    <huesaturation saturation="0" grayscaleMode="0" invertColors="0" colorizeOn="0" colorizeRed="255"
-                   colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>
-    <rasterresampler maxOversampling="2"/>
-    <resamplingStage>resamplingFilter</resamplingStage>
-  </pipe>
-  <blendMode>0</blendMode>"""
+    return raster_pipe(renderer)

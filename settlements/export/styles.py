@@ -224,17 +224,23 @@ def raster_qml_body(legend: Legend) -> str:
     entries = "\n        ".join(
         f'<paletteEntry value="{legend.code(lb)}" color="{c}" alpha="255" label={quoteattr(lb)}/>'
         for lb, c in legend.items())
+    return raster_pipe(f"""<rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
+      <rasterTransparency/>
+      <colorPalette>
+        {entries}
+      </colorPalette>
+    </rasterrenderer>""")
+
+
+def raster_pipe(renderer: str) -> str:
+    """A QGIS raster style around ``renderer`` (a ``rasterrenderer`` element): nearest-neighbour resampling, no
+    colour adjustments."""
     return f"""<pipe>
     <provider>
       <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour"
                   zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
     </provider>
-    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
-      <rasterTransparency/>
-      <colorPalette>
-        {entries}
-      </colorPalette>
-    </rasterrenderer>
+    {renderer}
     <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
     <huesaturation saturation="0" grayscaleMode="0" invertColors="0" colorizeOn="0" colorizeRed="255"
                    colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>
