@@ -146,6 +146,8 @@ def run_summary(cfg: PipelineConfig, report: RunReport) -> str:
     if t.get("cells_clipped"):
         parts.append(f"{t['cells_clipped']} grid cells outside the regions not tiled")
     k = f"k={report.clustering['k']}"
+    if report.clustering.get("model"):
+        k += f" (the clusters of {report.clustering['model']['file']})"
     restarts = report.clustering.get("restarts")
     if restarts:  # how far the map depends on k-means' initialisation (a warning line follows when little)
         k += f" ({restarts['restarts']} restarts, agreement ARI {restarts['mean']:.2f})"
@@ -295,7 +297,8 @@ def train(config: Path = CONFIG, wait: float = WAIT) -> None:
 def predict(
     config: Path = CONFIG,
     model: str = typer.Option(DEFAULT_PREDICT_MODEL, help="auto (fine_tuned when trained, else top_model), "
-                                                          "top_model or fine_tuned."),
+                                                          "top_model, fine_tuned, or a model file "
+                                                          "(settlements model export) whose network to use."),
     wait: float = WAIT,
 ) -> None:
     """Predict every tile's class; write <name>_supervised.gpkg, <name>_predicted.tif, map and histograms."""
@@ -428,6 +431,54 @@ def data(
 
     for scene in SCENES:
         typer.echo(provide(scene, dest, shared if shared.is_dir() else None))
+
+
+model_app = typer.Typer(no_args_is_help=True, help="Portable models: one pipeline's embeddings settings, named "
+                                                   "clusters and networks, for another pipeline to use.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("export")
+def model_export(
+    config: Path = CONFIG,
+    output: Path = typer.Option(None, "--output", "-o", help="The model file (default: OUTPUT_DIR/<name>_model.npz). "
+                                                             "Only a model file is ever replaced."),
+    wait: float = WAIT,
+) -> None:
+    """Write the pipeline's model: what made its embeddings, its named clusters, its top model and fine-tuned
+    network (when trained), as plain arrays and JSON."""
+    from .pipeline import export_model
+
+    r = export_model(_config(config), output, wait)
+    nets = "; ".join(f"{n.replace('_', ' ')} ({', '.join(r['classes'][n])})" for n in r["networks"]) or \
+        "no top model or fine-tuned network (not trained)"
+    typer.echo(f"{r['model']}: k={r['k']} clusters ({r['named']} named); {nets}; SHA-256 {r['sha256']}")
+
+
+@model_app.command("show")
+def model_show(model: Path = typer.Argument(..., help="A model file.", show_default=False)) -> None:
+    """Say what a model file holds (read as data: nothing in it runs)."""
+    from .model_file import read_model_file
+    from .transfer import summary
+
+    for line in summary(read_model_file(model)):
+        typer.echo(line)
+
+
+@app.command()
+def compare(
+    configs: list[Path] = typer.Argument(..., help="Two pipeline YAMLs or more, each run.", show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="The GeoPackage to write (its figure goes beside it, "
+                                                            "<stem>_shares.png).", show_default=False),
+    wait: float = WAIT,
+) -> None:
+    """Every pipeline's regions in one GeoPackage (with a `pipeline` field) and their label shares side by side;
+    pipelines must share one legend (one model file gives them one)."""
+    from .pipeline import compare as compare_pipelines
+
+    r = compare_pipelines([_config(c) for c in configs], output, wait)
+    typer.echo(f"{r['gpkg']}: {r['regions']} regions of {', '.join(r['pipelines'])}")
+    typer.echo(f"  figure: {r['figure']}")
 
 
 def _interrupted(signum: int) -> int:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import BackboneError, ClusteringError, ConfigError
+from .errors import BackboneError, ClusteringError, ConfigError, ModelFileError
 
 _LENGTH_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(km|m|px)\s*$")
 
@@ -273,7 +273,15 @@ class Clustering(Strict):
     """k-means: ``nredo`` restarts (the one of least inertia kept; their agreement is recorded) on
     L2-normalised embeddings by default, each averaged with its 8 neighbours' at ``neighbour_weight``
     each (itself 1; 0: tiles alone): all three measured on the Mumbai patches to find informal
-    settlements better and more steadily across seeds (see :mod:`settlements.neighbours`)."""
+    settlements better and more steadily across seeds (see :mod:`settlements.neighbours`).
+
+    With ``model`` (a file of ``settlements model export``) nothing is fitted: every tile is assigned to
+    the model's clusters, which bring their ids, names and colours; ``k``, ``l2_normalize``,
+    ``neighbour_weight`` and ``pca_dim`` are then the model's (a value given beside it must agree)."""
+
+    model: Path | None = Field(None, description="a model file (`settlements model export`): tiles take its "
+                               "clusters, names and colours, with no k-means fit; `k`, `l2_normalize`, "
+                               "`neighbour_weight` and `pca_dim` come from it")
 
     k: int = Field(8, ge=2, le=255, description="the number of clusters")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="the k-means seed (sample and initial centroids)")
@@ -452,9 +460,14 @@ class EvaluationSettings(Strict):
 
 
 class Training(Strict):
-    """``settlements train`` and ``predict``: a supervised model on the tiles' embeddings."""
+    """``settlements train`` and ``predict``: a supervised model on the tiles' embeddings, trained here on
+    ``labels``, or brought by ``model`` (a file of ``settlements model export``: ``predict`` uses its top
+    model or fine-tuned network, and there is nothing to train)."""
 
-    labels: LabelSource = Field(description="where the training tiles get their classes")
+    labels: LabelSource | None = Field(None, description="where the training tiles get their classes; give "
+                                       "`labels` or `model`")
+    model: Path | None = Field(None, description="a model file (`settlements model export`) whose top model or "
+                               "fine-tuned network `predict` uses, instead of one trained here")
     reference: LabelSource | None = Field(None, description="labels to score against (same forms as `labels`); "
                                           "null: the training labels themselves")
     top_model: TopModelSettings = Field(default_factory=TopModelSettings, description="the classifier on the "
@@ -462,6 +475,12 @@ class Training(Strict):
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings, description="fine tuning of the backbone")
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings, description="the blocked "
                                            "cross-validation")
+
+    @model_validator(mode="after")
+    def _labels_or_model(self) -> Training:
+        if (self.labels is None) == (self.model is None):
+            raise ValueError("give exactly one of 'labels' (train here) or 'model' (a model file to predict with)")
+        return self
 
 
 def earth_crs_problem(crs: Any) -> str | None:
@@ -609,11 +628,16 @@ def resolve_paths(cfg: PipelineConfig, yaml_path: Path) -> PipelineConfig:
     training = cfg.training
     if training is not None:
         training = training.model_copy(update={
-            k: src.model_copy(update={"path": _resolve(base, src.path)})
-            for k, src in (("labels", training.labels), ("reference", training.reference)) if src is not None})
+            "model": _resolve(base, training.model),
+            **{k: src.model_copy(update={"path": _resolve(base, src.path)})
+               for k, src in (("labels", training.labels), ("reference", training.reference)) if src is not None}})
+    clustering = cfg.clustering
+    if clustering.model is not None:
+        clustering = clustering.model_copy(update={"model": _resolve(base, clustering.model)})
     return cfg.model_copy(
         update={
             "training": training,
+            "clustering": clustering,
             "rasters": rasters,
             "regions": regions,
             "embedding": emb,
@@ -681,7 +705,37 @@ def load_config(path: str | Path) -> PipelineConfig:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(path, exc)) from None
-    return resolve_paths(cfg, path)
+    return with_model_clusters(resolve_paths(cfg, path))
+
+
+#: The clustering settings a model file brings (``clustering.model``).
+MODEL_CLUSTERING = ("k", "l2_normalize", "neighbour_weight", "pca_dim")
+
+
+def with_model_clusters(cfg: PipelineConfig) -> PipelineConfig:
+    """``clustering.model`` given: ``k``, ``l2_normalize``, ``neighbour_weight`` and ``pca_dim`` derived from
+    the model file's header (a value given beside it that differs is an error naming both)."""
+    c = cfg.clustering
+    if c.model is None:
+        return cfg
+    from .model_file import read_header
+
+    header, _ = read_header(c.model)
+    try:
+        given = {key: header["clusters"][key] for key in MODEL_CLUSTERING}
+    except (KeyError, TypeError):
+        raise ModelFileError(f"{c.model}: a model file without clusters (its header has no "
+                             f"{', '.join(MODEL_CLUSTERING)})") from None
+    for key in MODEL_CLUSTERING:
+        if key in c.model_fields_set and getattr(c, key) != given[key]:
+            raise ConfigError(f"{cfg.source}: clustering.{key}: {getattr(c, key)} here, {given[key]} in the model "
+                              f"{c.model}; leave it out (the model's clusters come with their settings)")
+    try:
+        clustering = Clustering.model_validate({**c.model_dump(exclude=set(MODEL_CLUSTERING)), **given})
+    except ValidationError as exc:
+        why = _format_validation_error(c.model, exc).split(": invalid config: ", 1)[-1]
+        raise ModelFileError(f"{c.model}: its clusters' settings are not valid ({why})") from None
+    return cfg.model_copy(update={"clustering": clustering})
 
 
 # ------------------------------------------------------------------------------ static checks
@@ -707,6 +761,13 @@ def check_wait(seconds: float) -> float:
     return seconds
 
 
+def check_refit(cfg: PipelineConfig, refit: bool) -> None:
+    """``--refit`` fits k-means anew: a pipeline whose clusters come from a model file has none to fit."""
+    if refit and cfg.clustering.model is not None:
+        raise ConfigError(f"--refit: the clusters of pipeline '{cfg.name}' are those of its model file "
+                          f"{cfg.clustering.model} (clustering.model); there is nothing to fit")
+
+
 def check_executor(name: str, scheduler: str | None = None) -> None:
     """Reject a bad executor choice before any work starts."""
     if name not in EXECUTORS:
@@ -715,11 +776,14 @@ def check_executor(name: str, scheduler: str | None = None) -> None:
         raise ConfigError("--scheduler: only used with --executor dask")
 
 
-def check_predict_model(model: str) -> PredictModel:
-    """``model`` as a :data:`PredictModel`, or one error naming the option."""
-    if model not in PREDICT_MODELS:
-        raise ConfigError(f"--model: expected auto, top_model or fine_tuned, got {model!r}")
-    return model  # type: ignore[return-value]
+def check_predict_model(model: str) -> PredictModel | Path:
+    """``model`` as a :data:`PredictModel`, or as a model file (``settlements model export``) that exists;
+    else one error naming the option."""
+    if model in PREDICT_MODELS:
+        return model  # type: ignore[return-value]
+    if Path(model).is_file():
+        return Path(model)
+    raise ConfigError(f"--model: expected auto, top_model, fine_tuned or a model file, got {model!r} (no such file)")
 
 
 def check_backbone_name(name: str, known: Sequence[str]) -> None:

@@ -62,6 +62,15 @@ class ModelFileError(SettlementsError, OSError):
     does not fit the pipeline."""
 
 
+class ModelMismatchError(SettlementsError, ValueError):
+    """Raised when a portable model file was made with another backbone, weights file, layer, input size or
+    band count than the pipeline that is given it embeds with."""
+
+
+class LegendMismatchError(SettlementsError, ValueError):
+    """Raised when pipelines to be compared do not share one legend (labels, their order or colours)."""
+
+
 class ExamplesError(SettlementsError, ValueError):
     """Raised when the example (or negative) tiles of ``settlements similar`` cannot be found: no file or
     layer, nothing drawn, no kept tile under what was drawn, unknown tile ids."""

@@ -28,11 +28,12 @@ from typing import Any
 
 from . import __version__
 from . import similar as similar_query
-from .config import ExportFormat, PipelineConfig, PredictModel, SimilarOptions, check_executor
-from .errors import ConfigError, SettlementsError
+from .config import ExportFormat, PipelineConfig, PredictModel, SimilarOptions, check_executor, check_refit
+from .errors import ConfigError, RunLockedError, SettlementsError
 from .executors import Executor, make_executor
 from .export.previous import last_run_id, last_run_value
 from .labels import default_labels, pipeline_of, pull_edits, read_labels, write_labels
+from .products import outputs
 from .progress import step
 from .reprocess import (
     claimed,
@@ -196,7 +197,7 @@ def train(cfg: PipelineConfig, wait: float = 0) -> dict[str, Any]:
         return train_models(cfg, ws)
 
 
-def predict(cfg: PipelineConfig, model: PredictModel, wait: float = 0) -> dict[str, Path]:
+def predict(cfg: PipelineConfig, model: PredictModel | Path, wait: float = 0) -> dict[str, Path]:
     """``settlements predict`` (:mod:`settlements.supervised.predict`): the supervised map, committed at once."""
     from .supervised.predict import predict as predict_tiles
 
@@ -211,6 +212,63 @@ def export_embeddings(cfg: PipelineConfig, fmt: ExportFormat, output: Path | Non
 
     with door(cfg, wait) as ws:
         return export_files(cfg, ws, fmt, output)
+
+
+def export_model(cfg: PipelineConfig, output: Path | None = None, wait: float = 0) -> dict[str, Any]:
+    """``settlements model export`` (:mod:`settlements.model_export`): the portable model file, committed at
+    once (default: the output folder's ``<name>_model.npz``)."""
+    from .model_export import export_model as write_model
+
+    with door(cfg, wait) as ws:
+        return write_model(cfg, ws, Path(output) if output is not None else outputs(cfg).model)
+
+
+@contextmanager
+def file_door(targets: list[Path], wait: float = 0) -> Iterator[Commit]:
+    """The door of a command whose files belong to no pipeline (``compare``; ``targets`` in one folder): a lock
+    beside the first, the leftovers of a killed command there removed (its half-done commit completed),
+    one commit."""
+    from filelock import FileLock, Timeout
+
+    from .store import finish_commit
+
+    first = targets[0]
+    folder = first.parent
+    ensure_dir(folder, "-o")
+    lock = FileLock(str(folder / f".{first.name}.lock"))
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        raise RunLockedError(f"{first}: another command is writing it; try again when it finishes, or pass "
+                             "--wait SECONDS") from None
+    try:
+        journal = folder / f".{first.name}.settlements-commit.json"
+        finish_commit(journal)
+        for target in targets:
+            remove_stale_temps(folder, name_end=f".{target.name}", subfolders=False)
+        with Commit(journal) as commit:
+            yield commit
+    finally:
+        lock.release()
+
+
+def compare(cfgs: list[PipelineConfig], output: Path, wait: float = 0) -> dict[str, Any]:
+    """``settlements compare`` (:mod:`settlements.compare`): every pipeline's regions in one GeoPackage and their
+    label shares in one figure, committed together; each pipeline read under its own lock."""
+    from .compare import check_legends, check_target, read_pipeline, shares_png, write_comparison
+
+    check_target(cfgs, output)
+    read = []
+    for cfg in cfgs:
+        if not outputs(cfg).gpkg.is_file():
+            read_pipeline(cfg)  # its one error line, before the lock would make its work folder
+        with pipeline_lock(cfg, wait):
+            read.append(read_pipeline(cfg))
+    legend = check_legends(read)
+    png = shares_png(output)
+    with file_door([output, png], wait) as commit:
+        result = write_comparison(read, legend, commit.stage(output), commit.stage(png))
+    return {**result, "gpkg": output, "figure": png}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -237,6 +295,7 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
     """
     started = time.time()
     check_executor(executor, scheduler)
+    check_refit(cfg, refit)
     tile.check_output_settings(cfg)
     ensure_dir(cfg.work_dir, "output.work_dir")
     with door(cfg, lock_timeout) as ws:
@@ -282,4 +341,5 @@ def run(cfg: PipelineConfig, refit: bool = False, lock_timeout: float = 0, skip_
 
 
 __all__ = ["run", "door", "stage_tile", "stage_embed", "stage_cluster", "stage_export", "pull_labels",
-           "labels_template", "prune_cache", "similar", "train", "predict", "export_embeddings", "RunReport"]
+           "labels_template", "prune_cache", "similar", "train", "predict", "export_embeddings", "export_model",
+           "compare", "RunReport"]

@@ -1,12 +1,12 @@
 """What a pipeline hands to people, named once: every file of its output folder.
 
 A *product* is what a person opens: the cluster map (``settlements run``), the supervised map
-(``predict``), the evaluation (``train``), an embeddings export. Each labelled-tile map has the
-same kinds of file (:class:`MapFiles`, written by :mod:`settlements.export.tile_map`). Every module
-that writes, reads, records or protects one of these files takes its name from here: the export
-stage, ``predict``, ``train``, ``similar``, ``export-embeddings``, the labels file's header and the
-"nothing to do" check (:mod:`settlements.reprocess`). The work folder's own files are named by
-:class:`settlements.store.Workspace`.
+(``predict``), the evaluation (``train``), an embeddings export, a portable model (``model export``).
+Each labelled-tile map has the same kinds of file (:class:`MapFiles`, written by
+:mod:`settlements.export.tile_map`). Every module that writes, reads, records or protects one of these
+files takes its name from here: the export stage, ``predict``, ``train``, ``similar``,
+``export-embeddings``, ``model export``, the labels file's header and the "nothing to do" check
+(:mod:`settlements.reprocess`). The work folder's own files are named by :class:`settlements.store.Workspace`.
 
 Light to import (paths only): the nothing-to-do check of ``settlements run`` uses it.
 """
@@ -96,6 +96,11 @@ class Outputs:
     confusion_png = property(lambda self: self.folder / "confusion.png")
     cluster_quality = property(lambda self: self.folder / "cluster_quality.csv")
 
+    @property
+    def model(self) -> Path:
+        """``settlements model export``'s file, unless ``-o`` names another."""
+        return self.folder / f"{self.name}_model.npz"
+
     def evaluation_files(self) -> list[Path]:
         return [self.evaluation, self.confusion, self.confusion_png, self.cluster_quality]
 
@@ -108,7 +113,7 @@ class Outputs:
     def declared(self) -> list[Path]:
         """Every file of the folder named here but the embeddings exports: no other command may write them."""
         return [*self.cluster_map.files(), self.atlas, self.project, self.imagery(), *self.supervised_map.files(),
-                *self.evaluation_files()]
+                *self.evaluation_files(), self.model]
 
 
 def embeddings_npy(vectors: Path) -> dict[str, Path]:

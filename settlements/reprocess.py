@@ -198,7 +198,8 @@ def labels_hash(cfg: PipelineConfig) -> str | None:
 
 
 def state_parts(cfg: PipelineConfig) -> dict[str, Any]:
-    """Everything the outputs depend on that a scheduler might see change.
+    """Everything the outputs depend on that a scheduler might see change (the model file whose clusters the
+    pipeline takes too, by SHA-256).
 
     Not included: the pretrained weights when they come from the hub cache or a package (pin
     them with ``embedding.weights``, a file, which is included), and library versions.
@@ -210,8 +211,12 @@ def state_parts(cfg: PipelineConfig) -> dict[str, Any]:
         inputs = [{"unreadable": True}]  # the run itself reports the problem
     regions = [f for r in cfg.regions if r.path is not None for f in _file_keys(r.path)]
     weights = _file_keys(cfg.embedding.weights) if cfg.embedding.weights else []
-    return {"version": __version__, "config": cfg.to_yaml_dict(), "inputs": inputs, "regions": regions,
-            "weights": weights, "labels": labels_hash(cfg)}
+    parts = {"version": __version__, "config": cfg.to_yaml_dict(), "inputs": inputs, "regions": regions,
+             "weights": weights, "labels": labels_hash(cfg)}
+    if cfg.clustering.model is not None:  # its clusters, names and colours: another file, another map
+        model = cfg.clustering.model
+        parts["model"] = sha256_file(model) if model.is_file() else "missing"
+    return parts
 
 
 def state_key(cfg: PipelineConfig, parts: dict[str, Any] | None = None) -> str:

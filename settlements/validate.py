@@ -3,9 +3,10 @@
 Opens each raster (CRS, geotransform, bands, data type, a few blocks read), loads the regions,
 checks they overlap the imagery, builds each raster's tiles as the tile stage does (the same
 clipping to regions and overlap rules) and counts them, with the tiles a run will skip where that
-is known without reading pixels. Writes nothing; the first problem raises the same one-line error
-a run would give. The tiles are planned by the tile stage's own code (:mod:`settlements.stages.tile`);
-torch is imported only to check the backbone and its weights (skipped with ``--no-weights``).
+is known without reading pixels, and checks the model files it names against its embeddings.
+Writes nothing; the first problem raises the same one-line error a run would give. The tiles are
+planned by the tile stage's own code (:mod:`settlements.stages.tile`); torch is imported only to check
+the backbone and its weights (skipped with ``--no-weights``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class ValidationReport:
     k: int = 0
     max_invalid: float = 0.5
     warnings: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
 
     @property
     def tiles(self) -> int:
@@ -79,6 +81,7 @@ class ValidationReport:
         tail = (f"; {unknown} raster(s) with nodata, masks or alpha skip more, known only once read" if unknown
                 else "")
         out.append(f"  total: {self.tiles} tiles for k={self.k}; {known} will be skipped at raster edges{tail}")
+        out.extend(f"  model: {m}" for m in self.models)
         out.extend(f"  warning: {w}" for w in self.warnings)
         return out
 
@@ -107,6 +110,40 @@ def _weights_note(cfg: PipelineConfig) -> str:
         return f"{e.backbone} cut at {node}: none found offline; a run will try to download them"
     node = check_backbone(e.backbone, e.layer, w)
     return f"{e.backbone} cut at {node}, from {w.source} ({w.path.name})"
+
+
+def model_checks(cfg: PipelineConfig, weights: bool, infos: list[RasterInfo], tables: list[pd.DataFrame]
+                 ) -> tuple[list[str], list[str]]:
+    """The model files the config names (``clustering.model``, ``training.model``): each read as data and
+    checked against what makes these embeddings (the layer and weights too, unless ``weights`` is False:
+    they need torch), raising what a run would; a line per file, and the warnings a run would give."""
+    files = list(dict.fromkeys(f for f in (cfg.clustering.model, cfg.training.model if cfg.training else None) if f))
+    lines: list[str] = []
+    warnings: list[str] = []
+    if not files:
+        return lines, warnings
+    from .model_file import read_model_file
+    from .transfer import check_embedding, embedder, ground_sizes, ground_warning, scalings
+
+    tiles = pd.concat([t[["tile_w"]].assign(raster=r) for r, t in enumerate(tables)], ignore_index=True)
+    for path in files:
+        m = read_model_file(path)
+        e = cfg.embedding
+        if weights:
+            from .embedding.backbones import resolve_layer, resolve_weights
+
+            try:
+                sha: str | None = resolve_weights(e.backbone, e.weights, allow_download=False).sha256
+            except WeightsError:  # none offline: a run downloads them, and checks them then
+                sha = None
+            here = embedder(cfg, resolve_layer(e.backbone, e.layer), sha)
+        else:  # the layer's name needs the backbone registry (torch): checked by a run
+            here = embedder(cfg, str(m.header.get("embedding", {}).get("layer")))
+        check_embedding(m, here)
+        warning = ground_warning(m, *ground_sizes(infos, tiles), scalings(cfg))
+        warnings += [warning] if warning else []
+        lines.append(f"{path}: SHA-256 {m.sha256[:12]}..., made from embeddings like these")
+    return lines, warnings
 
 
 def edge_skips(info: RasterInfo, table: pd.DataFrame, min_valid: float) -> int | None:
@@ -141,7 +178,10 @@ def validate(cfg: PipelineConfig, weights: bool = True) -> ValidationReport:
                               weights=_weights_note(cfg) if weights else "not checked (--no-weights)",
                               k=cfg.clustering.k, max_invalid=cfg.tiling.max_invalid_fraction,
                               warnings=[w for w in map(clipping_warning, scaled) if w])
-    for info, rt in zip(infos, plan_tiles(cfg, infos, regions, ea), strict=True):
+    planned = plan_tiles(cfg, infos, regions, ea)
+    report.models, found = model_checks(cfg, weights, infos, [rt.table for rt in planned])
+    report.warnings += found
+    for info, rt in zip(infos, planned, strict=True):
         grid = rt.grid
         report.rasters.append(RasterCheck(
             path=str(info.path), crs=info.crs.to_string(), size=(info.width, info.height), bands=info.bands,

@@ -122,7 +122,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "settlements", "settlements.errors", "settlements.interrupts", "settlements.progress", "settlements.config",
         "settlements.palette",
         "settlements.products", "settlements.export", "settlements.stages", "settlements.supervised",
-        "settlements.embedding"}),
+        "settlements.embedding", "settlements.model_file"}),
     ("storage: the work folder, the commit, the lock", {"settlements.store", "settlements.reprocess"}),
     ("domain: inputs, tiles, embeddings, clusters, labels, numbers", {
         "settlements.tiling", "settlements.rasters", "settlements.regions", "settlements.scenes",
@@ -132,7 +132,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "settlements.executors", "settlements.search", "settlements.export.previous", "settlements.labels",
         "settlements.identity", "settlements.changes", "settlements.supervised.evaluation",
         "settlements.supervised.reference", "settlements.supervised.raster_labels",
-        "settlements.supervised.top_model", "settlements.supervised.finetune"}),
+        "settlements.supervised.top_model", "settlements.supervised.finetune", "settlements.transfer"}),
     ("formats: GeoPackage, styles, COG, pictures, QGIS project", {
         "settlements.export.geopackage", "settlements.export.styles", "settlements.export.raster",
         "settlements.export.plots", "settlements.export.layers", "settlements.export.runs",
@@ -144,7 +144,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("products: the stages, training, prediction, similar, exports, validate", {
         "settlements.stages.tile", "settlements.stages.embed", "settlements.stages.cluster",
         "settlements.stages.export", "settlements.supervised.train", "settlements.supervised.predict",
-        "settlements.similar", "settlements.export.embeddings", "settlements.validate", "settlements.new_pipeline"}),
+        "settlements.similar", "settlements.export.embeddings", "settlements.validate", "settlements.new_pipeline",
+        "settlements.model_export", "settlements.compare"}),
     ("the runner: one door for every command that writes", {"settlements.pipeline"}),
     ("the command line", {"settlements.cli"}),
 ]

@@ -77,7 +77,7 @@ WRITERS = [
     ["labels", "pull", "{gpkg}"], ["labels-template", "{config}", "--force"], ["labels", "template", "{config}"],
     ["run", "{config}", "--force"], ["tile", "{config}"], ["embed", "{config}"], ["cluster", "{config}"],
     ["export", "{config}"], ["cache", "prune", "{config}"], ["train", "{config}"], ["predict", "{config}"],
-    ["similar", "{config}", "--examples", "1"], ["export-embeddings", "{config}"],
+    ["similar", "{config}", "--examples", "1"], ["export-embeddings", "{config}"], ["model", "export", "{config}"],
 ]
 
 

@@ -2,8 +2,8 @@
 
 One small real pipeline (Olinda, 64-pixel tiles, k=2: 30 kept tiles) is run, its clusters named (one with the
 analyst's own colour), trained on those names, predicted, queried with ``similar`` and exported; each
-test works on a copy of its folder. ``train``, ``predict``, ``similar`` and ``export-embeddings`` are
-killed (SIGKILL) at each step of their commit and stopped by SIGINT and SIGTERM, as ``run`` is in
+test works on a copy of its folder. ``train``, ``predict``, ``similar``, ``export-embeddings`` and ``model export``
+are killed (SIGKILL) at each step of their commit and stopped by SIGINT and SIGTERM, as ``run`` is in
 ``test_crash_safety.py``; two first runs of two pipelines race for one output folder;
 ``export-embeddings`` is aimed at the pipeline's own files; the colours of a name are read back from
 every output; and the analyst's layers are looked for after later runs.
@@ -117,6 +117,7 @@ COMMANDS: dict[str, Callable[[Path], list[str]]] = {
     "similar": lambda config: ["similar", str(config), "--examples", tile_ids(load_config(config), 3, 10),
                                "--name", "again"],
     "export-embeddings": lambda config: ["export-embeddings", str(config)],
+    "model export": lambda config: ["model", "export", str(config)],
 }
 
 
@@ -152,7 +153,7 @@ def test_a_kill_at_each_step_of_a_commands_commit_leaves_old_or_completes_new(do
     results = {"commit:journal": killed_at(done, tmp_path / "commit-journal", command, "commit:journal")}
     n = len(results["commit:journal"][1])
     assert n, "the command committed nothing"
-    steps = ["commit:staged", "commit:rename:1", f"commit:rename:{n}"]
+    steps = list(dict.fromkeys(["commit:staged", "commit:rename:1", f"commit:rename:{n}"]))  # one, for one file
     with ThreadPoolExecutor(2) as pool:  # independent copies: two at a time
         results |= dict(zip(steps, pool.map(
             lambda step: killed_at(done, tmp_path / step.replace(":", "-"), command, step), steps), strict=True))
@@ -183,7 +184,7 @@ def test_sigint_and_sigterm_change_nothing_and_say_so(done: Path, tmp_path: Path
     its commit point (similar, export-embeddings), and a service manager's SIGTERM there: exit 128 + the
     signal, one line, every earlier output and model byte for byte, nothing left behind."""
     cases = [(signal.SIGINT, None), (signal.SIGTERM, "commit:staged=SIGTERM")]
-    if command in ("similar", "export-embeddings"):
+    if command in ("similar", "export-embeddings", "model export"):
         cases[0] = (signal.SIGINT, "commit:staged=SIGINT")
     for sig, at in cases:
         root = tmp_path / sig.name

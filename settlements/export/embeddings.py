@@ -141,7 +141,7 @@ def export_paths(cfg: PipelineConfig, fmt: ExportFormat, output: Path | None) ->
 KINDS = {("geoparquet", "parquet"): "GeoParquet file", ("npy", "npy"): "npy vectors", ("npy", "parquet"): "npy table"}
 
 
-def _protected(cfg: PipelineConfig, ws: Workspace) -> dict[Path, str]:
+def protected_files(cfg: PipelineConfig, ws: Workspace) -> dict[Path, str]:
     """Files of the pipeline no export may replace, by what they are."""
     files = outputs(cfg)
     out = {p.resolve(): "an output of the pipeline" for p in files.declared()}
@@ -151,6 +151,9 @@ def _protected(cfg: PipelineConfig, ws: Workspace) -> dict[Path, str]:
         out[cfg.source.resolve()] = "the pipeline's config"
     for model in (ws.top_model, ws.fine_tuned, ws.finetune_checkpoint, ws.training):
         out[model.resolve()] = "a model file of the pipeline"
+    for used in (cfg.clustering.model, cfg.training.model if cfg.training is not None else None):
+        if used is not None:
+            out[used.resolve()] = "the model file the pipeline uses"
     return out
 
 
@@ -170,9 +173,9 @@ def _key(ws: Workspace, path: Path) -> str:
 
 def check_own(cfg: PipelineConfig, ws: Workspace, fmt: ExportFormat, paths: dict[str, Path]) -> None:
     """Refuse (one :class:`OutputError` naming the file) any target that is not a file of this command's own:
-    one of the pipeline's files (:func:`_protected`, or anything in its work folder), or an existing file
+    one of the pipeline's files (:func:`protected_files`, or anything in its work folder), or an existing file
     that is not what an earlier export of this format wrote there (recorded, unchanged since)."""
-    protected = _protected(cfg, ws)
+    protected = protected_files(cfg, ws)
     recorded = _recorded(ws)
     work = ws.root.resolve()
     for part, path in paths.items():

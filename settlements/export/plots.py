@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import PercentFormatter, ScalarFormatter  # noqa: E402
 from pyproj import CRS  # noqa: E402
 
 from ..palette import Legend  # noqa: E402
@@ -175,3 +175,34 @@ def plain_axes(ax: plt.Axes, crs: CRS | None) -> None:
         x, y = f"easting ({unit})", f"northing ({unit})"
     ax.set_xlabel(f"{x}; {crs.name}", fontsize=8)
     ax.set_ylabel(y, fontsize=8)
+
+
+def label_shares(path: Path, shares: pd.DataFrame, legend: Legend, title: str, mapped_km2: list[float]) -> None:
+    """One bar per pipeline (``shares``: a row per pipeline, a column per label, its share of the mapped
+    area), stacked in the legend's order and colours, with each share of 5 % or more written on it and
+    each pipeline's mapped area under its name."""
+    n = len(shares)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * n + 3.2), 5.2))
+    x = np.arange(n)
+    bottom = np.zeros(n)
+    for label in legend.labels:
+        values = shares[label].to_numpy(dtype=float) if label in shares.columns else np.zeros(n)
+        ax.bar(x, values, bottom=bottom, width=0.6, color=legend.colour(label), edgecolor="#404040", linewidth=0.4,
+               label=label)
+        for xi, b, v in zip(x, bottom, values, strict=True):
+            if v >= 0.05:
+                r, g, bl = legend.rgb(label)
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * bl > 0.5 else "white"
+                ax.text(float(xi), b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=8, color=ink)
+        bottom += values
+    ax.set_xticks(x, [f"{i}\n{format_area(km2)} mapped" for i, km2 in zip(shares.index, mapped_km2, strict=True)],
+                  fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of the mapped area")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(*[list(reversed(h)) for h in ax.get_legend_handles_labels()], loc="center left",
+              bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)

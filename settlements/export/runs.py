@@ -23,11 +23,17 @@ RUN_INT_COLUMNS = ["k", "tiles_total", "tiles_kept", "tiles_embedded", "tiles_re
 def run_columns(run_info: dict[str, Any] | None, cluster_info: dict[str, Any], previous: PreviousRun | None,
                 n_tile_changes: int) -> dict[str, Any]:
     """The runs-table fields this module adds: timings, refit report, k-means restarts' agreement, what it
-    was compared with."""
+    was compared with, the model file whose clusters it took (path and SHA-256; empty when it fitted its
+    own) and that file's warnings (another pixel size, tile size or scaling; tiles far from its clusters)."""
     info = run_info or {}
     m = cluster_info.get("matching") or {}
     restarts = cluster_info.get("restarts") or {}
+    model = cluster_info.get("model") or {}
     return {
+        "model_file": model.get("file", ""),
+        "model_sha256": model.get("sha256", ""),
+        "model_warnings": json.dumps(model.get("warnings", [])),
+        "model_far_share": float(model.get("far_share", float("nan"))),
         "started_utc": info.get("started_utc"),
         "stage_seconds": json.dumps(info.get("stage_seconds", {})),
         "refit": int(bool(m)),

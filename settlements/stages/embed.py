@@ -12,15 +12,17 @@ import numpy as np
 
 from ..config import PipelineConfig
 from ..embedding.assemble import embed_counts, embedded_table, write_embeddings
-from ..embedding.backbones import build_backbone
+from ..embedding.backbones import build_backbone, resolve_layer
 from ..embedding.cache import EmbeddingCache
 from ..embedding.infer import InferenceSettings
 from ..errors import TilingError
 from ..executors import EmbedJob, Executor, LocalExecutor
+from ..model_file import read_model_file
 from ..progress import progress
 from ..rasters import RasterInfo, compute_scaling, load_infos
 from ..store import Workspace, expand_inputs, read_table, settings_key, write_json, write_table
 from ..tiling import WINDOW_COLUMNS
+from ..transfer import check_embedding, embedder
 from .tile import check_inputs
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,12 @@ def embed(cfg: PipelineConfig, ws: Workspace, executor: Executor | None = None) 
     infos = load_infos(ws)
     tiles = read_table(ws.tiles, "tile")
     e = cfg.embedding
+    model = read_model_file(cfg.clustering.model) if cfg.clustering.model is not None else None
+    if model is not None:  # before any CNN work (and before weights another backbone would need are looked for)
+        check_embedding(model, embedder(cfg, resolve_layer(e.backbone, e.layer)))
     backbone = build_backbone(e.backbone, e.layer, e.weights)
+    if model is not None:
+        check_embedding(model, embedder(cfg, backbone.layer, backbone.weights.sha256))
     settings = inference_settings(cfg)
     device = settings.torch_device()
     min_valid = 1.0 - cfg.tiling.max_invalid_fraction
@@ -96,7 +103,7 @@ def embed(cfg: PipelineConfig, ws: Workspace, executor: Executor | None = None) 
     write_table(ws.out(ws.embedded), meta)
     counts = embed_counts(meta, np.concatenate(read) if read else np.empty(0, np.int64))
     write_json(ws.out(ws.embed_meta), {
-        **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim,
+        **counts, "backbone": backbone.name, "layer": backbone.layer, "dim": backbone.dim, "input_size": e.input_size,
         "weights_sha256": backbone.weights.sha256, "weights_source": backbone.weights.source,
         "weights_path": str(backbone.weights.path), "device": str(device), "precision": settings.precision,
         "executor": getattr(executor, "name", "local"), "keys": keys,

@@ -195,7 +195,8 @@ def plan_tiles(cfg: PipelineConfig, infos: list[RasterInfo], regions: gpd.GeoDat
     if all(rt.shares.empty for rt in planned):
         where = ", ".join(str(r.path or "regions.wkt") for r in cfg.regions)
         raise RegionError(f"{where}: no region overlaps any input raster (check the CRS and extent)")
-    check_k(cfg.clustering.k, sum(len(rt.table) for rt in planned))
+    if cfg.clustering.model is None:  # a model's clusters take any number of tiles: nothing is fitted
+        check_k(cfg.clustering.k, sum(len(rt.table) for rt in planned))
     return planned
 
 

@@ -264,7 +264,13 @@ class FineTuner:
         The file is data: its tensors are loaded, but no path it names is opened, and it must have
         been trained on the backbone and layer given here (both resolved to the node they cut at).
         """
-        blob = load_state(path)
+        return cls.from_state(load_state(path), path, backbone, layer, weights)
+
+    @classmethod
+    def from_state(cls, blob: dict[str, Any], path: Path, backbone: str, layer: str | None,
+                   weights: Path | None) -> FineTuner:
+        """The fine-tuned network of ``blob`` (as :meth:`save` writes it; read from ``path``), built on the
+        pipeline's own backbone, layer and weights file: no path the blob names is used."""
         try:
             params = {**blob["params"], "weights": weights}
             # files that saved a null layer were cut at the final map, the default of their time

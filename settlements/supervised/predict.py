@@ -7,11 +7,18 @@ pixel per tile cell), ``supervised_map.png`` and ``supervised_histograms.png`` (
 :mod:`settlements.products`), all written through the command's commit (:func:`settlements.pipeline.predict`).
 A class takes its colour and code from the pipeline's legend: a class named like a cluster has the
 cluster's colour (the analyst's, when the labels file gives one) and code.
+
+The network is the pipeline's own (``train``), or a portable model file's (``--model FILE`` or
+``training.model``, :mod:`settlements.transfer`); the GeoPackage's ``prediction`` table records which, and
+the file's SHA-256.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import geopandas as gpd
@@ -19,20 +26,31 @@ import numpy as np
 import pandas as pd
 
 from ..config import DEFAULT_PREDICT_MODEL, PipelineConfig, PredictModel
-from ..errors import StageError
+from ..errors import ModelFileError, StageError
 from ..export.geopackage import LayerStyle
 from ..export.layers import tile_regions, tiles_layer
 from ..export.qgis_project import write_pipeline_project
 from ..export.styles import REGION_OUTLINE_MM, categorized_qml
 from ..export.tile_map import PREDICTED_LAYERS, named_as_final, tile_map, write_tile_map
 from ..labels import read_labels
+from ..model_file import ModelFile, read_model_file
 from ..palette import Legend
 from ..products import outputs
 from ..rasters import load_infos
 from ..reprocess import keep_recorded
 from ..similar_examples import analyst_layer_names
-from ..store import Workspace, read_table
+from ..store import Workspace, read_json, read_table
 from ..tile_tables import kept_tiles
+from ..transfer import (
+    check_embedding,
+    embedder,
+    fine_tuned_state,
+    ground_sizes,
+    ground_warning,
+    networks,
+    scalings,
+    top_model_of,
+)
 from .finetune import FineTuner, TileImages, torch_device
 from .top_model import TopModel, load_state
 from .train import TopModelInputs, training_settings
@@ -40,36 +58,86 @@ from .train import TopModelInputs, training_settings
 log = logging.getLogger(__name__)
 
 
-def choose_model(cfg: PipelineConfig, ws: Workspace, model: PredictModel) -> str:
-    """``auto``: the fine-tuned model when the config fine tunes and it exists, else the top model."""
+@dataclass(frozen=True)
+class Chosen:
+    """The network ``predict`` uses (``top_model`` or ``fine_tuned``): the pipeline's own (``file`` None), or
+    one of a portable model file's, with the warning (another pixel size, tile size or scaling) it gives."""
+
+    network: str
+    file: ModelFile | None = None
+    warning: str | None = None
+
+
+def choose_model(cfg: PipelineConfig, ws: Workspace, model: PredictModel | Path) -> Chosen:
+    """``auto``: the fine-tuned network when there is one (the pipeline's: when the config fine tunes and it was
+    trained), else the top model. A model file (``--model FILE``, or ``training.model``) gives its own, once
+    it is known to fit the pipeline's embeddings (:func:`settlements.transfer.check_embedding`)."""
+    from_config = cfg.training.model if cfg.training is not None else None
+    if isinstance(model, Path) or from_config is not None:
+        path = model if isinstance(model, Path) else from_config
+        assert path is not None
+        m = read_model_file(path)
+        held = networks(m)
+        name = "auto" if isinstance(model, Path) else model
+        if not held:
+            raise ModelFileError(f"{path}: holds no top model or fine-tuned network (its pipeline was not trained); "
+                                 "export it after `settlements train`")
+        if name == "auto":
+            name = "fine_tuned" if "fine_tuned" in held else "top_model"
+        elif name not in held:
+            raise ModelFileError(f"{path}: holds no {name.replace('_', ' ')} network (it holds: {', '.join(held)})")
+        info = read_json(ws.embed_meta, "run")
+        check_embedding(m, embedder(cfg, info["layer"], info["weights_sha256"]))
+        pixel_m, tile_m = ground_sizes(load_infos(ws), kept_tiles(ws))
+        warning = ground_warning(m, pixel_m, tile_m, scalings(cfg))
+        if warning:
+            log.warning("model: %s", warning)
+        return Chosen(name, m, warning)
     if model == "auto":
         ft = training_settings(cfg).finetune.enabled and ws.fine_tuned.exists()
         model = "fine_tuned" if ft else "top_model"
     path = ws.fine_tuned if model == "fine_tuned" else ws.top_model
     if not path.exists():
         raise StageError(f"{path}: missing; run `settlements train {cfg.source}` first")
-    return model
+    return Chosen(model)
 
 
-def tile_probabilities(cfg: PipelineConfig, ws: Workspace, model: str, tiles: pd.DataFrame
+def tile_probabilities(cfg: PipelineConfig, ws: Workspace, chosen: Chosen, tiles: pd.DataFrame
                        ) -> tuple[np.ndarray, np.ndarray]:
     """Class names and (n_tiles, n_classes) probabilities for ``tiles`` (every kept tile, in embedding order:
     the top model's neighbours come from all of them)."""
-    if model == "fine_tuned":
+    m = chosen.file
+    if chosen.network == "fine_tuned":
         e = cfg.embedding
-        ft = FineTuner.load(ws.fine_tuned, e.backbone, e.layer, e.weights)
-        ft.net_.to(torch_device(training_settings(cfg).finetune.device))
+        ft = (FineTuner.from_state(fine_tuned_state(m), m.path, e.backbone, e.layer, e.weights) if m is not None
+              else FineTuner.load(ws.fine_tuned, e.backbone, e.layer, e.weights))
+        ft.net_.to(torch_device(cfg.training.finetune.device if cfg.training is not None else "auto"))
         data = TileImages(load_infos(ws), tiles, ft.input_size)
         return ft.classes_, ft.predict_proba(data)
-    state = load_state(ws.top_model)
-    top = TopModel.from_state(state, ws.top_model)
     emb = np.load(ws.embeddings, mmap_mode="r")
-    neighbours = state.get("neighbours") is True
-    if state.get("embedding_rows") != len(emb) or state.get("dim") != emb.shape[1] * (2 if neighbours else 1):
-        raise StageError(f"{ws.top_model}: trained on other embeddings; run `settlements train {cfg.source}`")
+    rows: int | None
+    if m is not None:
+        top, neighbours = top_model_of(m)
+        source, rows = m.path, len(emb)
+    else:
+        state = load_state(ws.top_model)
+        top, neighbours = TopModel.from_state(state, ws.top_model), state.get("neighbours") is True
+        source, rows = ws.top_model, state.get("embedding_rows")
+    if rows != len(emb) or int(top.head_.mean.shape[0]) != emb.shape[1] * (2 if neighbours else 1):
+        raise StageError(f"{source}: trained on other embeddings; run `settlements train {cfg.source}`")
     inputs = TopModelInputs.of(emb, tiles, load_infos(ws)) if neighbours else None
     feats = np.asarray(emb, dtype=np.float32) if inputs is None else inputs.with_neighbours
     return top.classes_, top.predict_proba(feats[tiles["emb_row"].to_numpy()])
+
+
+def prediction_record(chosen: Chosen) -> pd.DataFrame:
+    """The supervised GeoPackage's ``prediction`` table: which network, from which model file (by SHA-256),
+    with which warning."""
+    m = chosen.file
+    return pd.DataFrame([{"model": chosen.network, "model_file": str(m.path) if m is not None else "",
+                          "model_sha256": m.sha256 if m is not None else "",
+                          "model_warnings": json.dumps([chosen.warning] if chosen.warning else []),
+                          "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}])
 
 
 def predicted_styles(legend: Legend, chosen: str) -> list[LayerStyle]:
@@ -92,7 +160,8 @@ def predicted_styles(legend: Legend, chosen: str) -> list[LayerStyle]:
     ]
 
 
-def predict(cfg: PipelineConfig, ws: Workspace, model: PredictModel = DEFAULT_PREDICT_MODEL) -> dict[str, Path]:
+def predict(cfg: PipelineConfig, ws: Workspace, model: PredictModel | Path = DEFAULT_PREDICT_MODEL
+            ) -> dict[str, Path]:
     """Predict every kept tile with the chosen model; write the supervised map through ``ws``."""
     chosen = choose_model(cfg, ws, model)
     tiles = kept_tiles(ws)
@@ -110,22 +179,24 @@ def predict(cfg: PipelineConfig, ws: Workspace, model: PredictModel = DEFAULT_PR
     t = t.merge(tile_regions(shares, regions), on="tile_id", how="left")
     infos = load_infos(ws)
     cols = ["tile_id", "class", "probability", *[f"p_{legend.key(c)}" for c in classes], "region_id", "row", "col"]
+    network = chosen.network
     layer = tiles_layer(t, infos, cfg.output.crs,
-                        lambda k, info: k[cols].assign(raster=info.path.name, model=chosen).reset_index(drop=True))
-    titles = (f"{cfg.name}: tiles by predicted class ({chosen})", f"{cfg.name}: predicted class histograms ({chosen})")
+                        lambda k, info: k[cols].assign(raster=info.path.name, model=network).reset_index(drop=True))
+    which = network if chosen.file is None else f"{network} of {chosen.file.path.name}"
+    titles = (f"{cfg.name}: tiles by predicted class ({which})", f"{cfg.name}: predicted class histograms ({which})")
     m = tile_map(every, layer, shares, regions, [i.crs for i in infos], cfg.output.crs, legend, titles,
                  label_field="class", dominant_field="dominant_class")
     files = outputs(cfg).supervised_map
     stage = ws.out_dir(cfg.output_dir)
     every_file = outputs(cfg)
     with named_as_final(stage, cfg.output_dir):
-        write_tile_map(m, files.in_folder(stage), PREDICTED_LAYERS, predicted_styles(legend, chosen),
-                       cfg.output.max_plot_regions)
+        write_tile_map(m, files.in_folder(stage), PREDICTED_LAYERS, predicted_styles(legend, which),
+                       cfg.output.max_plot_regions, extra={"prediction": prediction_record(chosen)})
         if every_file.gpkg.is_file():  # the project shows the supervised map too (where a run made one)
             project = write_pipeline_project(every_file, stage, infos, f"settlements: {cfg.name}",
                                              analyst_layer_names(every_file.gpkg))
             assert ws.commit is not None
             keep_recorded(cfg, ws.commit, {every_file.project: project})
-    log.info("prediction (%s): %s", chosen, pd.Series(classes[best]).value_counts().to_dict())
+    log.info("prediction (%s): %s", which, pd.Series(classes[best]).value_counts().to_dict())
     written = {"gpkg": files.gpkg, "class_map": files.raster, "map": files.picture, "histograms": files.histograms}
     return {kind: path for kind, path in written.items() if path is not None}

@@ -67,6 +67,7 @@ def scored_against(t: Training) -> tuple[str, str]:
     """
     if t.reference is not None:
         return f"reference ({t.reference.source})", f"against the reference ({t.reference.source})"
+    assert t.labels is not None, "train refuses a training section without labels before any scoring"
     return (f"training labels ({t.labels.source})",
             f"against the training labels themselves ({t.labels.source}), not an independent reference")
 
@@ -165,7 +166,8 @@ def fine_tune(cfg: PipelineConfig, infos: list[RasterInfo], tiles: pd.DataFrame,
         return TileImages(infos, tiles[mask & keep], cfg.embedding.input_size, targets[mask & keep], aug,
                           ft.max_shift, ft.seed)
 
-    extra = {"pipeline": cfg.name, "labels": t.labels.model_dump(mode="json"), "top_model": top.state()["params"]}
+    extra = {"pipeline": cfg.name, "labels": t.labels.model_dump(mode="json") if t.labels is not None else None,
+             "top_model": top.state()["params"]}
     return make_finetuner(cfg, ft).fit(images(~val, ft.augment), images(val, False), top, checkpoint, extra)
 
 
@@ -281,6 +283,9 @@ def train(cfg: PipelineConfig, ws: Workspace) -> dict[str, Any]:
     """Top model on every labelled tile, then fine tuning when asked, then the blocked evaluation; every file
     written through ``ws`` (a command's commit: :func:`settlements.pipeline.train`)."""
     t = training_settings(cfg)
+    if t.labels is None:
+        raise ConfigError(f"{cfg.source}: training.model: the supervised model comes from {t.model}; there is nothing "
+                          "to train here (`settlements predict` uses it; to train here, give training.labels)")
     if not ws.embeddings.exists():
         raise StageError(f"{ws.embeddings}: missing; run `settlements run {cfg.source}` first")
     infos = load_infos(ws)
