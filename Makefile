@@ -9,7 +9,7 @@ SHARED ?= ../shared/data
 PIPELINES := $(basename $(filter-out %.labels.yaml,$(notdir $(wildcard pipelines/*.yaml))))
 REGION ?= olinda
 
-.PHONY: venv lock data demo region reprocess test lint docs bench bench-quick quality gpu-wheels gpu-check clean help
+.PHONY: venv lock data demo region reprocess test lint docs bench bench-quick quality transfer gpu-wheels gpu-check clean help
 help:
 	@echo "make demo            run pipelines/olinda.yaml (the embedded default scene)"
 	@echo "make test            run the linter, the type checker and the test suite"
@@ -19,6 +19,7 @@ help:
 	@echo "make lock            refresh requirements/lock.txt (exact versions, hashes) from pyproject.toml"
 	@echo "make bench           throughput and memory benchmark (bench-quick: a smaller one)"
 	@echo "make quality         cluster and model quality on the hand-labelled Mumbai patches and Olinda"
+	@echo "make transfer        a model made on half the Mumbai patches, applied to the other half"
 	@echo "make gpu-wheels      fetch what benchmarks/gpu_check.sh needs on an offline GPU machine into .whl/"
 
 # From the lock (exact versions, SHA-256 checked): a fresh clone installs what CI passed with. `make lock`
@@ -76,6 +77,10 @@ bench-quick: venv data
 # Figures, not tests: F1, NMI, ARI over k-means seeds against the Mumbai masks and the Olinda spectral rule.
 quality: venv data
 	$(PY) benchmarks/quality.py
+
+# Figures, not tests: informal F1 of a model applied to other patches, against their masks, over k-means seeds.
+transfer: venv data
+	$(PY) benchmarks/transfer.py
 
 gpu-wheels: data
 	benchmarks/gpu_wheels.sh
