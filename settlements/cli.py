@@ -458,10 +458,9 @@ def model_export(
 @model_app.command("show")
 def model_show(model: Path = typer.Argument(..., help="A model file.", show_default=False)) -> None:
     """Say what a model file holds (read as data: nothing in it runs)."""
-    from .model_file import read_model_file
-    from .transfer import summary
+    from .transfer import load_model, summary
 
-    for line in summary(read_model_file(model)):
+    for line in summary(load_model(model)):
         typer.echo(line)
 
 

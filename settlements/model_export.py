@@ -33,10 +33,10 @@ from .palette import default_cluster_name
 from .products import outputs
 from .rasters import load_infos
 from .stages.cluster import fit_key
-from .store import Workspace, read_json, read_table
+from .store import Workspace, read_json, read_table, write_atomic
 from .supervised.top_model import TopModel, load_state
 from .tile_tables import kept_tiles
-from .transfer import distance_statistics, ground_sizes, scalings
+from .transfer import Header, distance_statistics, ground_sizes, scalings
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,11 @@ def export_model(cfg: PipelineConfig, ws: Workspace, target: Path) -> dict[str, 
             header[name], tensors = part
             arrays.update(tensors)
             held.append(name)
+    # through the schema every reader checks (settlements.transfer.Header): what is written is what is read
+    checked = Header.model_validate(header).model_dump(mode="json")
     target.parent.mkdir(parents=True, exist_ok=True)
     staged = ws.out(target)
-    write_model_file(staged, header, arrays)
+    write_atomic(staged, lambda p: write_model_file(p, checked, arrays))
     sha = read_header(staged)[1]
     log.info("model of pipeline '%s' (%d clusters, %d named; %s) written to %s", cfg.name, cfg.clustering.k,
              extra["named"], ", ".join(held) or "no supervised network", target)

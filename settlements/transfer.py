@@ -1,10 +1,13 @@
 """What a portable model means to the pipeline it is given: clusters, names, colours, networks, and fit.
 
 A model file (:mod:`settlements.model_file`, written by ``settlements model export``) holds what made the
-embeddings, the named clusters and, when trained, the top model and the fine-tuned network. Here they
-become the pipeline's objects again: a :class:`~settlements.clustering.KMeansClusterer` of the model's
-centroids, :class:`~settlements.labels.ClusterLabels` of its names and colours, a
-:class:`~settlements.supervised.top_model.TopModel` and the fine-tuned network's state.
+embeddings, the named clusters and, when trained, the top model and the fine-tuned network. Its header
+is one typed schema (:class:`Header`), which the exporter writes and every reader checks
+(:func:`load_model`): a file from elsewhere with a field of another type is one error line, never a
+failure halfway. Here the model becomes the pipeline's objects again: a
+:class:`~settlements.clustering.KMeansClusterer` of its centroids, :class:`~settlements.labels.ClusterLabels`
+of its names and colours, a :class:`~settlements.supervised.top_model.TopModel` and the fine-tuned
+network's state.
 
 A pipeline may use a model only when it embeds its tiles as the model's pipeline did: the same backbone,
 weights file (by SHA-256), layer, input size and band count (:func:`check_embedding`: one error naming
@@ -17,16 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import PipelineConfig, Scaling
 from .errors import ModelFileError, ModelMismatchError
 from .labels import ClusterLabels
-from .model_file import ModelFile, refused
-from .palette import is_colour
+from .model_file import ModelFile, read_model_file, refused
 from .store import settings_key
 
 if TYPE_CHECKING:
@@ -45,6 +49,170 @@ GROUND_TOLERANCE = 0.1
 FAR_SHARE_WARNING = 0.75
 
 
+# --------------------------------------------------------------------------------------- the header
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class EmbeddingPart(_Part):
+    """What made the embeddings."""
+
+    backbone: str
+    layer: str
+    dim: int = Field(ge=1)
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_size: int = Field(ge=1)
+    precision: str | None = None
+    normalisation: dict[str, list[float]]
+
+
+class ImageryPart(_Part):
+    """What the tiles were: bands, scaling, and their size on the ground (medians)."""
+
+    band_counts: list[int] = Field(min_length=1)
+    scalings: list[dict[str, Any]]
+    pixel_size_m: float
+    tile_size_m: float
+    tile_size: str
+    stride: str
+    dtypes: list[str]
+
+
+class ClusterItem(_Part):
+    """One named cluster: how many tiles it had where it was named, and how tight it was."""
+
+    id: int = Field(ge=0)
+    name: str = Field(min_length=1)
+    colour: str = Field(pattern=r"^#[0-9a-fA-F]{6}$")
+    size: int = Field(ge=0)
+    share: float
+    distance_median: float
+    distance_p90: float
+    distance_max: float
+    anchors: int = 0
+
+
+class ClustersPart(_Part):
+    k: int = Field(ge=2, le=255)
+    l2_normalize: bool
+    neighbour_weight: float = Field(ge=0, le=1)
+    pca_dim: int | None = Field(default=None, ge=2)
+    seed: int | None = None
+    items: list[ClusterItem]
+
+
+class LegendPart(_Part):
+    labels: list[str]
+    colours: list[str]
+    codes: list[int]
+    column_keys: list[str]
+
+
+class TopModelParams(_Part):
+    """:class:`~settlements.supervised.top_model.TopModel`'s settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hidden: int = Field(ge=0)
+    C: float = Field(gt=0)  # noqa: N815
+    weight_decay: float = Field(ge=0)
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    l2_normalize: bool
+    standardise: bool
+
+
+class TopModelPart(_Part):
+    classes: list[str] = Field(min_length=2)
+    params: TopModelParams
+    dim: int = Field(ge=1)
+    neighbours: bool
+    n_train: int | None = None
+
+
+class FineTunedParams(_Part):
+    """:class:`~settlements.supervised.finetune.FineTuner`'s settings (no path, no device of the machine
+    that trained it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    backbone: str
+    layer: str
+    weights: None = None
+    input_size: int = Field(ge=1)
+    unfreeze: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    augment: bool
+    max_shift: float = Field(ge=0, lt=0.5)
+    seed: int = Field(ge=0)
+    device: str = "auto"
+    num_workers: int = 0
+
+
+class FineTunedPart(_Part):
+    classes: list[str] = Field(min_length=2)
+    params: FineTunedParams
+    head_hidden: int = Field(ge=0)
+    trainable: list[str]
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Header(_Part):
+    """``model.json``: what a model file holds (its format and version are :mod:`settlements.model_file`'s)."""
+
+    settlements_version: str
+    pipeline: str
+    run_id: str | None = None
+    embedding: EmbeddingPart
+    imagery: ImageryPart
+    clusters: ClustersPart
+    legend: LegendPart
+    top_model: TopModelPart | None = None
+    fine_tuned: FineTunedPart | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model file, read as data and its header checked."""
+
+    file: ModelFile
+    header: Header
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def sha256(self) -> str:
+        return self.file.sha256
+
+    def networks(self) -> list[str]:
+        """The supervised networks the file holds: ``top_model``, ``fine_tuned``."""
+        return [name for name in ("top_model", "fine_tuned") if getattr(self.header, name) is not None]
+
+
+def load_model(path: Path) -> Model:
+    """The model file at ``path`` (:func:`~settlements.model_file.read_model_file`), its header checked against
+    :class:`Header`: one :class:`ModelFileError` line naming the field otherwise."""
+    m = read_model_file(path)
+    try:
+        header = Header.model_validate(m.header)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise refused(path, f"{where}: {err['msg']}") from None
+    items = header.clusters.items
+    if len(items) != header.clusters.k or [i.id for i in items] != list(range(header.clusters.k)):
+        raise refused(path, "clusters.items: not the clusters 0 to k-1")
+    return Model(m, header)
+
+
+# ---------------------------------------------------------------------------------------- the checks
+
 def scaling_spec(s: Scaling) -> dict[str, Any]:
     """The settings of a scaling that change the pixels the CNN sees (the sample size does not)."""
     if s.method == "percentile":
@@ -54,12 +222,26 @@ def scaling_spec(s: Scaling) -> dict[str, Any]:
     return {"method": s.method}
 
 
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 def describe_scaling(spec: dict[str, Any]) -> str:
+    """'percentile 2-98', 'range 0-255', 'dtype'."""
     if spec.get("method") == "percentile":
-        return f"percentile {spec.get('low'):g}-{spec.get('high'):g}"
+        return f"percentile {_number(spec.get('low'))}-{_number(spec.get('high'))}"
     if spec.get("method") == "range":
-        return f"range {spec.get('min')}-{spec.get('max')}"
+        return f"range {_number(spec.get('min'))}-{_number(spec.get('max'))}"
     return str(spec.get("method"))
+
+
+def scalings(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The distinct scalings of ``cfg``'s rasters."""
+    out: list[dict[str, Any]] = []
+    for spec in (scaling_spec(r.scaling) for r in cfg.rasters):
+        if spec not in out:
+            out.append(spec)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,39 +270,22 @@ def ground_sizes(infos: Sequence[RasterInfo], tiles: pd.DataFrame) -> tuple[floa
     return float(np.median(pixel)), float(np.median(pixel * tiles["tile_w"].to_numpy()))
 
 
-def scalings(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """The distinct scalings of ``cfg``'s rasters."""
-    out: list[dict[str, Any]] = []
-    for spec in (scaling_spec(r.scaling) for r in cfg.rasters):
-        if spec not in out:
-            out.append(spec)
-    return out
-
-
-def _section(m: ModelFile, name: str) -> dict[str, Any]:
-    value = m.header.get(name)
-    if not isinstance(value, dict):
-        raise refused(m.path, f"its header has no {name!r} section")
-    return value
-
-
-def check_embedding(m: ModelFile, here: Embedder) -> None:
+def check_embedding(m: Model, here: Embedder) -> None:
     """Raise one :class:`ModelMismatchError` naming every difference (this pipeline's value and the model's)
     in what makes the embeddings: backbone, layer, input size, band count, weights."""
-    e, im = _section(m, "embedding"), _section(m, "imagery")
+    e, im = m.header.embedding, m.header.imagery
     diffs = []
-    for key, mine, theirs in (("embedding.backbone", here.backbone, e.get("backbone")),
-                              ("embedding.layer", here.layer, e.get("layer")),
-                              ("embedding.input_size", here.input_size, e.get("input_size"))):
+    for key, mine, theirs in (("embedding.backbone", here.backbone, e.backbone),
+                              ("embedding.layer", here.layer, e.layer),
+                              ("embedding.input_size", here.input_size, e.input_size)):
         if mine != theirs:
             diffs.append(f"{key}: {mine} here, {theirs} in the model")
-    model_counts = sorted(set(im.get("band_counts") or []))
-    if sorted(set(here.band_counts)) != model_counts:
-        diffs.append(f"rasters.bands: {'/'.join(map(str, sorted(set(here.band_counts))))} band(s) here, "
+    mine_counts, model_counts = sorted(set(here.band_counts)), sorted(set(im.band_counts))
+    if mine_counts != model_counts:
+        diffs.append(f"rasters.bands: {'/'.join(map(str, mine_counts))} band(s) here, "
                      f"{'/'.join(map(str, model_counts))} in the model")
-    theirs_sha = e.get("weights_sha256")
-    if here.weights_sha256 is not None and here.weights_sha256 != theirs_sha:
-        diffs.append(f"embedding.weights: SHA-256 {here.weights_sha256[:12]}... here, {str(theirs_sha)[:12]}... "
+    if here.weights_sha256 is not None and here.weights_sha256 != e.weights_sha256:
+        diffs.append(f"embedding.weights: SHA-256 {here.weights_sha256[:12]}... here, {e.weights_sha256[:12]}... "
                      "in the model")
     if diffs:
         raise ModelMismatchError(f"{m.path}: made from other embeddings than this pipeline's: {'; '.join(diffs)}; "
@@ -131,20 +296,20 @@ def _close(a: float, b: float) -> bool:
     return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= GROUND_TOLERANCE * max(abs(a), abs(b))
 
 
-def ground_warning(m: ModelFile, pixel_m: float, tile_m: float, scalings: Sequence[dict[str, Any]]) -> str | None:
+def ground_warning(m: Model, pixel_m: float, tile_m: float, pipeline_scalings: Sequence[dict[str, Any]]
+                   ) -> str | None:
     """One line when this pipeline's pixels or tiles on the ground, or its scaling, differ from the model's
     (its clusters and networks then see other tiles than they were made on); None when they agree."""
-    im = _section(m, "imagery")
+    im = m.header.imagery
     diffs = []
-    if not _close(pixel_m, float(im.get("pixel_size_m", math.nan))):
-        diffs.append(f"pixels of {pixel_m:.3g} m here, {float(im.get('pixel_size_m', math.nan)):.3g} m in the model")
-    if not _close(tile_m, float(im.get("tile_size_m", math.nan))):
-        diffs.append(f"tiles of {tile_m:.3g} m here, {float(im.get('tile_size_m', math.nan)):.3g} m in the model")
-    theirs = im.get("scalings") or []
-    other = [s for s in scalings if s not in theirs]
+    if not _close(pixel_m, im.pixel_size_m):
+        diffs.append(f"pixels of {pixel_m:.3g} m here, {im.pixel_size_m:.3g} m in the model")
+    if not _close(tile_m, im.tile_size_m):
+        diffs.append(f"tiles of {tile_m:.3g} m here, {im.tile_size_m:.3g} m in the model")
+    other = [s for s in pipeline_scalings if s not in im.scalings]
     if other:
         diffs.append(f"scaling {describe_scaling(other[0])} here, "
-                     f"{' / '.join(describe_scaling(s) for s in theirs) or 'none recorded'} in the model")
+                     f"{' / '.join(describe_scaling(s) for s in im.scalings) or 'none recorded'} in the model")
     if not diffs:
         return None
     return f"{m.path}: {'; '.join(diffs)}: its clusters and networks may fit these tiles less well"
@@ -152,50 +317,40 @@ def ground_warning(m: ModelFile, pixel_m: float, tile_m: float, scalings: Sequen
 
 # ----------------------------------------------------------------------------------------- clusters
 
-def clusters_section(m: ModelFile) -> dict[str, Any]:
-    c = _section(m, "clusters")
-    items = c.get("items")
-    if not isinstance(items, list) or len(items) != c.get("k"):
-        raise refused(m.path, "its clusters section does not list its k clusters")
-    return c
-
-
-def model_clusters(m: ModelFile) -> KMeansClusterer:
+def model_clusters(m: Model) -> KMeansClusterer:
     """The model's clusters as k-means assigns with them: its centroids (and PCA basis), its normalisation."""
     from .clustering import KMeansClusterer
 
-    c = clusters_section(m)
-    km = KMeansClusterer(k=int(c["k"]), l2_normalize=bool(c["l2_normalize"]))
-    centers = np.ascontiguousarray(m.array("clusters.centroids"), dtype=np.float32)
-    if centers.ndim != 2 or len(centers) != km.k:
-        raise refused(m.path, f"clusters.centroids has shape {centers.shape} for k={km.k}")
-    km.cluster_centers_ = centers
+    c, dim = m.header.clusters, m.header.embedding.dim
+    km = KMeansClusterer(k=c.k, l2_normalize=c.l2_normalize)
+    centers = np.ascontiguousarray(m.file.array("clusters.centroids"), dtype=np.float32)
     km.components_ = None
-    if "clusters.components" in m.arrays:
-        km.components_ = np.ascontiguousarray(m.array("clusters.components"), dtype=np.float32)
-        km.mean_ = np.ascontiguousarray(m.array("clusters.mean"), dtype=np.float32)
+    if "clusters.components" in m.file.arrays:
+        km.components_ = np.ascontiguousarray(m.file.array("clusters.components"), dtype=np.float32)
+        km.mean_ = np.ascontiguousarray(m.file.array("clusters.mean"), dtype=np.float32)
         km.pca_dim = km.components_.shape[0]
+        if km.components_.shape != (c.pca_dim, dim) or km.mean_.shape != (dim,):
+            raise refused(m.path, f"clusters.components {km.components_.shape} or clusters.mean {km.mean_.shape} "
+                                  f"do not fit pca_dim {c.pca_dim} of {dim}-d embeddings")
+    width = dim if km.components_ is None else km.components_.shape[0]
+    if centers.shape != (c.k, width) or not np.isfinite(centers).all():
+        raise refused(m.path, f"clusters.centroids: shape {centers.shape} (or values) unlike {c.k} centroids of "
+                              f"{width} dimensions")
+    km.cluster_centers_ = centers
     return km
 
 
-def clusters_key(m: ModelFile) -> str:
+def clusters_key(m: Model) -> str:
     """What identifies the model's clusters (their centroids, basis and normalisation): equal keys, equal
     clusters, whatever else of the file (names, networks) changed."""
-    parts = {name: a.tobytes().hex() for name, a in sorted(m.group("clusters").items())}
-    return settings_key({"arrays": settings_key(parts), "l2": clusters_section(m)["l2_normalize"]})
+    parts = {name: a.tobytes().hex() for name, a in sorted(m.file.group("clusters").items())}
+    return settings_key({"arrays": settings_key(parts), "l2": m.header.clusters.l2_normalize})
 
 
-def model_labels(m: ModelFile) -> ClusterLabels:
+def model_labels(m: Model) -> ClusterLabels:
     """The model's cluster names and colours (each colour explicit: the legend the model's pipeline showed)."""
-    items = clusters_section(m)["items"]
-    try:
-        names = {int(i["id"]): str(i["name"]) for i in items}
-        colours: dict[int, str | None] = {int(i["id"]): str(i["colour"]) for i in items}
-    except (KeyError, TypeError, ValueError):
-        raise refused(m.path, "a cluster without id, name or colour") from None
-    if sorted(names) != list(range(len(items))) or not all(is_colour(str(c)) for c in colours.values()):
-        raise refused(m.path, "its clusters are not numbered 0 to k-1, each with a '#rrggbb' colour")
-    return ClusterLabels(names, colours)
+    items = m.header.clusters.items
+    return ClusterLabels({i.id: i.name for i in items}, {i.id: i.colour.lower() for i in items})
 
 
 def label_snapshot(labels: ClusterLabels) -> dict[str, list[str | None]]:
@@ -247,15 +402,15 @@ def distance_statistics(clusters: np.ndarray, distances: np.ndarray, k: int) -> 
     return out
 
 
-def far_share(m: ModelFile, clusters: np.ndarray, distances: np.ndarray) -> float:
+def far_share(m: Model, clusters: np.ndarray, distances: np.ndarray) -> float:
     """Share of these tiles farther from their centroid than 90 % of the model's own tiles of that cluster."""
-    p90 = np.asarray([float(i.get("distance_p90", math.nan)) for i in clusters_section(m)["items"]])
+    p90 = np.asarray([i.distance_p90 for i in m.header.clusters.items])
     limit = p90[np.asarray(clusters, dtype=np.int64)]
     known = np.isfinite(limit)
     return float((distances[known] > limit[known]).mean()) if known.any() else math.nan
 
 
-def far_warning(m: ModelFile, share: float) -> str | None:
+def far_warning(m: Model, share: float) -> str | None:
     if not share > FAR_SHARE_WARNING:
         return None
     return (f"{m.path}: {share:.0%} of these tiles lie farther from their cluster's centroid than 90 % of the "
@@ -264,57 +419,52 @@ def far_warning(m: ModelFile, share: float) -> str | None:
 
 # ----------------------------------------------------------------------------------------- networks
 
-def networks(m: ModelFile) -> list[str]:
-    """The supervised networks the file holds: ``top_model``, ``fine_tuned``."""
-    return [name for name in ("top_model", "fine_tuned") if isinstance(m.header.get(name), dict)]
-
-
-def _tensors(m: ModelFile, prefix: str) -> dict[str, Any]:
+def _tensors(m: Model, prefix: str) -> dict[str, Any]:
     import torch
 
-    arrays = m.group(prefix)
+    arrays = m.file.group(prefix)
     if not arrays:
         raise refused(m.path, f"no arrays of its {prefix}")
     return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
-def top_model_of(m: ModelFile) -> tuple[TopModel, bool]:
+def top_model_of(m: Model) -> tuple[TopModel, bool]:
     """The file's top model, and whether it sees each tile beside its neighbours' mean."""
     from .supervised.top_model import TopModel
 
-    if "top_model" not in networks(m):
+    t = m.header.top_model
+    if t is None:
         raise ModelFileError(f"{m.path}: holds no top model (its pipeline was not trained); export one after "
                              "`settlements train`")
-    t = m.header["top_model"]
-    state = {"params": t.get("params"), "classes": t.get("classes"), "dim": t.get("dim"),
-             "head": _tensors(m, "top_model"), "n_train": t.get("n_train")}
-    return TopModel.from_state(state, m.path), t.get("neighbours") is True
+    state = {"params": t.params.model_dump(), "classes": t.classes, "dim": t.dim, "head": _tensors(m, "top_model"),
+             "n_train": t.n_train}
+    return TopModel.from_state(state, m.path), t.neighbours
 
 
-def fine_tuned_state(m: ModelFile) -> dict[str, Any]:
+def fine_tuned_state(m: Model) -> dict[str, Any]:
     """The file's fine-tuned network as :meth:`~settlements.supervised.finetune.FineTuner.from_state` takes it."""
-    if "fine_tuned" not in networks(m):
+    f = m.header.fine_tuned
+    if f is None:
         raise ModelFileError(f"{m.path}: holds no fine-tuned network (its pipeline did not fine tune)")
-    f = m.header["fine_tuned"]
-    return {"params": f.get("params"), "classes": f.get("classes"), "model": _tensors(m, "fine_tuned"),
-            "history": f.get("history", []), "best_epoch": f.get("best_epoch"), "trainable": f.get("trainable", []),
-            "head_hidden": f.get("head_hidden"), "extra": {}}
+    return {"params": f.params.model_dump(), "classes": f.classes, "model": _tensors(m, "fine_tuned"),
+            "history": f.history, "best_epoch": f.best_epoch, "trainable": f.trainable, "head_hidden": f.head_hidden,
+            "extra": {}}
 
 
-def summary(m: ModelFile) -> list[str]:
+def summary(m: Model) -> list[str]:
     """What the file holds, as ``settlements model show`` prints it."""
-    e, im, c = _section(m, "embedding"), _section(m, "imagery"), clusters_section(m)
-    names = pd.Series([i["name"] for i in c["items"]]).value_counts(sort=False)
-    out = [f"{m.path}: settlements model, format {m.header.get('format_version')}, SHA-256 {m.sha256}",
-           f"  from pipeline {m.header.get('pipeline')!r} (run {m.header.get('run_id')})",
-           f"  embeddings: {e.get('backbone')} cut at {e.get('layer')} ({e.get('dim')}-d), input "
-           f"{e.get('input_size')} px, weights SHA-256 {str(e.get('weights_sha256'))[:12]}...",
-           f"  imagery: {'/'.join(map(str, im.get('band_counts', [])))} band(s), pixels {im.get('pixel_size_m'):.3g} m,"
-           f" tiles {im.get('tile_size_m'):.3g} m, scaling "
-           f"{' / '.join(describe_scaling(s) for s in im.get('scalings', []))}",
-           f"  clusters: k={c['k']} (L2 {c['l2_normalize']}, neighbour weight {c['neighbour_weight']}), named "
+    h = m.header
+    e, im, c = h.embedding, h.imagery, h.clusters
+    names = pd.Series([i.name for i in c.items]).value_counts(sort=False)
+    out = [f"{m.path}: settlements model, format {m.file.header.get('format_version')}, SHA-256 {m.sha256}",
+           f"  from pipeline {h.pipeline!r} (run {h.run_id})",
+           f"  embeddings: {e.backbone} cut at {e.layer} ({e.dim}-d), input {e.input_size} px, weights SHA-256 "
+           f"{e.weights_sha256[:12]}...",
+           f"  imagery: {'/'.join(map(str, im.band_counts))} band(s), pixels {im.pixel_size_m:.3g} m, tiles "
+           f"{im.tile_size_m:.3g} m, scaling {' / '.join(describe_scaling(s) for s in im.scalings)}",
+           f"  clusters: k={c.k} (L2 {c.l2_normalize}, neighbour weight {c.neighbour_weight}), named "
            + ", ".join(f"{n} ({v})" for n, v in names.items())]
-    for name in networks(m):
-        net = m.header[name]
-        out.append(f"  {name.replace('_', ' ')}: classes {', '.join(net.get('classes', []))}")
+    for name in m.networks():
+        net = getattr(h, name)
+        out.append(f"  {name.replace('_', ' ')}: classes {', '.join(net.classes)}")
     return out

@@ -122,12 +122,11 @@ def model_checks(cfg: PipelineConfig, weights: bool, infos: list[RasterInfo], ta
     warnings: list[str] = []
     if not files:
         return lines, warnings
-    from .model_file import read_model_file
-    from .transfer import check_embedding, embedder, ground_sizes, ground_warning, scalings
+    from .transfer import check_embedding, embedder, ground_sizes, ground_warning, load_model, scalings
 
     tiles = pd.concat([t[["tile_w"]].assign(raster=r) for r, t in enumerate(tables)], ignore_index=True)
     for path in files:
-        m = read_model_file(path)
+        m = load_model(path)
         e = cfg.embedding
         if weights:
             from .embedding.backbones import resolve_layer, resolve_weights
@@ -138,7 +137,7 @@ def model_checks(cfg: PipelineConfig, weights: bool, infos: list[RasterInfo], ta
                 sha = None
             here = embedder(cfg, resolve_layer(e.backbone, e.layer), sha)
         else:  # the layer's name needs the backbone registry (torch): checked by a run
-            here = embedder(cfg, str(m.header.get("embedding", {}).get("layer")))
+            here = embedder(cfg, m.header.embedding.layer)
         check_embedding(m, here)
         warning = ground_warning(m, *ground_sizes(infos, tiles), scalings(cfg))
         warnings += [warning] if warning else []

@@ -337,7 +337,7 @@ class _Payload:
 def crafted_files(folder: Path, model: Path, marker: Path) -> dict[str, Path]:
     folder.mkdir()
     files = {"pickle": folder / "pickle.npz", "torch checkpoint": folder / "checkpoint.npz",
-             "object array": folder / "object_array.npz"}
+             "object array": folder / "object_array.npz", "header of other types": folder / "header.npz"}
     files["pickle"].write_bytes(pickle.dumps(_Payload(marker)))
     torch.save({"clusters": _Payload(marker)}, files["torch checkpoint"])
     # a real model whose centroids are swapped for a pickled object
@@ -349,6 +349,10 @@ def crafted_files(folder: Path, model: Path, marker: Path) -> dict[str, Path]:
                 np.save(buf, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
                 data = buf.getvalue()
             dst.writestr(info, data)
+    real = read_model_file(model)  # arrays as they are, a header field of another type
+    header = {k: v for k, v in real.header.items() if k not in ("format", "format_version")}
+    header["imagery"]["pixel_size_m"] = "half a metre"
+    write_model_file(files["header of other types"], header, real.arrays)
     return files
 
 
@@ -362,7 +366,8 @@ def test_a_crafted_model_file_is_refused_with_one_line_and_runs_nothing(transfer
     for kind, path in crafted_files(tmp_path / "crafted", transfer.model, marker).items():
         why = {"pickle": "a Python pickle, which is never unpickled",
                "torch checkpoint": r"member '.*data.pkl' is neither model.json nor an array",
-               "object array": r"array 'clusters.centroids': Object arrays cannot be loaded"}[kind]
+               "object array": r"array 'clusters.centroids': Object arrays cannot be loaded",
+               "header of other types": r"imagery.pixel_size_m: Input should be a valid number"}[kind]
         pattern = rf"{path.name}: not a settlements model file \({why}.*\); nothing in it was used"
         code, _, err = run_cli(monkeypatch, capsys, "model", "show", str(path))
         one_error_line(code, err, pattern)

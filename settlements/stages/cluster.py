@@ -24,7 +24,6 @@ from ..errors import StageError
 from ..executors import Executor, LocalExecutor
 from ..identity import align_to_anchors, anchor_tiles, keep_cluster_ids, relabel_after_refit
 from ..labels import read_labels, write_labels
-from ..model_file import read_model_file
 from ..neighbours import tile_neighbours, write_with_neighbours
 from ..rasters import load_infos
 from ..store import Workspace, read_json, read_table, settings_key, write_json, write_table
@@ -39,6 +38,7 @@ from ..transfer import (
     ground_warning,
     label_snapshot,
     labels_to_write,
+    load_model,
     model_clusters,
     model_labels,
     scalings,
@@ -121,7 +121,7 @@ def cluster_with_model(cfg: PipelineConfig, ws: Workspace, refit: bool, executor
     c = cfg.clustering
     assert c.model is not None
     check_refit(cfg, refit)
-    m = read_model_file(c.model)
+    m = load_model(c.model)
     meta = read_table(ws.embedded, "embed")
     info = read_json(ws.embed_meta, "embed")
     check_embedding(m, embedder(cfg, info["layer"], info["weights_sha256"]))

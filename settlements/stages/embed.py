@@ -17,12 +17,11 @@ from ..embedding.cache import EmbeddingCache
 from ..embedding.infer import InferenceSettings
 from ..errors import TilingError
 from ..executors import EmbedJob, Executor, LocalExecutor
-from ..model_file import read_model_file
 from ..progress import progress
 from ..rasters import RasterInfo, compute_scaling, load_infos
 from ..store import Workspace, expand_inputs, read_table, settings_key, write_json, write_table
 from ..tiling import WINDOW_COLUMNS
-from ..transfer import check_embedding, embedder
+from ..transfer import check_embedding, embedder, load_model
 from .tile import check_inputs
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def embed(cfg: PipelineConfig, ws: Workspace, executor: Executor | None = None) 
     infos = load_infos(ws)
     tiles = read_table(ws.tiles, "tile")
     e = cfg.embedding
-    model = read_model_file(cfg.clustering.model) if cfg.clustering.model is not None else None
+    model = load_model(cfg.clustering.model) if cfg.clustering.model is not None else None
     if model is not None:  # before any CNN work (and before weights another backbone would need are looked for)
         check_embedding(model, embedder(cfg, resolve_layer(e.backbone, e.layer)))
     backbone = build_backbone(e.backbone, e.layer, e.weights)

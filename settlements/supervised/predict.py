@@ -33,7 +33,6 @@ from ..export.qgis_project import write_pipeline_project
 from ..export.styles import REGION_OUTLINE_MM, categorized_qml
 from ..export.tile_map import PREDICTED_LAYERS, named_as_final, tile_map, write_tile_map
 from ..labels import read_labels
-from ..model_file import ModelFile, read_model_file
 from ..palette import Legend
 from ..products import outputs
 from ..rasters import load_infos
@@ -42,12 +41,13 @@ from ..similar_examples import analyst_layer_names
 from ..store import Workspace, read_json, read_table
 from ..tile_tables import kept_tiles
 from ..transfer import (
+    Model,
     check_embedding,
     embedder,
     fine_tuned_state,
     ground_sizes,
     ground_warning,
-    networks,
+    load_model,
     scalings,
     top_model_of,
 )
@@ -64,7 +64,7 @@ class Chosen:
     one of a portable model file's, with the warning (another pixel size, tile size or scaling) it gives."""
 
     network: str
-    file: ModelFile | None = None
+    file: Model | None = None
     warning: str | None = None
 
 
@@ -76,8 +76,8 @@ def choose_model(cfg: PipelineConfig, ws: Workspace, model: PredictModel | Path)
     if isinstance(model, Path) or from_config is not None:
         path = model if isinstance(model, Path) else from_config
         assert path is not None
-        m = read_model_file(path)
-        held = networks(m)
+        m = load_model(path)
+        held = m.networks()
         name = "auto" if isinstance(model, Path) else model
         if not held:
             raise ModelFileError(f"{path}: holds no top model or fine-tuned network (its pipeline was not trained); "
