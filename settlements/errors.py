@@ -37,6 +37,10 @@ class WeightsError(SettlementsError, OSError):
     """Raised when no usable pretrained weights are found, or a weights file is corrupt."""
 
 
+class EngineError(SettlementsError, RuntimeError):
+    """Raised when an inference engine is not installed or cannot run the exported network."""
+
+
 class ClusteringError(SettlementsError, ValueError):
     """Raised when k-means cannot run (k out of range, too few tiles)."""
 

@@ -25,9 +25,11 @@ from .clustering import KMeansClusterer
 from .config import DEFAULT_EXECUTOR, check_executor
 from .embedding.backbones import Backbone, build_backbone
 from .embedding.cache import EmbeddingCache, NpyRows
+from .embedding.engines import Runner, make_runner
 from .embedding.infer import EmbeddedChunk, InferenceSettings, TileStream, iter_embeddings
-from .errors import SettlementsError, WeightsError
+from .errors import EngineError, SettlementsError, WeightsError
 from .rasters import RasterInfo
+from .store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +127,27 @@ def _groups(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(u), np.flatnonzero(labels == u)) for u in uniq[np.argsort(first)]]
 
 
+def engine_runner(settings: InferenceSettings) -> Runner:
+    """The runner of the engine ``settings`` name (not torch), its exported network checked by SHA-256."""
+    path = Path(settings.model_path or "")
+    if not path.is_file():
+        raise EngineError(f"{path}: the exported network is missing (the work folder must be shared with the "
+                          "workers)")
+    if settings.model_sha256 is not None and sha256_file(path) != settings.model_sha256:
+        raise EngineError(f"{path}: the exported network differs from the one the run chose (sha256)")
+    return make_runner(settings.engine, settings.precision, settings.torch_device(), path=path)
+
+
 def embed_jobs(jobs: list[EmbedJob], model: Any, settings: InferenceSettings, cache: EmbeddingCache, dim: int,
-               progress: object | None = None) -> int:
-    """Embed the tiles of all jobs as one stream and write them to the cache per raster; return the count."""
+               progress: object | None = None, runner: Runner | None = None) -> int:
+    """Embed the tiles of all jobs as one stream and write them to the cache per raster; return the count.
+
+    ``model`` (torch) runs them where ``settings.engine`` is torch; else ``runner``, or one made here."""
     jobs = [j for j in jobs if len(j.windows)]
     if not jobs:
         return 0
+    if settings.engine != "torch":
+        model = runner or engine_runner(settings)
     writer = CacheWriter(jobs, cache, dim)
     for chunk in iter_embeddings(model, tile_stream(jobs, settings.batch_size), settings, jobs[0].min_valid,
                                  progress):
@@ -190,10 +207,26 @@ def worker_model(spec: ModelSpec) -> Any:
         return _WORKER_MODELS[spec]
 
 
+_WORKER_RUNNERS: dict[tuple[str, str, str | None, str | None], Runner] = {}
+
+
+def worker_runner(settings: InferenceSettings) -> Runner | None:
+    """Another engine's runner, made once per worker process (None for torch)."""
+    if settings.engine == "torch":
+        return None
+    key = (settings.engine, settings.precision, settings.model_path, settings.model_sha256)
+    with _WORKER_LOCK:
+        if key not in _WORKER_RUNNERS:
+            _WORKER_RUNNERS[key] = engine_runner(settings)
+        return _WORKER_RUNNERS[key]
+
+
 def _embed_on_worker(block: list[EmbedJob], spec: ModelSpec, settings: InferenceSettings, cache_root: str) -> int:
     # no DataLoader processes inside a (daemonic) Dask worker: its threads overlap reading and compute
-    return embed_jobs(block, worker_model(spec), replace(settings, num_workers=0), EmbeddingCache(Path(cache_root)),
-                      spec.dim)
+    runner = worker_runner(settings)
+    model = worker_model(spec) if runner is None else None
+    return embed_jobs(block, model, replace(settings, num_workers=0), EmbeddingCache(Path(cache_root)),
+                      spec.dim, runner=runner)
 
 
 class DaskExecutor:

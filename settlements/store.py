@@ -184,6 +184,14 @@ def read_json(path: Path, stage: str) -> Any:
     return json.loads(path.read_text())
 
 
+def read_json_if(path: Path) -> Any:
+    """The JSON in ``path``, or None where it is missing or not JSON (a cache's own record, rebuilt then)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_table(target: Path, df: pd.DataFrame) -> None:
     write_atomic(target, lambda p: df.to_parquet(p, index=False))
 
@@ -477,6 +485,7 @@ class Workspace:
     finetune_checkpoint = property(lambda self: self.root / "supervised" / "finetune_checkpoint.pt")
     # ``settlements export-embeddings``: the files it wrote (the only ones it may write over)
     exports = property(lambda self: self._at("exports.json"))
+    engines = property(lambda self: self.root / "engines")  # exported networks, gate verdicts (embedding.choice)
     # the runner's own: the lock, the commit journal, the record of the last successful run
     lock = property(lambda self: self.root / ".lock")
     journal = property(lambda self: self.root / ".settlements-commit.json")

@@ -32,6 +32,15 @@ settings.register_profile("settlements", deadline=None, suppress_health_check=[H
 settings.load_profile("settlements")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """What ``embedding.engine: auto`` measures goes to a folder of the test session, never the user's cache."""
+    path = tmp_path_factory.mktemp("machine-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SETTLEMENTS_CACHE_DIR", str(path))
+        yield path
+
+
 def scene(*parts: str) -> Path:
     path = DATA.joinpath(*parts)
     if not path.exists():
@@ -124,6 +133,22 @@ def one_thread() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def swellendam_tiles() -> tuple:
+    """64 real 32 px tiles from the Swellendam aerial photo: two bands of tile rows, town and fields."""
+    import numpy as np
+
+    from settlements.config import RasterInput
+    from settlements.rasters import compute_scaling, inspect_raster
+
+    path = scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
+    spec = RasterInput(path=path, bands=[1, 2, 3])
+    info = compute_scaling(inspect_raster(path, spec), spec)
+    rows, cols = np.meshgrid(np.arange(1200, 1264, 32), np.arange(0, 1024, 32), indexing="ij")
+    tiles = np.stack([cols.ravel(), rows.ravel(), np.full(rows.size, 32), np.full(rows.size, 32)], axis=1)
+    return info, tiles
 
 
 @pytest.fixture(scope="session")

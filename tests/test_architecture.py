@@ -129,6 +129,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "settlements.neighbours",
         "settlements.histograms", "settlements.clustering", "settlements.embedding.assemble",
         "settlements.embedding.backbones", "settlements.embedding.cache", "settlements.embedding.infer",
+        "settlements.embedding.engines", "settlements.embedding.fidelity", "settlements.embedding.choice",
         "settlements.executors", "settlements.search", "settlements.export.previous", "settlements.labels",
         "settlements.identity", "settlements.changes", "settlements.supervised.evaluation",
         "settlements.supervised.reference", "settlements.supervised.raster_labels",

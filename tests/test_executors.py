@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from settlements import executors, pipeline
 from settlements.config import load_config
+from settlements.embedding import engines
 from settlements.executors import EmbedJob, split_jobs
 from settlements.pipeline import run
 
@@ -40,11 +42,16 @@ def test_blocks_span_rasters_in_whole_batches_and_keep_every_tile() -> None:
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_dask_local_cluster_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   engine: str) -> None:
     """Dask blocks of 96 tiles (64 a raster) that span rasters embed the batches the local stream embeds: the
-    same embeddings bit for bit, and the same outputs."""
+    same embeddings bit for bit, and the same outputs; with another engine, each worker runs the network the
+    run exported and the gate passed (from the shared work folder)."""
     scene("kampala_oam")
-    over = {"embedding": {"input_size": 32}}
+    if engine != "torch" and not engines.installed(engine):
+        pytest.skip(f"{engine} not installed")
+    over = {"embedding": {"input_size": 32, "engine": engine, "precision": "fp32"}}
     single = load_config(write_pipeline(tmp_path, "single", "kampala", **over))
     dask = load_config(write_pipeline(tmp_path, "dask", "kampala", **over))
     a = run(single)
@@ -55,6 +62,9 @@ def test_dask_local_cluster_matches_single_process(tmp_path: Path, monkeypatch: 
     ea = np.load(single.work_dir / "embeddings.npy")
     eb = np.load(dask.work_dir / "embeddings.npy")
     assert ea.shape == eb.shape
+    for cfg in (single, dask):
+        meta = json.loads((cfg.work_dir / "embedding.json").read_text())
+        assert (meta["engine"], meta["precision"]) == (engine, "fp32")
     assert np.array_equal(eb, ea)
     for name in ("tiles", "regions", "clusters", "histogram"):
         ta, tb = _layer(a.outputs["gpkg"], name), _layer(b.outputs["gpkg"], name)

@@ -48,17 +48,6 @@ def mobilenet():
     return build_backbone("mobilenet_v2", allow_download=False)
 
 
-@pytest.fixture(scope="module")
-def swellendam_tiles():
-    """64 real 32 px tiles from the Swellendam aerial photo: two bands of tile rows, town and fields."""
-    path = scene("swellendam_za", "3420B_2010_328_RGB_LATLNG.tif")
-    spec = RasterInput(path=path, bands=[1, 2, 3])
-    info = compute_scaling(inspect_raster(path, spec), spec)
-    rows, cols = np.meshgrid(np.arange(1200, 1264, 32), np.arange(0, 1024, 32), indexing="ij")
-    tiles = np.stack([cols.ravel(), rows.ravel(), np.full(rows.size, 32), np.full(rows.size, 32)], axis=1)
-    return info, tiles
-
-
 def test_block_reads_give_the_same_pixels_as_one_read_per_tile(swellendam_tiles) -> None:
     info, tiles = swellendam_tiles
     ds = TileBlocks(info, tiles, tiles, 64, batch_size=40)

@@ -19,7 +19,7 @@ import logging
 import os
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -630,11 +630,18 @@ class InferenceSettings:
     precision: str = _DEFAULTS.precision
     batch_size: int = _DEFAULTS.batch_size
     num_workers: int | str = _DEFAULTS.num_workers
+    #: what runs the network (:mod:`settlements.embedding.engines`): torch, or another engine running the
+    #: exported network at ``model_path`` (its SHA-256 checked where it is loaded)
+    engine: str = "torch"
+    model_path: str | None = None
+    model_sha256: str | None = None
 
     @classmethod
     def from_settings(cls, e: Embedding) -> InferenceSettings:
-        """The settings of a pipeline's ``embedding:`` section (precision still ``auto`` where it says so)."""
-        return cls(e.device, e.precision, e.batch_size, e.num_workers)
+        """The settings of a pipeline's ``embedding:`` section (precision still ``auto`` where it says so; the
+        engine torch until a run's choice, :mod:`settlements.embedding.choice`, says otherwise)."""
+        precision = e.precision if e.engine in ("auto", "torch") and e.precision != "int8" else "auto"
+        return cls(e.device, precision, e.batch_size, e.num_workers)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -647,7 +654,7 @@ class InferenceSettings:
         fp16 keeps 10 mantissa bits and stays faithful (cosine to fp32 >= 0.9998 on real tiles);
         bf16's 7 bits are not (MobileNetV2 features: cosine down to 0.97), so bf16 is opt-in only.
         """
-        if self.precision == "fp32":
+        if self.precision in ("fp32", "int8"):  # int8: another engine's; torch runs fp32
             return None
         if self.precision == "auto":
             if device.type == "cuda" or (device.type == "cpu" and cpu_supports(torch.float16)):
@@ -768,17 +775,23 @@ class _InFlight:
         return EmbeddedChunk(self.index, self.valid_tile, self.valid_cell, self.kept, emb)
 
 
-def iter_embeddings(model: torch.nn.Module, dataset: TileStream, settings: InferenceSettings,
-                    min_valid: float, progress: object | None = None) -> Iterator[EmbeddedChunk]:
+def iter_embeddings(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], dataset: TileStream,
+                    settings: InferenceSettings, min_valid: float,
+                    progress: object | None = None) -> Iterator[EmbeddedChunk]:
     """Embed every tile whose valid share is at least ``min_valid``; yield per batch, in read order.
 
-    The model is prepared once for the whole stream. On a GPU, batches are copied from page-locked
+    ``model``: the torch network, prepared once for the whole stream; or another engine's runner
+    (model inputs on the device -> float32 features). On a GPU, batches are copied from page-locked
     memory without blocking, and up to :data:`GPU_IN_FLIGHT` batches are queued before the oldest
     one's features are collected, so the GPU never waits for the Python loop.
     """
     device = settings.torch_device()
     amp = settings.autocast_dtype(device)
-    model = prepare_model(model, device, amp)
+    if isinstance(model, torch.nn.Module):
+        prepared = prepare_model(model, device, amp)
+        run: Callable[[torch.Tensor], torch.Tensor] = lambda x: forward(prepared, x, device, amp)  # noqa: E731
+    else:
+        run = model
     on_gpu = device.type == "cuda"
     depth = GPU_IN_FLIGHT if on_gpu else 0
     pending: deque[_InFlight] = deque()
@@ -788,8 +801,8 @@ def iter_embeddings(model: torch.nn.Module, dataset: TileStream, settings: Infer
         features, done = None, None
         if kept.any():
             x = dataset.inputs(b, device, None if kept.all() else kept)
-            features = forward(model, x, device, amp)
-            if on_gpu:
+            features = run(x)
+            if features.is_cuda:
                 features = features.to("cpu", non_blocking=True)  # into pinned memory, once computed
                 done = torch.cuda.Event()
                 done.record()

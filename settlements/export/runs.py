@@ -49,6 +49,23 @@ def run_columns(run_info: dict[str, Any] | None, cluster_info: dict[str, Any], p
     }
 
 
+def engine_columns(embed_info: dict[str, Any]) -> dict[str, Any]:
+    """What embedded the run and the fidelity gate's figures: ``engine``, ``precision``, ``engine_cosine_p01``
+    (1st percentile of the per-tile cosine to torch fp32) and ``engine_ari`` (k-means agreement) of the
+    chosen engine (NaN: torch fp32, the reference, not gated), and ``engine_gate``: the setting, the reason,
+    every verdict (refused ones too) and ``auto``'s measured tiles/s, as JSON."""
+    gate = embed_info.get("engine_gate") or {}
+    return {
+        "engine": embed_info.get("engine", "torch"),
+        "precision": embed_info.get("precision", "fp32"),
+        "engine_cosine_p01": float(gate.get("cosine_p01", float("nan"))),
+        "engine_ari": float(gate.get("ari", float("nan"))),
+        "engine_gate": json.dumps({k: embed_info.get(k) for k in (
+            "engine_requested", "engine_reason", "engine_gate", "engine_refused", "engine_rates",
+            "engine_model_sha256")}),
+    }
+
+
 def concat_runs(old: pd.DataFrame, row: pd.DataFrame) -> pd.DataFrame:
     """Append this run's row to the history, keeping integer columns integer."""
     runs = pd.concat([old, row], ignore_index=True)

@@ -29,7 +29,7 @@ from ..export import plots
 from ..export.geopackage import add_layers
 from ..export.previous import read_previous, read_runs
 from ..export.qgis_project import write_pipeline_project
-from ..export.runs import concat_runs, run_columns
+from ..export.runs import concat_runs, engine_columns, run_columns
 from ..export.styles import change_styles, vector_styles
 from ..export.tile_map import CLUSTER_LAYERS, named_as_final, tile_map, write_tile_map
 from ..identity import anchor_tiles
@@ -117,13 +117,15 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         "centroid_norm": np.linalg.norm(centroids, axis=1).astype(np.float64),
     })
     cluster_info = read_json(ws.cluster_meta, "cluster")
+    embed_info = read_json(ws.embed_meta, "embed")
     warnings = result_warnings(infos, cluster_info, k)
+    if embed_info.get("engine_warning"):
+        warnings.append(embed_info["engine_warning"])
     previous = read_previous(gpkg)
     before = previous_labels(labels, cluster_info.get("matching"))
     changes = region_changes(previous, long, regions_out, labels, before)
     changed_tiles = tile_changes(previous, tiles_out, labels, before)
     kept, kept_styles = analyst_layers(gpkg, cfg.output.crs)  # drawn examples, similar results: always kept
-    embed_info = read_json(ws.embed_meta, "embed")
     skips = embed_counts(t, np.empty(0, np.int64))  # why tiles were skipped, from every tile's validity
     run_row = {
         "config": json.dumps(cfg.to_yaml_dict(), default=str),
@@ -133,6 +135,7 @@ def export(cfg: PipelineConfig, ws: Workspace, run_started: float | None, counte
         "backbone": embed_info["backbone"], "layer": embed_info["layer"],
         "weights_sha256": embed_info["weights_sha256"], "weights_source": embed_info["weights_source"],
         "device": embed_info["device"],
+        **engine_columns(embed_info),
         "versions": json.dumps(run_info.get("versions", {})),
         "inputs": json.dumps([{"path": str(i.path), "fingerprint": i.fingerprint} for i in infos]),
         "k": k,
