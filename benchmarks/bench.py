@@ -20,7 +20,16 @@ then prints, on this machine:
       50 m tiles at 224 px, end-to-end kept tiles/s of each (skipped where the data is missing),
   (i) ``settlements similar`` on the large mosaic's tiles: exact search (every tile scored) vs the cached
       FAISS IVF index, query times and the index's recall@100 against exact search (benchmarks/similar.py),
-and ends with one JSON line. Targets (quiet 2-core CPU): a/b >= 0.85, a/c >= 1.5,
+  (j) per inference engine and precision (embedding.engine, embedding.precision; every candidate ``auto``
+      has on this machine): backbone-only tiles/s on the large run's batches (interleaved rounds, best of
+      each) and its ratio to torch fp32, the fidelity gate's figures on the large run's sample (1st
+      percentile of the per-tile cosine to torch fp32, share of tiles >= 0.995, k-means ARI, verdict), and
+      end-to-end tiles/s of the small mosaic run with that engine and precision (n/a where the gate
+      refuses it: such a run embeds with torch fp32),
+and ends with one JSON line. The pipeline runs use ``embedding.engine: auto`` (``--engine``) with
+engine_min_tiles 0, so (a) and (b) are those of the engine ``auto`` chose (``engine_auto`` in the JSON).
+Targets (quiet 2-core CPU): a/b >= 0.85, a/c >= 1.5, the chosen engine's backbone-only speed >= 1.8x torch
+fp32's with the gate passed,
 RSS(30k) <= 1.2 x RSS(10k) and < 2 GiB, FAISS >= 2x faster than scikit-learn at inertia within 1 %,
 input path >= 1,500 tiles/s with one worker and >= 1.8x that with two, files over mosaic >= 0.9,
 Mumbai files over VRT >= 0.9.
@@ -106,7 +115,8 @@ def pipeline_yaml(workdir: Path, mosaic: Path | str, name: str, args: argparse.N
         "regions": regions,
         "tiling": {"tile_size": tile or f"{args.tile}px"},
         "embedding": {"backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
-                      "num_workers": "auto", "precision": args.precision},
+                      "num_workers": "auto", "precision": args.precision, "engine": args.engine,
+                      "engine_min_tiles": 0},
         "clustering": {"k": 8, "seed": 0},
         "output": {"dir": str(workdir / "outputs" / name), "work_dir": str(workdir / "work" / name)},
     }
@@ -140,40 +150,100 @@ def mumbai_vrt(workdir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------- child
 
-def _backbone_only(cfg, n_batches: int) -> float:  # noqa: ANN001
-    """Forward tiles/s on in-memory real tiles, with the pipeline's model settings.
+def _chooser(cfg):  # noqa: ANN001, ANN202
+    """The engine chooser of a finished run (its sample, exports and gate verdicts in its work folder)."""
+    from settlements.embedding.backbones import build_backbone
+    from settlements.rasters import load_infos
+    from settlements.stages.embed import engine_chooser, inference_settings
+    from settlements.store import workspace
+
+    e = cfg.embedding
+    ws = workspace(cfg)
+    return engine_chooser(cfg, ws, build_backbone(e.backbone, e.layer, e.weights), load_infos(ws),
+                          pd_read(ws.tiles), inference_settings(cfg))
+
+
+def pd_read(path: Path):  # noqa: ANN201
+    import pandas as pd
+
+    return pd.read_parquet(path)
+
+
+def _backbone_rates(cfg, n_batches: int, pairs: list[tuple[str, str]], rounds: int = 2) -> dict[str, float]:  # noqa: ANN001
+    """Forward tiles/s of each (engine, precision) on in-memory real tiles, with the pipeline's settings;
+    ``rounds`` interleaved rounds, the best of each kept (the machine may be shared).
 
     Up to 16 distinct batches (tiles spread over the raster, model inputs made beforehand) are cycled:
     one batch repeated would stay in the CPU's cache, which the pipeline's fresh batches never do.
     """
     import numpy as np
-    import pandas as pd
 
-    from settlements.embedding.backbones import build_backbone
-    from settlements.embedding.infer import TileBlocks, embed_batch, prepare_model
+    from settlements.embedding.infer import TileBlocks
     from settlements.rasters import load_infos
-    from settlements.stages.embed import inference_settings
     from settlements.store import workspace
 
     e = cfg.embedding
-    settings = inference_settings(cfg)
-    device = settings.torch_device()
-    amp = settings.autocast_dtype(device)
+    chooser = _chooser(cfg)
+    device = chooser.device
     ws = workspace(cfg)
     info = load_infos(ws)[0]
-    tiles = pd.read_parquet(ws.tiles)
+    tiles = pd_read(ws.tiles)
     distinct = min(n_batches, 16)
     pick = tiles.iloc[np.linspace(0, len(tiles) - 1, distinct * e.batch_size).astype(int)]
     w = pick[["tile_col", "tile_row", "tile_w", "tile_h"]].to_numpy()
     ds = TileBlocks(info, w, w, e.input_size, e.batch_size)
     batches = [ds.inputs(ds[i], device) for i in range(len(ds))]
-    model = prepare_model(build_backbone(e.backbone, e.layer, e.weights).model, device, amp)
-    for x in batches[:2]:  # warm-up
-        embed_batch(model, x, device, amp)
-    t0 = time.perf_counter()
-    for i in range(n_batches):
-        embed_batch(model, batches[i % len(batches)], device, amp)
-    return n_batches * e.batch_size / (time.perf_counter() - t0)
+    runners = {f"{en} {p}": chooser.runner(en, p) for en, p in pairs}
+    best = dict.fromkeys(runners, 0.0)
+    for run in runners.values():
+        for x in batches[:2]:  # warm-up
+            run(x)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(n_batches):
+                run(batches[i % len(batches)])
+            _sync(device)
+            best[name] = max(best[name], n_batches * e.batch_size / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device) -> None:  # noqa: ANN001
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _chosen(cfg) -> tuple[str, str, dict]:  # noqa: ANN001
+    """The engine and precision a finished run embedded with, and its embedding.json."""
+    meta = json.loads((cfg.work_dir / "embedding.json").read_text())
+    return meta["engine"], meta["precision"], meta
+
+
+def _backbone_only(cfg, n_batches: int) -> float:  # noqa: ANN001
+    """Forward tiles/s of the engine and precision the run embedded with, on in-memory real tiles."""
+    engine, precision, _ = _chosen(cfg)
+    return _backbone_rates(cfg, n_batches, [(engine, precision)], rounds=1)[f"{engine} {precision}"]
+
+
+def engines_compare(cfg, n_batches: int) -> dict:  # noqa: ANN001
+    """Every candidate engine and precision of this machine on a finished run: backbone-only tiles/s
+    (interleaved) and the fidelity gate's figures on the run's sample."""
+    from settlements.embedding.engines import candidates
+
+    chooser = _chooser(cfg)
+    pairs = candidates(chooser.device, "auto", "auto")
+    if ("torch", "fp32") not in pairs:
+        pairs.insert(0, ("torch", "fp32"))
+    rates = _backbone_rates(cfg, n_batches, pairs)
+    out = {}
+    for engine, precision in pairs:
+        gate = None if (engine, precision) == ("torch", "fp32") else chooser.gate(engine, precision).as_dict()
+        out[f"{engine} {precision}"] = {"engine": engine, "precision": precision,
+                                        "backbone_tiles_per_s": rates[f"{engine} {precision}"], "gate": gate}
+    return out
 
 
 def _naive(cfg, n_tiles: int, device: str = "cpu") -> float:  # noqa: ANN001
@@ -228,8 +298,14 @@ def child(config: Path, measure: bool, n_batches: int, n_naive: int) -> dict:
               "seconds": total, "stages": times, "e2e_tiles_per_s": n_tiles / total,
               "kept_tiles_per_s": counts["tiles_kept"] / total, "rss_main_mib": rss_self,
               "rss_workers_mib": rss_workers, "embeddings": str(cfg.work_dir / "embeddings.npy")}
+    engine, precision, meta = _chosen(cfg)
+    result.update({"engine": engine, "precision": precision, "engine_gate": meta.get("engine_gate"),
+                   "engine_reason": meta.get("engine_reason"), "engine_rates": meta.get("engine_rates"),
+                   "engine_choice_s": float(meta.get("engine_choice_seconds") or 0.0)})
     if measure:
-        result["backbone_tiles_per_s"] = _backbone_only(cfg, n_batches)
+        rates = _backbone_rates(cfg, n_batches, list(dict.fromkeys([(engine, precision), ("torch", "fp32")])))
+        result["backbone_tiles_per_s"] = rates[f"{engine} {precision}"]
+        result["backbone_torch_fp32_tiles_per_s"] = rates["torch fp32"]
         result["naive_tiles_per_s"] = _naive(cfg, n_naive)
     return result
 
@@ -352,18 +428,26 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--engine", default="auto", help="embedding.engine of the pipeline runs (default auto)")
+    ap.add_argument("--no-engines", action="store_true", help="skip (j), the per-engine comparison")
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--input-tiles", type=int, default=8000, help="tiles read by the input-only measurement")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--input-only", type=int, default=None, help=argparse.SUPPRESS)  # workers
     ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--engines-of", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n_batches, n_naive = (10, 40) if args.quick else (40, 150)
     if args.child:
-        result = input_only(args.child, args.input_only, args.input_tiles, args.channels_last) \
-            if args.input_only is not None \
-            else child(args.child, args.measure, n_batches, n_naive)
+        if args.engines_of:
+            from settlements.config import load_config
+
+            result = engines_compare(load_config(args.child), n_batches)
+        elif args.input_only is not None:
+            result = input_only(args.child, args.input_only, args.input_tiles, args.channels_last)
+        else:
+            result = child(args.child, args.measure, n_batches, n_naive)
         print(json.dumps(result))
         return
     small, large = args.sizes or ((4000, 8000) if args.quick else (10_000, 30_000))
@@ -372,7 +456,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"benchmark in {args.workdir}: mosaics {small}^2 and {large}^2 px of {SOURCE.name}, "
           f"{args.tile} px tiles at {args.input_size} px, {args.backbone}, batch {args.batch_size}, "
-          f"precision {args.precision}, {os.cpu_count()} CPUs", flush=True)
+          f"engine {args.engine}, precision {args.precision}, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
     runs, mosaics, configs = {}, {}, {}
     for size in (small, large):
         t = time.perf_counter()
@@ -389,10 +474,19 @@ def main() -> None:
               f"{r['rss_main_mib']:.0f} MiB, DataLoader worker {r['rss_workers_mib']:.0f} MiB", flush=True)
     r = runs[large]
     a, b, c = r["e2e_tiles_per_s"], r["backbone_tiles_per_s"], r["naive_tiles_per_s"]
+    gate = r["engine_gate"] or {}
+    speedup = b / r["backbone_torch_fp32_tiles_per_s"]
+    print(f"engine: {r['engine']} {r['precision']} ({r['engine_reason']}); backbone only {b:.1f} tiles/s = "
+          f"{speedup:.2f}x torch fp32's {r['backbone_torch_fp32_tiles_per_s']:.1f} (interleaved; target >= 1.8)"
+          + (f"; gate: cosine 1st percentile {gate['cosine_p01']:.5f}, ARI {gate['ari']:.3f}" if gate else ""),
+          flush=True)
     # the child's own peak (ru_maxrss); its forked DataLoader worker shares most pages, so it is shown apart
     rss = {s: runs[s]["rss_main_mib"] for s in runs}
     print(f"(a) end-to-end {a:.1f} tiles/s; (b) backbone only {b:.1f} tiles/s; (c) naive loop {c:.1f} tiles/s")
-    print(f"a/b = {a / b:.3f} (target >= 0.85); a/c = {a / c:.2f} (target >= 1.5 on CPU, >= 20 on GPU)")
+    steady = r["tiles"] / max(r["seconds"] - r["engine_choice_s"], 1e-9)
+    print(f"a/b = {a / b:.3f} (target >= 0.85); a/c = {a / c:.2f} (target >= 1.5 on CPU, >= 20 on GPU); "
+          f"the engine's choice (export, calibration, gates; once per work folder) took {r['engine_choice_s']:.1f} s "
+          f"of the run: without it a/b = {steady / b:.3f}")
     print(f"(d) peak RSS of the run's process {small}^2: {rss[small]:.0f} MiB, {large}^2: {rss[large]:.0f} MiB, "
           f"ratio {rss[large] / rss[small]:.3f} (target <= 1.2, and < 2048 MiB)", flush=True)
     km = kmeans_compare(Path(r["embeddings"]))
@@ -432,6 +526,7 @@ def main() -> None:
         print(f"    files over VRT: {mumbai_ratio:.3f} (target >= 0.9)", flush=True)
     else:
         print(f"(h) {MUMBAI} missing (make data): Mumbai files vs VRT not measured")
+    per_engine = {} if args.no_engines else compare_engines(args, configs, mosaics, small, large)
     from similar import index_compare  # benchmarks/similar.py, beside this file
 
     search = index_compare(Path(r["embeddings"]))
@@ -440,6 +535,8 @@ def main() -> None:
         "similar_index_query_s": round(search["index_query_s"], 4),
         "similar_index_recall_at_100": round(search["recall_at_100_mean"], 4),
         "e2e_over_backbone": round(a / b, 4), "e2e_over_naive": round(a / c, 4),
+        "e2e_over_backbone_without_engine_choice": round(steady / b, 4),
+        "engine_choice_s": round(r["engine_choice_s"], 2),
         "rss_ratio_30k_10k": round(rss[large] / rss[small], 4), "rss_30k_mib": round(rss[large], 1),
         "faiss_speedup_vs_sklearn": round(km["faiss_pca_speedup"], 3),
         "inertia_rel_diff": round(abs(km["faiss_pca_inertia_rel_diff"]), 5),
@@ -451,7 +548,51 @@ def main() -> None:
         "input_only_cpu_layout_tiles_per_s_2w": round(inputs[2, True], 1),
         "many_files_over_mosaic": round(many_ratio, 4),
         "mumbai_files_over_vrt": None if mumbai_ratio is None else round(mumbai_ratio, 4),
+        "engine_auto": f"{r['engine']} {r['precision']}",
+        "engine_speedup_vs_torch_fp32": round(speedup, 3),
+        "engine_cosine_p01": None if not gate else round(gate["cosine_p01"], 6),
+        "engine_ari": None if not gate else round(gate["ari"], 4),
+        "engines": {name: {"backbone_tiles_per_s": round(v["backbone_tiles_per_s"], 1),
+                           "e2e_tiles_per_s": None if v["e2e_tiles_per_s"] is None else round(v["e2e_tiles_per_s"], 1),
+                           "cosine_p01": None if v["gate"] is None else round(v["gate"]["cosine_p01"], 6),
+                           "ari": None if v["gate"] is None else round(v["gate"]["ari"], 4),
+                           "passed": None if v["gate"] is None else v["gate"]["passed"]}
+                    for name, v in per_engine.items()},
     }))
+
+
+def compare_engines(args: argparse.Namespace, configs: dict, mosaics: dict, small: int, large: int) -> dict:
+    """(j): every candidate engine and precision: backbone only and the gate on the large run, end to end on
+    the small mosaic with that setting (a fresh work folder each: export, calibration and gate included)."""
+    cmd = [sys.executable, __file__, "--child", str(configs[large]), "--engines-of",
+           *(["--quick"] if args.quick else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode != 0:
+        sys.exit(f"engine comparison failed:\n{out.stderr[-4000:]}")
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    torch_rate = found["torch fp32"]["backbone_tiles_per_s"]
+    print(f"(j) engines and precisions on this machine ({args.tile} px tiles at {args.input_size} px, batch "
+          f"{args.batch_size}): backbone only on the {large}^2 run's batches (interleaved), the fidelity gate on its "
+          f"sample, end to end on the {small}^2 mosaic with that setting:", flush=True)
+    for name, v in found.items():
+        gate = v["gate"]
+        v["e2e_tiles_per_s"] = None
+        if gate is None or gate["passed"]:
+            run_name = f"engine_{v['engine']}_{v['precision']}"
+            fresh(args.workdir, run_name)
+            ns = argparse.Namespace(**{**vars(args), "engine": v["engine"], "precision": v["precision"]})
+            e2e = run_child(pipeline_yaml(args.workdir, mosaics[small], run_name, ns))
+            if (e2e["engine"], e2e["precision"]) == (v["engine"], v["precision"]):
+                v["e2e_tiles_per_s"] = e2e["e2e_tiles_per_s"]
+        figures = ("reference" if gate is None else
+                   f"cosine 1st percentile {gate['cosine_p01']:.5f}, >= 0.995 for {gate['cosine_share']:.1%}, "
+                   f"ARI {gate['ari']:.3f}: {'passed' if gate['passed'] else 'REFUSED'}")
+        e2e_text = f"{v['e2e_tiles_per_s']:.1f}" if v["e2e_tiles_per_s"] is not None else \
+            "n/a (refused: such a run embeds with torch fp32)"
+        rate = v["backbone_tiles_per_s"]
+        print(f"    {name:18s} backbone {rate:7.1f} tiles/s ({rate / torch_rate:.2f}x), end to end {e2e_text}; "
+              f"{figures}", flush=True)
+    return found
 
 
 if __name__ == "__main__":

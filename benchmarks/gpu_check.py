@@ -6,8 +6,13 @@ workers, no model), GPU utilisation sampled during embedding, backbone-only and 
 (read, preprocess, fp32 batch-1 forward per tile) tiles/s and their ratios, the cosine similarity of the
 fast path (fp16 autocast, channels_last) to fp32 on the same GPU, and k-means times: FAISS on the GPU
 where faiss-gpu is installed, else FAISS on the CPU and a torch k-means on the GPU, said so.
+It also runs the inference-engine choice on CUDA (``embedding.engine``, ``--engine``, default auto): each
+candidate this machine has (torch fp32 and fp16; ONNX Runtime's CUDA provider in fp32 and its TensorRT
+provider in fp16 where onnxruntime-gpu and TensorRT are installed) with its backbone-only tiles/s and the
+fidelity gate's figures on the run's tiles, and which one ``auto`` chose; the pipeline run uses it.
 Weights: real ones where the torch hub cache (or the MobileNetV2 weights package) has them, else random
-initialisation, said so: throughput does not depend on the weight values.
+initialisation, said so: throughput does not depend on the weight values (the gate's figures do not
+need real ones either: both sides run the same network).
 Without CUDA it prints one line saying so and exits 0.
 
     python benchmarks/gpu_check.py [--size 30000] [--source .whl/source.tif]
@@ -142,7 +147,8 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
 
     data = yaml.safe_load(config.read_text())
     workers = args.workers if args.workers == "auto" else int(args.workers)
-    data["embedding"].update({"num_workers": workers, "device": "cuda"})  # auto: one per core but one
+    data["embedding"].update({"num_workers": workers, "device": "cuda",  # auto: one per core but one
+                              "engine": args.engine, "engine_min_tiles": 0})
     if weights is not None:
         data["embedding"]["weights"] = str(weights)
     config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -184,6 +190,16 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
           f"({util['samples']} samples)")
     print(f"fast path (fp16, channels_last) vs plain fp32 on the GPU: min cosine {cos:.5f}; "
           f"model inputs made on the GPU vs the CPU: max abs diff {input_diff:.2g}")
+    engine, precision, _ = bench._chosen(cfg)
+    engines = bench.engines_compare(cfg, args.backbone_batches)
+    torch_rate = engines["torch fp32"]["backbone_tiles_per_s"]
+    print(f"engines on CUDA (auto chose {engine} {precision}; the run embedded with it):")
+    for name, v in engines.items():
+        g = v["gate"]
+        verdict = "reference" if g is None else (f"cosine 1st percentile {g['cosine_p01']:.5f}, ARI {g['ari']:.3f}: "
+                                                 f"{'passed' if g['passed'] else 'REFUSED'}")
+        print(f"    {name:18s} backbone {v['backbone_tiles_per_s']:8.0f} tiles/s "
+              f"({v['backbone_tiles_per_s'] / torch_rate:.2f}x torch fp32); {verdict}")
     emb = np.load(cfg.work_dir / "embeddings.npy")
     km = {}
     import faiss
@@ -203,7 +219,9 @@ def check(backbone: str, mosaic: Path, workdir: Path, args: argparse.Namespace) 
             "embed_tiles_per_s": n_tiles / t_embed, "backbone_tiles_per_s": b, "naive_tiles_per_s": c,
             "input_only_tiles_per_s": inputs,
             "e2e_over_backbone": a / b, "e2e_over_naive": a / c, **util, "fp16_min_cosine": cos,
-            "gpu_cpu_input_max_diff": input_diff, **km}
+            "gpu_cpu_input_max_diff": input_diff, **km, "engine_auto": f"{engine} {precision}",
+            "engines": {k: {"backbone_tiles_per_s": v["backbone_tiles_per_s"], "gate": v["gate"]}
+                        for k, v in engines.items()}}
 
 
 def main() -> int:
@@ -218,6 +236,7 @@ def main() -> int:
     ap.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "resnet50"])
     ap.add_argument("--backbone-batches", type=int, default=20)
     ap.add_argument("--naive-tiles", type=int, default=300)
+    ap.add_argument("--engine", default="auto", help="embedding.engine of the runs (default auto)")
     args = ap.parse_args()
     import torch
 

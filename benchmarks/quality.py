@@ -24,7 +24,12 @@ machine is shared: ratios within one run are what to compare). Embeddings are co
 Time: about 45 minutes on a shared, loaded 2-core CPU (fine tuning is most of it: ``--no-finetune`` or ``--quick``
 for a first look, ``--finetune-epochs`` / ``--finetune-max-tiles`` to bound it).
 
-    .venv/bin/python benchmarks/quality.py [--quick] [--workdir DIR] [--setting NAME:key=value,...]
+With ``--engine ENGINE[:PRECISION]`` (e.g. ``auto``, ``openvino:bf16``) every setting embeds with that
+inference engine (``embedding.engine``, ``embedding.engine_min_tiles: 0`` so ``auto`` chooses even on these
+small scenes; a setting the fidelity gate refuses falls back to torch fp32, as a run would); each line and
+the JSON say which engine embedded. Compare with a run without it (torch fp32 on a CPU).
+
+    .venv/bin/python benchmarks/quality.py [--quick] [--workdir DIR] [--setting NAME:key=value,...] [--engine E]
 """
 
 from __future__ import annotations
@@ -138,6 +143,8 @@ class Result:
     labelled: int = 0
     tiles_per_s: float = float("nan")  # the embed stage, when this setting embedded its tiles (not from cache)
     forward_per_s: float = float("nan")  # the CNN alone, timed interleaved with the other settings
+    engine: str = "torch fp32"  # what embedded the tiles (embedding.json), and the gate's 1st-percentile cosine
+    engine_cosine_p01: float = float("nan")
     cluster_s: float = float("nan")
     cnn: pd.DataFrame = field(default_factory=pd.DataFrame)
     colour: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -200,6 +207,9 @@ def evaluate_setting(config: Path, scene: Scene, colour_cache: dict[str, np.ndar
     res = Result(scene.name, config.stem, tiles=len(tiles), labelled=int(pd.notna(y).sum()), cluster_s=cluster_s)
     if counts["tiles_embedded"]:
         res.tiles_per_s = counts["tiles_embedded"] / seconds
+    meta = json.loads(ws.embed_meta.read_text())
+    res.engine = f"{meta.get('engine', 'torch')} {meta.get('precision', 'fp32')}"
+    res.engine_cosine_p01 = float((meta.get("engine_gate") or {}).get("cosine_p01", float("nan")))
     near = tile_neighbours(tiles, infos)
     res.cnn = seed_scores(emb, y, scene.classes, cfg.clustering, near)
     if scene.name not in colour_cache:
@@ -296,6 +306,7 @@ def closing(results: list[Result]) -> dict[str, Any]:
             "tiles_per_s": round(d.tiles_per_s, 2),
             "cnn_tiles_per_s": round(d.forward_per_s, 1),
             "restart_ari_mean_min": round(float(d.cnn["restart_ari_mean"].min()), 4),
+            "engine": d.engine, "engine_cosine_p01": round(d.engine_cosine_p01, 6),
         }
         if "before" in mumbai:
             b = mumbai["before"]
@@ -338,6 +349,8 @@ def main() -> None:
     ap.add_argument("--finetune-scenes", nargs="*", default=["mumbai"],
                     help="scenes to fine tune on (Olinda's reference is a spectral rule; its top model suffices)")
     ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--engine", default=None, metavar="ENGINE[:PRECISION]",
+                    help="embed every setting with this engine (auto, torch, onnxruntime, openvino) and precision")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -347,6 +360,10 @@ def main() -> None:
         settings = {k: v for k, v in settings.items() if k in ("before", "defaults")}
     if args.only:
         settings = {k: v for k, v in settings.items() if k in args.only or k == "before"}
+    if args.engine:
+        engine, _, precision = args.engine.partition(":")
+        chosen_engine = {"engine": engine, "precision": precision or "auto", "engine_min_tiles": 0}
+        settings = {k: {**v, "embedding": {**v.get("embedding", {}), **chosen_engine}} for k, v in settings.items()}
     chosen = [s for s in scenes() if s.name in args.scenes]
     for s in chosen:
         probe = Path(s.base["rasters"][0]["path"]).parent
@@ -385,9 +402,11 @@ def main() -> None:
                 res.fine_tuned_as = tuned[cnn].setting
             results.append(res)
             head = f"f1_{scene.classes[0]}"
+            gated = f" (gate: cosine 1st percentile {res.engine_cosine_p01:.5f})" \
+                if res.engine_cosine_p01 == res.engine_cosine_p01 else ""
             print(f"{scene.name} / {name}: {time.perf_counter() - t:.0f} s; F1 {scene.classes[0]} "
-                  f"{spread(res.cnn, head)}, NMI {spread(res.cnn, 'nmi')}, top model {res.supervised.get('top_model')}",
-                  flush=True)
+                  f"{spread(res.cnn, head)}, NMI {spread(res.cnn, 'nmi')}, "
+                  f"top model {res.supervised.get('top_model')}; embedded with {res.engine}{gated}", flush=True)
         tile_px = int(pd.read_parquet(workdir / "work" / scene.name / "tiles.parquet")["tile_w"].median())
         for name, rate in forward_rates(embeddings, tile_px).items():
             next(r for r in results if r.scene == scene.name and r.setting == name).forward_per_s = rate
