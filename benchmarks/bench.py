@@ -555,10 +555,11 @@ def main() -> None:
         "engines": {name: {"backbone_tiles_per_s": round(v["backbone_tiles_per_s"], 1),
                            "e2e_tiles_per_s": None if v["e2e_tiles_per_s"] is None else round(v["e2e_tiles_per_s"], 1),
                            "cosine_p01": None if v["gate"] is None else round(v["gate"]["cosine_p01"], 6),
-                           "ari": None if v["gate"] is None else round(v["gate"]["ari"], 4),
+                           "ari": None if v["gate"] is None or v["gate"]["ari"] != v["gate"]["ari"]
+                           else round(v["gate"]["ari"], 4),
                            "passed": None if v["gate"] is None else v["gate"]["passed"]}
                     for name, v in per_engine.items()},
-    }))
+    }, allow_nan=False))
 
 
 def compare_engines(args: argparse.Namespace, configs: dict, mosaics: dict, small: int, large: int) -> dict:

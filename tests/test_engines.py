@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from settlements.config import GATE_ARI, GATE_COSINE, Clustering, Embedding, load_config
-from settlements.embedding import engines
+from settlements.embedding import choice, engines
 from settlements.embedding.backbones import build_backbone, resolve_weights
 from settlements.embedding.fidelity import cosines, judge
 from settlements.embedding.infer import InferenceSettings, TileBlocks, TileStream, iter_embeddings
@@ -111,8 +111,10 @@ def test_the_gate_refuses_int8_on_olinda_and_the_run_falls_back_to_torch_fp32(
     assert runs is not None
     row = runs.iloc[-1]
     assert row["engine"] == "torch" and row["precision"] == "fp32"
-    gate = json.loads(row["engine_gate"])
+    # strict JSON (readers other than Python's refuse NaN): the ARI not compared is null
+    gate = json.loads(row["engine_gate"], parse_constant=lambda c: pytest.fail(f"{c} in the runs table's JSON"))
     assert gate["engine_requested"] == "onnxruntime int8" and gate["engine_refused"][0]["cosine_p01"] < GATE_COSINE
+    assert gate["engine_refused"][0]["ari"] is None
     assert any("fidelity gate refused" in w for w in json.loads(row["warnings"]))
 
 
@@ -120,6 +122,7 @@ def test_auto_takes_the_fastest_engine_the_gate_passes_and_remembers_the_speeds(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     memory = tmp_path / "machine-cache"
     monkeypatch.setenv("SETTLEMENTS_CACHE_DIR", str(memory))
+    monkeypatch.setattr(choice, "load_per_core", lambda: 0.5)  # one load throughout: nothing measured again
     cfg = load_config(olinda_16px(tmp_path, "olauto", engine="auto", engine_min_tiles=0))
     run(cfg)
     ws = workspace(cfg)
@@ -243,6 +246,7 @@ def test_a_damaged_memory_of_speeds_is_measured_over(torch_run, tmp_path: Path,
     """The machine's memory is a cache, not instructions: a file that is not JSON, or an entry of the wrong
     shape, is measured over (and written back whole), never a crash or a speed taken on trust."""
     monkeypatch.setenv("SETTLEMENTS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choice, "load_per_core", lambda: 0.5)  # one load throughout
     memory = tmp_path / "engines.json"
     memory.write_text('{"x": [1, 2], ')
     cfg, _ = torch_run
@@ -278,3 +282,36 @@ def test_openvino_leaves_the_threads_signal_stack_as_it_was(tmp_path: Path, swel
     runner = engines.make_runner("openvino", "fp32", torch.device("cpu"), path=exported.path)
     runner(swellendam_inputs)
     assert signal_stack() == before
+
+
+def test_speeds_remembered_from_a_busy_machine_are_measured_again_once_it_is_quieter(
+        torch_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles/s taken under load rank engines by how they share the cores: such a memory is measured over when
+    the machine is quieter than it was then, and kept while it is as busy."""
+    monkeypatch.setenv("SETTLEMENTS_CACHE_DIR", str(tmp_path))
+    memory = tmp_path / "engines.json"
+    cfg, _ = torch_run
+    ws = workspace(cfg)
+    backbone = build_backbone("mobilenet_v2", allow_download=False)
+    chooser = engine_chooser(cfg, ws, backbone, load_infos(ws), read_table(ws.tiles, "tile"), inference_settings(cfg))
+    pairs = [("torch", "fp32"), ("onnxruntime", "fp32")]
+    monkeypatch.setattr(choice, "load_per_core", lambda: 4.0)
+    chooser.rates(pairs)
+    remembered = json.loads(memory.read_text())
+    [key] = remembered
+    assert remembered[key]["load_per_core"] == 4.0
+    planted = {"torch fp32": 1.0, "onnxruntime fp32": 2.0}
+    remembered[key]["rates"] = planted
+    memory.write_text(json.dumps(remembered))
+    monkeypatch.setattr(choice, "load_per_core", lambda: 5.0)  # as busy as then, or busier: kept
+    assert chooser.rates(pairs) == planted
+    monkeypatch.setattr(choice, "load_per_core", lambda: 0.3)  # quieter: measured again, remembered at 0.3
+    again = chooser.rates(pairs)
+    assert again != planted and min(again.values()) > 0
+    entry = json.loads(memory.read_text())[key]
+    assert entry["load_per_core"] == 0.3 and entry["rates"] == pytest.approx(again)
+    del entry["load_per_core"]  # a memory from before loads were recorded: measured again
+    entry["rates"] = planted
+    memory.write_text(json.dumps({key: entry}))
+    assert chooser.rates(pairs) != planted
+    assert json.loads(memory.read_text())[key]["load_per_core"] == 0.3

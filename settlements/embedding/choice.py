@@ -8,7 +8,9 @@
   and model on the run's sample, remembers the tiles/s in this machine's cache
   (:func:`~settlements.config.user_cache_dir` ``/engines.json``, keyed by the machine: host name, CPU,
   cores, device, torch and engine versions; and the model: backbone, weights SHA-256, layer, input size,
-  batch size), then takes the fastest candidate the gate passes (torch fp32 always passes). Runs of
+  batch size), then takes the fastest candidate the gate passes (torch fp32 always passes). Speeds
+  measured on a busy machine (load above :data:`BUSY_LOAD_PER_CORE` per core) are measured again once it is
+  quieter than it was then. Runs of
   fewer than ``embedding.engine_min_tiles`` tiles keep torch: there exporting, calibrating and gating
   would cost more than they save.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -61,6 +64,10 @@ MEMORY_FILE = "engines.json"
 #: MEASURE_TILES tiles of the sample (in the run's batches).
 MEASURE_ROUNDS = 2
 MEASURE_TILES = 128
+#: A remembered measurement taken while the load average per core was above this is measured again once the
+#: machine is quieter than it was then: tiles/s measured on a busy machine rank engines by how they share
+#: the cores, not by how fast they are.
+BUSY_LOAD_PER_CORE = 1.0
 #: Gate verdicts kept in a work folder's ``engines/gate.json``.
 GATE_VERDICTS_KEPT = 64
 
@@ -257,12 +264,19 @@ class Chooser:
             rates_found = entry.get("rates")
             known: dict[str, Any] = rates_found if isinstance(rates_found, dict) else {}
             names = [f"{e} {p}" for e, p in pairs]
-            if all(isinstance(known.get(n), int | float) and known[n] >= 0 for n in names):
+            load_now = load_per_core()
+            then = entry.get("load_per_core")
+            stale = not isinstance(then, int | float) or (then > BUSY_LOAD_PER_CORE and load_now < then)
+            if all(isinstance(known.get(n), int | float) and known[n] >= 0 for n in names) and not stale:
                 log.info("engine speeds of this machine and model from %s (measured %s)", memory_path,
                          entry.get("measured_utc"))
                 return {n: float(known[n]) for n in names}
+            if known and stale:
+                log.info("engine speeds of this machine and model measured again: the remembered ones were taken "
+                         "at a load of %s per core, now %.2f", "unknown" if then is None else f"{then:.2f}", load_now)
+                known = {}
             rates = self.measure(pairs)
-            memory[key] = {**described, "rates": {**known, **rates},
+            memory[key] = {**described, "rates": {**known, **rates}, "load_per_core": round(load_now, 3),
                            "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_json(memory_path, memory)
         finally:
@@ -359,6 +373,14 @@ class Chooser:
             log.warning("%s", warning)
         return EngineChoice(REFERENCE_ENGINE, REFERENCE_PRECISION, requested, "fallback: the gate refused",
                             refused=refused, warning=warning)
+
+
+def load_per_core() -> float:
+    """The 1-minute load average per core (0 where the system does not say)."""
+    try:
+        return os.getloadavg()[0] / max(available_cores(), 1)
+    except OSError:
+        return 0.0
 
 
 @functools.lru_cache(maxsize=1)

@@ -60,10 +60,23 @@ def engine_columns(embed_info: dict[str, Any]) -> dict[str, Any]:
         "precision": embed_info.get("precision", "fp32"),
         "engine_cosine_p01": float(gate.get("cosine_p01", float("nan"))),
         "engine_ari": float(gate.get("ari", float("nan"))),
-        "engine_gate": json.dumps({k: embed_info.get(k) for k in (
+        "engine_gate": strict_json({k: embed_info.get(k) for k in (
             "engine_requested", "engine_reason", "engine_gate", "engine_refused", "engine_rates",
             "engine_model_sha256")}),
     }
+
+
+def strict_json(value: Any) -> str:
+    """JSON that any reader accepts: a NaN or infinity (a figure not measured) written as null."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+    return json.dumps(finite(value), allow_nan=False)
 
 
 def concat_runs(old: pd.DataFrame, row: pd.DataFrame) -> pd.DataFrame:
